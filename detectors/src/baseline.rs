@@ -1,0 +1,287 @@
+//! Learned baselines and sliding windows: the statistics every detector shares.
+//!
+//! - [`RateBaseline`]: a count per active minute as a Gamma-Poisson model with
+//!   exponential forgetting. The tier gives a Gamma prior worth a few minutes
+//!   of evidence (the cold start); each active minute updates the posterior,
+//!   older minutes fading with a half-life. The posterior predictive of the
+//!   next minute's count is negative binomial, whose upper tail gives a
+//!   significance threshold that is naturally wider while evidence is thin.
+//! - [`LogBaseline`]: exponentially weighted mean and variance of `ln(1+x)`,
+//!   for heavy-tailed sizes such as completion tokens.
+//! - [`SlidingMinute`]: the two-bucket sliding-window estimate (current minute
+//!   plus the previous minute weighted by how much of it still overlaps), so a
+//!   burst straddling a minute boundary is seen whole.
+
+use serde::{Deserialize, Serialize};
+use statrs::distribution::{DiscreteCDF, NegativeBinomial};
+
+use crate::time::MINUTE_MS;
+
+/// Minute index (Unix minutes) of an instant; instants before 1970 map to 0.
+#[inline]
+pub fn minute_of(ms: i64) -> u32 {
+    (ms.max(0) / MINUTE_MS) as u32
+}
+
+/// Decay per step for a half-life of `half_life` steps.
+pub fn decay_for_half_life(half_life: f64) -> f64 {
+    0.5f64.powf(1.0 / half_life)
+}
+
+/// Rate per active minute, learned as a Gamma-Poisson posterior with forgetting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateBaseline {
+    /// Decayed sum of observed per-minute counts.
+    pub sum: f32,
+    /// Decayed number of observed minutes.
+    pub weight: f32,
+}
+
+/// The prior of a [`RateBaseline`]: a rate and its weight in minutes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RatePrior {
+    /// Prior rate per active minute.
+    pub rate: f64,
+    /// Prior weight, in minutes of evidence.
+    pub minutes: f64,
+}
+
+impl RateBaseline {
+    /// Adds one active minute's count, fading the past by `decay`.
+    #[inline]
+    pub fn observe(&mut self, count: f64, decay: f64) {
+        self.sum = (self.sum as f64 * decay + count) as f32;
+        self.weight = (self.weight as f64 * decay + 1.0) as f32;
+    }
+
+    /// Posterior shape and rate (Gamma(a, b)).
+    #[inline]
+    pub fn posterior(&self, prior: RatePrior) -> (f64, f64) {
+        (
+            prior.rate * prior.minutes + self.sum as f64,
+            prior.minutes + self.weight as f64,
+        )
+    }
+
+    /// Posterior mean rate per active minute.
+    #[inline]
+    pub fn mean(&self, prior: RatePrior) -> f64 {
+        let (a, b) = self.posterior(prior);
+        a / b
+    }
+
+    /// Smallest count `k` with `P(X >= k) <= p_value` under the posterior
+    /// predictive (negative binomial with r = a, success probability b/(b+1)).
+    pub fn upper_quantile(&self, prior: RatePrior, p_value: f64) -> f64 {
+        let (a, b) = self.posterior(prior);
+        match NegativeBinomial::new(a.max(1e-6), b / (b + 1.0)) {
+            // inverse_cdf gives the smallest x with P(X <= x) >= 1 - p, so P(X >= x + 1) <= p.
+            Ok(nb) => nb.inverse_cdf(1.0 - p_value) as f64 + 1.0,
+            Err(_) => f64::INFINITY,
+        }
+    }
+}
+
+/// Exponentially weighted mean and variance of `ln(1 + x)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogBaseline {
+    /// Mean of `ln(1+x)`.
+    pub mean: f32,
+    /// Variance of `ln(1+x)`.
+    pub var: f32,
+    /// Observations so far, saturating (drives the learning rate early on).
+    pub n: u32,
+}
+
+impl LogBaseline {
+    /// A baseline starting at a prior median and log-scale standard deviation.
+    pub fn with_prior(median: f64, sd: f64) -> Self {
+        LogBaseline {
+            mean: median.ln_1p() as f32,
+            var: (sd * sd) as f32,
+            n: 0,
+        }
+    }
+
+    /// Adds one observation. The prior counts as `prior_weight` observations
+    /// (so two quiet minutes cannot shrink the spread to nothing): the
+    /// learning rate is `1/(n + prior_weight + 1)` until it reaches `alpha_min`.
+    #[inline]
+    pub fn observe(&mut self, x: f64, alpha_min: f64, prior_weight: f64) {
+        let y = x.ln_1p();
+        let alpha = (1.0 / (self.n as f64 + prior_weight + 1.0)).max(alpha_min);
+        let d = y - self.mean as f64;
+        let mean = self.mean as f64 + alpha * d;
+        let var = (1.0 - alpha) * (self.var as f64 + alpha * d * d);
+        self.mean = mean as f32;
+        self.var = var as f32;
+        self.n = self.n.saturating_add(1);
+    }
+
+    /// The value `z` standard deviations above the mean, back on the original scale.
+    #[inline]
+    pub fn upper(&self, z: f64) -> f64 {
+        (self.mean as f64 + z * (self.var as f64).max(0.0).sqrt()).exp_m1()
+    }
+
+    /// The learned median, on the original scale.
+    #[inline]
+    pub fn median(&self) -> f64 {
+        (self.mean as f64).exp_m1()
+    }
+}
+
+/// Two-bucket sliding-minute counter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlidingMinute {
+    /// Minute index of the current bucket.
+    pub minute: u32,
+    /// Amount counted in the current minute.
+    pub cur: u32,
+    /// Amount counted in the minute before it (0 when that minute was idle).
+    pub prev: u32,
+}
+
+impl SlidingMinute {
+    /// Moves to the minute of `now_ms`. Returns the amount of the minute that
+    /// closed, when one did. Late instants count in the current minute.
+    #[inline]
+    pub fn advance(&mut self, now_ms: i64) -> Option<u32> {
+        let m = minute_of(now_ms);
+        if m <= self.minute {
+            return None;
+        }
+        let closed = self.cur;
+        self.prev = if m == self.minute + 1 { self.cur } else { 0 };
+        self.cur = 0;
+        self.minute = m;
+        Some(closed)
+    }
+
+    /// Adds `amount` to the current minute.
+    #[inline]
+    pub fn add(&mut self, amount: u32) {
+        self.cur = self.cur.saturating_add(amount);
+    }
+
+    /// The sliding-minute estimate at `now_ms`: the current minute plus the
+    /// share of the previous minute that still lies within the last 60 s.
+    #[inline]
+    pub fn estimate(&self, now_ms: i64) -> f64 {
+        let into = (now_ms.max(0) % MINUTE_MS) as f64 / MINUTE_MS as f64;
+        let into = if minute_of(now_ms) == self.minute {
+            into
+        } else {
+            1.0
+        };
+        self.cur as f64 + self.prev as f64 * (1.0 - into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PRIOR: RatePrior = RatePrior {
+        rate: 2.0,
+        minutes: 10.0,
+    };
+
+    #[test]
+    fn cold_start_is_the_prior_and_evidence_moves_it() {
+        let mut b = RateBaseline::default();
+        assert!((b.mean(PRIOR) - 2.0).abs() < 1e-9);
+        let d = decay_for_half_life(60.0);
+        for _ in 0..500 {
+            b.observe(20.0, d);
+        }
+        // With a 60-minute half-life the evidence saturates near 87 minutes,
+        // so the prior's 10 minutes still pull the mean a little.
+        let m = b.mean(PRIOR);
+        assert!((17.5..20.0).contains(&m), "{m}");
+    }
+
+    #[test]
+    fn quantile_is_wide_when_evidence_is_thin() {
+        let thin = RateBaseline::default();
+        let mut thick = RateBaseline::default();
+        for _ in 0..1000 {
+            thick.observe(2.0, 1.0);
+        }
+        let q_thin = thin.upper_quantile(PRIOR, 1e-6);
+        let q_thick = thick.upper_quantile(PRIOR, 1e-6);
+        assert!(q_thin > q_thick, "{q_thin} vs {q_thick}");
+        // Poisson(2) has P(X >= 12) ~ 3.5e-7, so the threshold sits near there.
+        assert!((10.0..=14.0).contains(&q_thick), "{q_thick}");
+    }
+
+    #[test]
+    fn sliding_minute_weights_the_previous_minute() {
+        let mut w = SlidingMinute::default();
+        w.advance(0);
+        w.add(60);
+        assert_eq!(w.advance(MINUTE_MS + 15_000), Some(60));
+        w.add(10);
+        assert!((w.estimate(MINUTE_MS + 15_000) - (10.0 + 45.0)).abs() < 1e-9);
+        assert_eq!(w.advance(3 * MINUTE_MS), Some(10));
+        assert_eq!(
+            w.prev, 0,
+            "an idle minute in between clears the previous bucket"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn rate_mean_stays_within_observed_and_prior(counts in proptest::collection::vec(0u32..500, 1..200), hl in 1.0f64..500.0) {
+            let mut b = RateBaseline::default();
+            let d = decay_for_half_life(hl);
+            for &c in &counts {
+                b.observe(c as f64, d);
+            }
+            let lo = counts.iter().copied().min().unwrap().min(2) as f64;
+            let hi = counts.iter().copied().max().unwrap().max(2) as f64;
+            let m = b.mean(PRIOR);
+            prop_assert!(m >= lo - 1e-3 && m <= hi + 1e-3, "{} not in [{}, {}]", m, lo, hi);
+        }
+
+        #[test]
+        fn quantile_grows_with_the_rate(r1 in 0.1f64..200.0, r2 in 0.1f64..200.0) {
+            let b = RateBaseline::default();
+            let (lo, hi) = if r1 <= r2 { (r1, r2) } else { (r2, r1) };
+            let q1 = b.upper_quantile(RatePrior { rate: lo, minutes: 10.0 }, 1e-6);
+            let q2 = b.upper_quantile(RatePrior { rate: hi, minutes: 10.0 }, 1e-6);
+            prop_assert!(q1 <= q2);
+            prop_assert!(q1 > lo);
+        }
+
+        #[test]
+        fn log_baseline_mean_tracks_within_range(xs in proptest::collection::vec(0.0f64..1e6, 1..300)) {
+            let mut b = LogBaseline::with_prior(100.0, 1.0);
+            for &x in &xs {
+                b.observe(x, 0.01, 1.0);
+            }
+            let lo = xs.iter().cloned().fold(100.0f64, f64::min).ln_1p();
+            let hi = xs.iter().cloned().fold(100.0f64, f64::max).ln_1p();
+            prop_assert!(b.mean as f64 >= lo - 1e-3 && b.mean as f64 <= hi + 1e-3);
+            prop_assert!(b.var >= 0.0);
+            prop_assert!(b.upper(3.0) >= b.median() - 1e-6);
+        }
+
+        #[test]
+        fn sliding_estimate_is_between_cur_and_cur_plus_prev(
+            steps in proptest::collection::vec((0i64..90_000, 0u32..50), 1..100)
+        ) {
+            let mut w = SlidingMinute::default();
+            let mut t = 0i64;
+            for (dt, n) in steps {
+                t += dt;
+                w.advance(t);
+                w.add(n);
+                let e = w.estimate(t);
+                prop_assert!(e >= w.cur as f64 - 1e-9);
+                prop_assert!(e <= (w.cur + w.prev) as f64 + 1e-9);
+            }
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! The engine's configuration: tiers, budgets, prices and detector settings.
+//!
+//! Every struct denies unknown fields and has defaults, so a config file
+//! names only what it changes; [`EngineConfig::validate`] checks the values
+//! once at start-up and names the field at fault.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::price::{default_prices, ModelPrice};
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    /// The dotted path of the field at fault, e.g. `tiers.pro.requests_per_minute`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn bad(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Everything the detectors need to know.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Tier given to records without a `tier` field (and to unknown tiers, which are also counted).
+    pub default_tier: String,
+    /// Plans and their limits. Tiers named here replace the built-in ones of the
+    /// same name field by field; built-in `free`, `pro` and `enterprise` stay unless replaced.
+    pub tiers: BTreeMap<String, TierConfig>,
+    /// Per-user overrides of tier and budgets, keyed by `user_id`.
+    pub users: BTreeMap<String, UserOverride>,
+    /// Budget periods and alert percents.
+    pub budgets: BudgetConfig,
+    /// Model prices (USD per 1M tokens); entries here extend or replace the built-in table.
+    pub pricing: PricingConfig,
+    /// Request-rate spikes.
+    pub request_spike: RequestSpikeConfig,
+    /// Token spikes and token-exhaustion prompts.
+    pub token_spike: TokenSpikeConfig,
+    /// Repeated prompts and prompt farming.
+    pub repeated_prompt: RepeatedPromptConfig,
+    /// Keys used from many addresses.
+    pub leaked_key: LeakedKeyConfig,
+    /// Spend at a pace that empties the daily budget within the hour.
+    pub runaway_spend: RunawaySpendConfig,
+    /// How long state lives.
+    pub state: StateConfig,
+}
+
+/// A plan's limits (the seed practice's numbers are the defaults of the built-in tiers).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Requests per minute the plan allows; scales the rate prior and the minimum flood size.
+    pub requests_per_minute: u32,
+    /// Tokens (input + output) per day the plan allows; `token_quota` fires when a user passes it.
+    pub tokens_per_day: u64,
+    /// Largest completion the plan allows; scales what counts as a huge output.
+    pub max_output_tokens: u32,
+    /// Daily spend budget in USD.
+    pub daily_budget_usd: f64,
+    /// Monthly spend budget in USD, if the plan has one.
+    #[serde(default)]
+    pub monthly_budget_usd: Option<f64>,
+}
+
+/// Per-user overrides.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserOverride {
+    /// Tier for this user whatever the records say.
+    pub tier: Option<String>,
+    /// Daily budget replacing the tier's.
+    pub daily_budget_usd: Option<f64>,
+    /// Monthly budget replacing the tier's.
+    pub monthly_budget_usd: Option<f64>,
+}
+
+/// Budget alert settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Percents of a budget that raise an alert, once each per user and period; at 100 and above the action is `block`.
+    pub alert_percents: Vec<u8>,
+    /// Time zone of budget periods as a fixed UTC offset (`+00:00`, `-05:00`); periods are calendar days and months there.
+    pub utc_offset: String,
+}
+
+/// Pricing settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Prices by model name; a record's model matches the longest name that is a prefix of it
+    /// (so `gpt-4o-2024-08-06` is priced as `gpt-4o`).
+    pub models: BTreeMap<String, ModelPrice>,
+    /// Price used for models not in the table. Without it such records cost 0 and are
+    /// counted as unpriced (reported in the summary and metrics), never silently.
+    pub fallback: Option<ModelPrice>,
+}
+
+/// Request-spike detector settings (see `detect::request_spike`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestSpikeConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// A minute must be at least this many times the learned rate to be a spike (keeps 2-3x batch bursts quiet).
+    pub burst_factor: f64,
+    /// A minute must also be this improbable under the learned rate (negative-binomial upper tail).
+    pub p_value: f64,
+    /// Cold-start prior: rate of a new subject as a fraction of its tier's requests per minute.
+    pub prior_fraction: f64,
+    /// Weight of the prior, in active minutes of evidence.
+    pub prior_minutes: f64,
+    /// Half-life of the learned rate, in active minutes.
+    pub half_life_minutes: f64,
+    /// Smallest spike, as a fraction of the tier's requests per minute.
+    pub min_fraction_of_tier: f64,
+    /// Smallest spike in requests per minute, whatever the tier.
+    pub min_requests: u32,
+    /// After an alert, the subject stays in the same incident until this many minutes pass without a spike.
+    pub cooldown_minutes: u32,
+}
+
+/// Token-spike detector settings (see `detect::token_spike`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSpikeConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// A completion is huge when it is at least this fraction of the tier's max output tokens…
+    pub huge_fraction_of_max: f64,
+    /// …and this many standard deviations above the user's learned (log) completion size.
+    pub huge_z: f64,
+    /// This many huge completions within `window_minutes` raise the alert.
+    pub huge_count: u32,
+    /// Window for counting huge completions, in minutes.
+    pub window_minutes: u32,
+    /// Tokens in a sliding minute must be this many standard deviations above the
+    /// user's learned (log) tokens per active minute…
+    pub burst_z: f64,
+    /// …and at least this many max-output-sized requests' worth of tokens…
+    pub min_max_outputs_per_minute: f64,
+    /// …and at least this fraction of the tier's daily token allowance.
+    pub min_day_fraction: f64,
+    /// Half-life of the learned token rate and size, in active minutes / requests.
+    pub half_life: f64,
+    /// After an alert, the user stays in the same incident until this many quiet minutes pass.
+    pub cooldown_minutes: u32,
+}
+
+/// Repeated-prompt detector settings (see `detect::repeated_prompt`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepeatedPromptConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// One user sending the same fingerprint more than this many times in the window is farming.
+    pub max_repeats: u32,
+    /// The sliding window, in minutes.
+    pub window_minutes: u32,
+    /// Action for a user's repeats (`notify`, `throttle` or `block`).
+    pub action: String,
+    /// This many distinct users each repeating the same fingerprint in the window is coordinated farming (0 turns it off).
+    pub farming_min_users: u32,
+}
+
+/// Leaked-key detector settings (see `detect::leaked_key`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeakedKeyConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Window for counting distinct addresses, in minutes.
+    pub window_minutes: u32,
+    /// Fewest distinct IP addresses in a window to suspect a leak.
+    pub min_ips: u32,
+    /// Fewest distinct autonomous systems in a window (records without `asn` count by address).
+    pub min_asns: u32,
+    /// Distinct addresses must also be this many times the key's learned count per window.
+    pub factor: f64,
+}
+
+/// Runaway-spend detector settings (see `detect::runaway_spend`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunawaySpendConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Spend in a sliding minute that would empty the daily budget within this many minutes is runaway…
+    pub pace_minutes: f64,
+    /// …when it is also at least this many times the user's learned spend per active minute.
+    pub burst_factor: f64,
+    /// Half-life of the learned spend rate, in active minutes.
+    pub half_life_minutes: f64,
+    /// After an alert, the user stays in the same incident until this many quiet minutes pass.
+    pub cooldown_minutes: u32,
+}
+
+impl Default for RunawaySpendConfig {
+    fn default() -> Self {
+        RunawaySpendConfig {
+            enabled: true,
+            pace_minutes: 60.0,
+            burst_factor: 4.0,
+            half_life_minutes: 60.0,
+            cooldown_minutes: 30,
+        }
+    }
+}
+
+/// State lifetime settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// A user or key idle this long is forgotten (budget ledgers of an open monthly period are kept).
+    pub idle_ttl_hours: u32,
+    /// A repeat of (request_id, phase) within this many minutes of event time is a duplicate.
+    pub dedup_horizon_minutes: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            default_tier: "free".into(),
+            tiers: BTreeMap::new(),
+            users: BTreeMap::new(),
+            budgets: BudgetConfig::default(),
+            pricing: PricingConfig::default(),
+            request_spike: RequestSpikeConfig::default(),
+            token_spike: TokenSpikeConfig::default(),
+            repeated_prompt: RepeatedPromptConfig::default(),
+            leaked_key: LeakedKeyConfig::default(),
+            runaway_spend: RunawaySpendConfig::default(),
+            state: StateConfig::default(),
+        }
+    }
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            alert_percents: vec![50, 80, 100],
+            utc_offset: "+00:00".into(),
+        }
+    }
+}
+
+impl Default for RequestSpikeConfig {
+    fn default() -> Self {
+        RequestSpikeConfig {
+            enabled: true,
+            burst_factor: 4.0,
+            p_value: 1e-6,
+            prior_fraction: 0.25,
+            prior_minutes: 10.0,
+            half_life_minutes: 60.0,
+            min_fraction_of_tier: 0.75,
+            min_requests: 8,
+            cooldown_minutes: 15,
+        }
+    }
+}
+
+impl Default for TokenSpikeConfig {
+    fn default() -> Self {
+        TokenSpikeConfig {
+            enabled: true,
+            huge_fraction_of_max: 0.75,
+            huge_z: 3.0,
+            huge_count: 2,
+            window_minutes: 10,
+            burst_z: 4.0,
+            min_max_outputs_per_minute: 6.0,
+            min_day_fraction: 0.25,
+            half_life: 60.0,
+            cooldown_minutes: 15,
+        }
+    }
+}
+
+impl Default for RepeatedPromptConfig {
+    fn default() -> Self {
+        RepeatedPromptConfig {
+            enabled: true,
+            max_repeats: 5,
+            window_minutes: 60,
+            action: "block".into(),
+            farming_min_users: 10,
+        }
+    }
+}
+
+impl Default for LeakedKeyConfig {
+    fn default() -> Self {
+        LeakedKeyConfig {
+            enabled: true,
+            window_minutes: 10,
+            min_ips: 5,
+            min_asns: 3,
+            factor: 3.0,
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            idle_ttl_hours: 48,
+            dedup_horizon_minutes: 30,
+        }
+    }
+}
+
+/// The built-in tiers: the seed practice's limits.
+pub fn default_tiers() -> BTreeMap<String, TierConfig> {
+    let t = |rpm, tokens, max_out, usd| TierConfig {
+        requests_per_minute: rpm,
+        tokens_per_day: tokens,
+        max_output_tokens: max_out,
+        daily_budget_usd: usd,
+        monthly_budget_usd: None,
+    };
+    BTreeMap::from([
+        ("free".to_string(), t(10, 10_000, 500, 1.0)),
+        ("pro".to_string(), t(60, 100_000, 4_000, 50.0)),
+        ("enterprise".to_string(), t(300, 1_000_000, 8_000, 500.0)),
+    ])
+}
+
+fn positive(field: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(bad(field, format!("must be a positive number, got {v}")))
+    }
+}
+
+fn budget(field: &str, v: Option<f64>) -> Result<(), ConfigError> {
+    match v {
+        Some(v) => positive(field, v),
+        None => Ok(()),
+    }
+}
+
+impl EngineConfig {
+    /// The tiers in force: the built-in ones with this config's tiers laid over them.
+    pub fn effective_tiers(&self) -> BTreeMap<String, TierConfig> {
+        let mut t = default_tiers();
+        t.extend(self.tiers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        t
+    }
+
+    /// The price table in force: built-in prices with this config's laid over them.
+    pub fn effective_prices(&self) -> BTreeMap<String, ModelPrice> {
+        let mut p = default_prices();
+        p.extend(self.pricing.models.iter().map(|(k, v)| (k.clone(), *v)));
+        p
+    }
+
+    /// The budget time zone, minutes east of UTC.
+    pub fn utc_offset_minutes(&self) -> Result<i32, ConfigError> {
+        crate::time::parse_utc_offset(&self.budgets.utc_offset).ok_or_else(|| {
+            bad(
+                "budgets.utc_offset",
+                format!(
+                    "expected a fixed offset like +00:00 or -05:30, got {:?}",
+                    self.budgets.utc_offset
+                ),
+            )
+        })
+    }
+
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let tiers = self.effective_tiers();
+        if !tiers.contains_key(&self.default_tier) {
+            return Err(bad(
+                "default_tier",
+                format!(
+                    "no tier named {:?} (tiers: {})",
+                    self.default_tier,
+                    names(&tiers)
+                ),
+            ));
+        }
+        for (name, t) in &tiers {
+            let f = |x: &str| format!("tiers.{name}.{x}");
+            if t.requests_per_minute == 0 {
+                return Err(bad(f("requests_per_minute"), "must be at least 1"));
+            }
+            if t.max_output_tokens == 0 {
+                return Err(bad(f("max_output_tokens"), "must be at least 1"));
+            }
+            if t.tokens_per_day == 0 {
+                return Err(bad(f("tokens_per_day"), "must be at least 1"));
+            }
+            positive(&f("daily_budget_usd"), t.daily_budget_usd)?;
+            budget(&f("monthly_budget_usd"), t.monthly_budget_usd)?;
+        }
+        for (user, o) in &self.users {
+            if let Some(t) = &o.tier {
+                if !tiers.contains_key(t) {
+                    return Err(bad(
+                        format!("users.{user}.tier"),
+                        format!("no tier named {t:?} (tiers: {})", names(&tiers)),
+                    ));
+                }
+            }
+            budget(
+                &format!("users.{user}.daily_budget_usd"),
+                o.daily_budget_usd,
+            )?;
+            budget(
+                &format!("users.{user}.monthly_budget_usd"),
+                o.monthly_budget_usd,
+            )?;
+        }
+        if self.budgets.alert_percents.is_empty() || self.budgets.alert_percents.len() > 8 {
+            return Err(bad("budgets.alert_percents", "must list 1 to 8 percents"));
+        }
+        let mut sorted = self.budgets.alert_percents.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.budgets.alert_percents.len() || sorted[0] == 0 {
+            return Err(bad(
+                "budgets.alert_percents",
+                "percents must be distinct and above 0",
+            ));
+        }
+        self.utc_offset_minutes()?;
+        for (model, p) in self.pricing.models.iter() {
+            p.validate(&format!("pricing.models.{model}"))?;
+        }
+        if let Some(p) = &self.pricing.fallback {
+            p.validate("pricing.fallback")?;
+        }
+        let rs = &self.request_spike;
+        if rs.burst_factor < 1.0 || !rs.burst_factor.is_finite() {
+            return Err(bad("request_spike.burst_factor", "must be at least 1"));
+        }
+        if !(rs.p_value > 0.0 && rs.p_value < 0.5) {
+            return Err(bad("request_spike.p_value", "must be between 0 and 0.5"));
+        }
+        positive("request_spike.prior_fraction", rs.prior_fraction)?;
+        positive("request_spike.prior_minutes", rs.prior_minutes)?;
+        positive("request_spike.half_life_minutes", rs.half_life_minutes)?;
+        let ts = &self.token_spike;
+        positive("token_spike.huge_fraction_of_max", ts.huge_fraction_of_max)?;
+        positive("token_spike.burst_z", ts.burst_z)?;
+        positive(
+            "token_spike.min_max_outputs_per_minute",
+            ts.min_max_outputs_per_minute,
+        )?;
+        positive("token_spike.half_life", ts.half_life)?;
+        if !(0.0..=1.0).contains(&ts.min_day_fraction) {
+            return Err(bad("token_spike.min_day_fraction", "must be from 0 to 1"));
+        }
+        if ts.huge_count == 0 || ts.huge_count > crate::detect::token_spike::MAX_HUGE_COUNT {
+            return Err(bad("token_spike.huge_count", "must be from 1 to 8"));
+        }
+        if ts.window_minutes == 0 {
+            return Err(bad("token_spike.window_minutes", "must be at least 1"));
+        }
+        let rp = &self.repeated_prompt;
+        if rp.max_repeats == 0 || rp.max_repeats > 1000 {
+            return Err(bad("repeated_prompt.max_repeats", "must be from 1 to 1000"));
+        }
+        if rp.window_minutes == 0 {
+            return Err(bad("repeated_prompt.window_minutes", "must be at least 1"));
+        }
+        crate::alert::Action::parse(&rp.action).ok_or_else(|| {
+            bad(
+                "repeated_prompt.action",
+                format!(
+                    "expected \"notify\", \"throttle\" or \"block\", got {:?}",
+                    rp.action
+                ),
+            )
+        })?;
+        let lk = &self.leaked_key;
+        if lk.window_minutes == 0 {
+            return Err(bad("leaked_key.window_minutes", "must be at least 1"));
+        }
+        if lk.min_ips < 2 || lk.min_ips > 1000 {
+            return Err(bad("leaked_key.min_ips", "must be from 2 to 1000"));
+        }
+        if lk.min_asns > lk.min_ips {
+            return Err(bad("leaked_key.min_asns", "cannot exceed min_ips"));
+        }
+        positive("leaked_key.factor", lk.factor)?;
+        let rw = &self.runaway_spend;
+        positive("runaway_spend.pace_minutes", rw.pace_minutes)?;
+        positive("runaway_spend.burst_factor", rw.burst_factor)?;
+        positive("runaway_spend.half_life_minutes", rw.half_life_minutes)?;
+        if self.state.idle_ttl_hours == 0 {
+            return Err(bad("state.idle_ttl_hours", "must be at least 1"));
+        }
+        if self.state.dedup_horizon_minutes == 0 {
+            return Err(bad("state.dedup_horizon_minutes", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn names<T>(m: &BTreeMap<String, T>) -> String {
+    m.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_seed_practice() {
+        let c = EngineConfig::default();
+        c.validate().unwrap();
+        let t = c.effective_tiers();
+        assert_eq!(
+            t["free"],
+            TierConfig {
+                requests_per_minute: 10,
+                tokens_per_day: 10_000,
+                max_output_tokens: 500,
+                daily_budget_usd: 1.0,
+                monthly_budget_usd: None
+            }
+        );
+        assert_eq!(
+            (
+                t["pro"].requests_per_minute,
+                t["pro"].tokens_per_day,
+                t["pro"].max_output_tokens
+            ),
+            (60, 100_000, 4_000)
+        );
+        assert_eq!(t["enterprise"].daily_budget_usd, 500.0);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut c = EngineConfig::default();
+        c.tiers.insert(
+            "pro".into(),
+            TierConfig {
+                requests_per_minute: 0,
+                tokens_per_day: 1,
+                max_output_tokens: 1,
+                daily_budget_usd: 1.0,
+                monthly_budget_usd: None,
+            },
+        );
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "tiers.pro.requests_per_minute"
+        );
+        let mut c = EngineConfig {
+            default_tier: "gold".into(),
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("default_tier: no tier named \"gold\""));
+        c.default_tier = "free".into();
+        c.budgets.utc_offset = "CET".into();
+        assert_eq!(c.validate().unwrap_err().field, "budgets.utc_offset");
+        c.budgets.utc_offset = "+01:00".into();
+        c.repeated_prompt.action = "ban".into();
+        assert_eq!(c.validate().unwrap_err().field, "repeated_prompt.action");
+        c.repeated_prompt.action = "block".into();
+        c.budgets.alert_percents = vec![50, 50];
+        assert_eq!(c.validate().unwrap_err().field, "budgets.alert_percents");
+    }
+}

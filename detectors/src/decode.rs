@@ -1,0 +1,1101 @@
+//! Strict decoding of the canonical event.
+//!
+//! A hand-written, allocation-free (for unescaped input) scanner for the one
+//! flat JSON object each record is. It is strict about what the contract
+//! fixes and lenient only where the README documents it: unknown fields are
+//! skipped (after checking they are valid JSON), and `null` for an optional
+//! field means the field is absent. Every rejection names the field and the
+//! problem, e.g. `prompt_tokens: expected a non-negative integer, got -3`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::event::{Event, Phase};
+use crate::hash::SecretHasher;
+use crate::time::parse_rfc3339;
+
+/// Nesting allowed inside unknown fields before a record is refused.
+const MAX_DEPTH: u32 = 64;
+/// Longest value text quoted back in an error message.
+const SNIPPET: usize = 40;
+
+/// Why a record was refused; `field` names where (`record` for the whole line).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct DecodeError {
+    /// The field at fault, or `record` when the line as a whole is wrong.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: Problem,
+}
+
+/// What is wrong with a field or record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// The bytes are not one JSON object.
+    Syntax {
+        /// Byte offset in the line.
+        at: usize,
+        /// What was expected there.
+        expected: &'static str,
+    },
+    /// The bytes are not UTF-8.
+    InvalidUtf8 {
+        /// Byte offset of the first bad byte.
+        at: usize,
+    },
+    /// A required field is absent.
+    Missing,
+    /// A value has the wrong JSON type.
+    WrongType {
+        /// The type the contract asks for.
+        expected: &'static str,
+        /// The value seen (its type only, for secret fields).
+        got: String,
+    },
+    /// A value has the right type but is outside what the contract allows.
+    Invalid {
+        /// What the contract allows.
+        expected: &'static str,
+        /// The value seen.
+        got: String,
+    },
+    /// A string is longer than the contract allows.
+    TooLong {
+        /// Maximum length in characters.
+        max: usize,
+        /// Length seen, in characters.
+        len: usize,
+    },
+    /// The field appears twice in the object.
+    Duplicate,
+}
+
+impl DecodeError {
+    fn new(field: &'static str, problem: Problem) -> Self {
+        DecodeError { field, problem }
+    }
+
+    /// A short, stable name of the problem's kind (`missing`, `wrong_type`,
+    /// `invalid`, `too_long`, `duplicate`, `syntax`, `invalid_utf8`), for
+    /// grouping errors in summaries, metrics and dead-letter headers.
+    pub fn kind(&self) -> &'static str {
+        match self.problem {
+            Problem::Syntax { .. } => "syntax",
+            Problem::InvalidUtf8 { .. } => "invalid_utf8",
+            Problem::Missing => "missing",
+            Problem::WrongType { .. } => "wrong_type",
+            Problem::Invalid { .. } => "invalid",
+            Problem::TooLong { .. } => "too_long",
+            Problem::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Syntax { at, expected } => {
+                write!(f, "not a JSON object: expected {expected} at byte {at}")
+            }
+            Problem::InvalidUtf8 { at } => write!(f, "not valid UTF-8 at byte {at}"),
+            Problem::Missing => f.write_str("required field is missing"),
+            Problem::WrongType { expected, got } => write!(f, "expected {expected}, got {got}"),
+            Problem::Invalid { expected, got } => write!(f, "expected {expected}, got {got}"),
+            Problem::TooLong { max, len } => write!(f, "longer than {max} characters ({len})"),
+            Problem::Duplicate => f.write_str("appears more than once"),
+        }
+    }
+}
+
+/// Decodes canonical records. Holds the keyed hasher for the secrets a
+/// gateway may send by mistake.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    secrets: SecretHasher,
+}
+
+/// One JSON value's kind, as far as the decoder needs to know it.
+enum Raw<'a> {
+    Str(Cow<'a, str>),
+    Num(&'a str),
+    Null,
+    Other(&'static str, usize),
+}
+
+// Field bits, for duplicate detection.
+const F_V: u32 = 1;
+const F_TS: u32 = 1 << 1;
+const F_REQ: u32 = 1 << 2;
+const F_PHASE: u32 = 1 << 3;
+const F_USER: u32 = 1 << 4;
+const F_KEY: u32 = 1 << 5;
+const F_API_KEY: u32 = 1 << 6;
+const F_TIER: u32 = 1 << 7;
+const F_IP: u32 = 1 << 8;
+const F_ASN: u32 = 1 << 9;
+const F_UA: u32 = 1 << 10;
+const F_ENDPOINT: u32 = 1 << 11;
+const F_MODEL: u32 = 1 << 12;
+const F_STATUS: u32 = 1 << 13;
+const F_PT: u32 = 1 << 14;
+const F_CT: u32 = 1 << 15;
+const F_COST: u32 = 1 << 16;
+const F_LAT: u32 = 1 << 17;
+const F_FP: u32 = 1 << 18;
+const F_PROMPT: u32 = 1 << 19;
+const F_CHARS: u32 = 1 << 20;
+
+struct Scanner<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Decoder {
+    /// A decoder whose keyed hashes use `hash_key`.
+    pub fn new(hash_key: &[u8]) -> Self {
+        Decoder {
+            secrets: SecretHasher::new(hash_key),
+        }
+    }
+
+    /// Decodes one record (a line, without or with its trailing newline).
+    pub fn decode<'a>(&self, line: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        let s = std::str::from_utf8(line).map_err(|e| {
+            DecodeError::new(
+                "record",
+                Problem::InvalidUtf8 {
+                    at: e.valid_up_to(),
+                },
+            )
+        })?;
+        let mut sc = Scanner { s, b: line, i: 0 };
+        let mut ev = Event::new(0, "", "", "");
+        let mut seen = 0u32;
+        let mut api_key: Option<Cow<'a, str>> = None;
+        let mut prompt: Option<Cow<'a, str>> = None;
+
+        sc.ws();
+        sc.expect(b'{', "'{'")?;
+        sc.ws();
+        if sc.peek() == Some(b'}') {
+            sc.i += 1;
+        } else {
+            loop {
+                sc.ws();
+                if sc.peek() != Some(b'"') {
+                    return Err(sc.syntax("a field name"));
+                }
+                let key = sc.string("record")?;
+                sc.ws();
+                sc.expect(b':', "':'")?;
+                sc.ws();
+                let (bit, field) = field_of(&key);
+                if bit != 0 {
+                    if seen & bit != 0 {
+                        return Err(DecodeError::new(field, Problem::Duplicate));
+                    }
+                    seen |= bit;
+                }
+                match bit {
+                    0 => sc.skip_value(0)?,
+                    F_V => {
+                        if let Some(v) = sc.uint(field, false)? {
+                            if v != 1 {
+                                return Err(invalid(field, "schema version 1", v.to_string()));
+                            }
+                        }
+                    }
+                    F_TS => {
+                        let t = sc.req_str(field, false)?;
+                        ev.ts_ms = parse_rfc3339(&t)
+                            .ok_or_else(|| invalid(field, "an RFC 3339 timestamp", quote(&t)))?;
+                    }
+                    F_REQ => ev.request_id = sc.id(field)?,
+                    F_USER => ev.user_id = sc.id(field)?,
+                    F_KEY => ev.key_id = sc.id(field)?,
+                    F_PHASE => {
+                        if let Some(p) = sc.opt_str(field, false)? {
+                            ev.phase = match &*p {
+                                "exchange" => Phase::Exchange,
+                                "request" => Phase::Request,
+                                "response" => Phase::Response,
+                                _ => {
+                                    return Err(invalid(
+                                        field,
+                                        "\"exchange\", \"request\" or \"response\"",
+                                        quote(&p),
+                                    ))
+                                }
+                            };
+                        }
+                    }
+                    F_API_KEY => api_key = sc.opt_str(field, true)?,
+                    F_PROMPT => prompt = sc.opt_str(field, true)?,
+                    F_TIER => ev.tier = sc.bounded(field, 64)?,
+                    F_UA => ev.user_agent = sc.bounded(field, 512)?,
+                    F_ENDPOINT => ev.endpoint = sc.bounded(field, 256)?,
+                    F_MODEL => ev.model = sc.bounded(field, 128)?,
+                    F_FP => ev.prompt_fingerprint = sc.bounded(field, 128)?,
+                    F_IP => {
+                        if let Some(t) = sc.opt_str(field, false)? {
+                            let ip: IpAddr = t.parse().map_err(|_| {
+                                invalid(field, "an IPv4 or IPv6 address", quote(&t))
+                            })?;
+                            ev.ip = Some(ip);
+                        }
+                    }
+                    F_ASN => {
+                        if let Some(v) = sc.uint(field, false)? {
+                            let asn = u32::try_from(v).map_err(|_| {
+                                invalid(field, "an integer from 0 to 4294967295", v.to_string())
+                            })?;
+                            ev.asn = Some(asn);
+                        }
+                    }
+                    F_STATUS => {
+                        if let Some(v) = sc.uint(field, false)? {
+                            if !(100..=599).contains(&v) {
+                                return Err(invalid(
+                                    field,
+                                    "an HTTP status from 100 to 599",
+                                    v.to_string(),
+                                ));
+                            }
+                            ev.status = Some(v as u16);
+                        }
+                    }
+                    F_PT => ev.prompt_tokens = sc.uint(field, true)?.unwrap_or(0),
+                    F_CT => ev.completion_tokens = sc.uint(field, true)?.unwrap_or(0),
+                    F_LAT => ev.latency_ms = sc.uint(field, true)?,
+                    F_CHARS => ev.prompt_chars = sc.uint(field, true)?,
+                    F_COST => ev.cost_usd = sc.cost(field)?,
+                    _ => unreachable!("every field bit has an arm"),
+                }
+                sc.ws();
+                match sc.peek() {
+                    Some(b',') => sc.i += 1,
+                    Some(b'}') => {
+                        sc.i += 1;
+                        break;
+                    }
+                    _ => return Err(sc.syntax("',' or '}'")),
+                }
+            }
+        }
+        sc.ws();
+        if sc.i != sc.b.len() {
+            return Err(sc.syntax("the end of the record"));
+        }
+
+        for (bit, field) in [(F_TS, "ts"), (F_REQ, "request_id"), (F_USER, "user_id")] {
+            if seen & bit == 0 {
+                return Err(DecodeError::new(field, Problem::Missing));
+            }
+        }
+        if seen & F_KEY == 0 {
+            match api_key {
+                Some(k) if !k.is_empty() => ev.key_id = Cow::Owned(self.secrets.key_id(&k)),
+                _ => return Err(DecodeError::new("key_id", Problem::Missing)),
+            }
+        }
+        if let Some(p) = prompt {
+            if ev.prompt_fingerprint.is_none() {
+                ev.prompt_fingerprint = Some(Cow::Owned(self.secrets.prompt_fingerprint(&p)));
+            }
+            if ev.prompt_chars.is_none() {
+                ev.prompt_chars = Some(p.chars().count() as u64);
+            }
+        }
+        Ok(ev)
+    }
+}
+
+fn field_of(key: &str) -> (u32, &'static str) {
+    match key {
+        "v" => (F_V, "v"),
+        "ts" => (F_TS, "ts"),
+        "request_id" => (F_REQ, "request_id"),
+        "phase" => (F_PHASE, "phase"),
+        "user_id" => (F_USER, "user_id"),
+        "key_id" => (F_KEY, "key_id"),
+        "api_key" => (F_API_KEY, "api_key"),
+        "tier" => (F_TIER, "tier"),
+        "ip" => (F_IP, "ip"),
+        "asn" => (F_ASN, "asn"),
+        "user_agent" => (F_UA, "user_agent"),
+        "endpoint" => (F_ENDPOINT, "endpoint"),
+        "model" => (F_MODEL, "model"),
+        "status" => (F_STATUS, "status"),
+        "prompt_tokens" => (F_PT, "prompt_tokens"),
+        "completion_tokens" => (F_CT, "completion_tokens"),
+        "cost_usd" => (F_COST, "cost_usd"),
+        "latency_ms" => (F_LAT, "latency_ms"),
+        "prompt_fingerprint" => (F_FP, "prompt_fingerprint"),
+        "prompt" => (F_PROMPT, "prompt"),
+        "prompt_chars" => (F_CHARS, "prompt_chars"),
+        _ => (0, "record"),
+    }
+}
+
+fn invalid(field: &'static str, expected: &'static str, got: String) -> DecodeError {
+    DecodeError::new(field, Problem::Invalid { expected, got })
+}
+
+fn snippet(s: &str) -> &str {
+    match s.char_indices().nth(SNIPPET) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn quote(s: &str) -> String {
+    let cut = snippet(s);
+    let ell = if cut.len() < s.len() { "…" } else { "" };
+    format!("{:?}{ell}", cut)
+}
+
+fn char_len(s: &str) -> usize {
+    if s.is_ascii() {
+        s.len()
+    } else {
+        s.chars().count()
+    }
+}
+
+impl<'a> Scanner<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn syntax(&self, expected: &'static str) -> DecodeError {
+        DecodeError::new(
+            "record",
+            Problem::Syntax {
+                at: self.i,
+                expected,
+            },
+        )
+    }
+
+    #[inline]
+    fn expect(&mut self, c: u8, what: &'static str) -> Result<(), DecodeError> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(self.syntax(what))
+        }
+    }
+
+    /// Reads a JSON string at `self.i` (which is a quote). Borrowed unless it has escapes.
+    fn string(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeError> {
+        self.i += 1;
+        let start = self.i;
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    let s = &self.s[start..self.i];
+                    self.i += 1;
+                    return Ok(Cow::Borrowed(s));
+                }
+                Some(b'\\') => break,
+                Some(c) if c < 0x20 => {
+                    return Err(self.string_syntax(field, "an escaped control character"))
+                }
+                Some(_) => self.i += 1,
+                None => return Err(self.string_syntax(field, "a closing quote")),
+            }
+        }
+        let mut out = String::with_capacity(self.i - start + 16);
+        out.push_str(&self.s[start..self.i]);
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(Cow::Owned(out));
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    let esc = self
+                        .peek()
+                        .ok_or_else(|| self.string_syntax(field, "an escape"))?;
+                    self.i += 1;
+                    match esc {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => {
+                            let hi = self.hex4(field)?;
+                            let c = if (0xD800..0xDC00).contains(&hi) {
+                                if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
+                                    return Err(self.string_syntax(field, "a low surrogate escape"));
+                                }
+                                self.i += 2;
+                                let lo = self.hex4(field)?;
+                                if !(0xDC00..0xE000).contains(&lo) {
+                                    return Err(self.string_syntax(field, "a low surrogate escape"));
+                                }
+                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                            } else {
+                                hi
+                            };
+                            out.push(
+                                char::from_u32(c).ok_or_else(|| {
+                                    self.string_syntax(field, "a valid \\u escape")
+                                })?,
+                            );
+                        }
+                        _ => return Err(self.string_syntax(field, "a valid escape")),
+                    }
+                }
+                Some(c) if c < 0x20 => {
+                    return Err(self.string_syntax(field, "an escaped control character"))
+                }
+                Some(_) => {
+                    // Copy the run of plain characters up to the next quote or backslash.
+                    let run = self.i;
+                    while let Some(c) = self.peek() {
+                        if c == b'"' || c == b'\\' || c < 0x20 {
+                            break;
+                        }
+                        self.i += 1;
+                    }
+                    out.push_str(&self.s[run..self.i]);
+                }
+                None => return Err(self.string_syntax(field, "a closing quote")),
+            }
+        }
+    }
+
+    fn string_syntax(&self, _field: &'static str, expected: &'static str) -> DecodeError {
+        self.syntax(expected)
+    }
+
+    fn hex4(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        let h = self
+            .b
+            .get(self.i..self.i + 4)
+            .ok_or_else(|| self.string_syntax(field, "four hex digits"))?;
+        let mut v = 0u32;
+        for &c in h {
+            let d = (c as char)
+                .to_digit(16)
+                .ok_or_else(|| self.string_syntax(field, "four hex digits"))?;
+            v = v * 16 + d;
+        }
+        self.i += 4;
+        Ok(v)
+    }
+
+    /// Reads a JSON number token's text at `self.i`, checking its grammar.
+    fn number(&mut self) -> Result<&'a str, DecodeError> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                while let Some(b'0'..=b'9') = self.peek() {
+                    self.i += 1;
+                }
+            }
+            _ => return Err(self.syntax("a digit")),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.syntax("a digit after '.'"));
+            }
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.i += 1;
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.syntax("a digit in the exponent"));
+            }
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.i += 1;
+            }
+        }
+        Ok(&self.s[start..self.i])
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> Result<(), DecodeError> {
+        if self.b.get(self.i..self.i + word.len()) == Some(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(self.syntax("a JSON value"))
+        }
+    }
+
+    /// Reads any value, classified.
+    fn raw(&mut self, field: &'static str) -> Result<Raw<'a>, DecodeError> {
+        let start = self.i;
+        match self.peek() {
+            Some(b'"') => Ok(Raw::Str(self.string(field)?)),
+            Some(b'-' | b'0'..=b'9') => Ok(Raw::Num(self.number()?)),
+            Some(b'n') => self.literal(b"null").map(|_| Raw::Null),
+            Some(b't') => self.literal(b"true").map(|_| Raw::Other("true", start)),
+            Some(b'f') => self.literal(b"false").map(|_| Raw::Other("false", start)),
+            Some(b'{') => self.skip_value(0).map(|_| Raw::Other("an object", start)),
+            Some(b'[') => self.skip_value(0).map(|_| Raw::Other("an array", start)),
+            _ => Err(self.syntax("a JSON value")),
+        }
+    }
+
+    fn skip_value(&mut self, depth: u32) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(self.syntax("less deeply nested values"));
+        }
+        match self.peek() {
+            Some(b'{') => {
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    if self.peek() != Some(b'"') {
+                        return Err(self.syntax("a field name"));
+                    }
+                    self.string("record")?;
+                    self.ws();
+                    self.expect(b':', "':'")?;
+                    self.ws();
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.syntax("',' or '}'")),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.syntax("',' or ']'")),
+                    }
+                }
+            }
+            _ => self.raw("record").map(|_| ()),
+        }
+    }
+
+    /// Describes a value of the wrong type; secret fields show only the type.
+    fn got(&self, raw: &Raw<'a>, secret: bool) -> String {
+        match raw {
+            Raw::Str(s) if secret => format!("a string of {} characters", char_len(s)),
+            Raw::Str(s) => quote(s),
+            Raw::Num(_) if secret => "a number".to_string(),
+            Raw::Num(n) => snippet(n).to_string(),
+            Raw::Null => "null".to_string(),
+            Raw::Other(what, start) => match *what {
+                "an object" | "an array" if !secret => {
+                    let text = &self.s[*start..self.i];
+                    format!("{what} {}", quote(text))
+                }
+                w => w.to_string(),
+            },
+        }
+    }
+
+    fn opt_str(
+        &mut self,
+        field: &'static str,
+        secret: bool,
+    ) -> Result<Option<Cow<'a, str>>, DecodeError> {
+        match self.raw(field)? {
+            Raw::Str(s) => Ok(Some(s)),
+            Raw::Null => Ok(None),
+            other => {
+                let got = self.got(&other, secret);
+                Err(DecodeError::new(
+                    field,
+                    Problem::WrongType {
+                        expected: "a string",
+                        got,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn req_str(&mut self, field: &'static str, secret: bool) -> Result<Cow<'a, str>, DecodeError> {
+        match self.raw(field)? {
+            Raw::Str(s) => Ok(s),
+            other => {
+                let got = self.got(&other, secret);
+                Err(DecodeError::new(
+                    field,
+                    Problem::WrongType {
+                        expected: "a string",
+                        got,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// A required identifier: 1 to 128 characters.
+    fn id(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeError> {
+        let s = self.req_str(field, false)?;
+        if s.is_empty() {
+            return Err(invalid(field, "a non-empty string", "\"\"".to_string()));
+        }
+        let len = char_len(&s);
+        if len > 128 {
+            return Err(DecodeError::new(field, Problem::TooLong { max: 128, len }));
+        }
+        Ok(s)
+    }
+
+    fn bounded(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<Option<Cow<'a, str>>, DecodeError> {
+        let s = self.opt_str(field, false)?;
+        if let Some(s) = &s {
+            let len = char_len(s);
+            if len > max {
+                return Err(DecodeError::new(field, Problem::TooLong { max, len }));
+            }
+        }
+        Ok(s)
+    }
+
+    /// A non-negative integer (`null` is absent). `counting` fields phrase
+    /// negative values as "a non-negative integer".
+    fn uint(&mut self, field: &'static str, counting: bool) -> Result<Option<u64>, DecodeError> {
+        let expected = if counting {
+            "a non-negative integer"
+        } else {
+            "an integer"
+        };
+        let raw = self.raw(field)?;
+        let n = match raw {
+            Raw::Num(n) => n,
+            Raw::Null => return Ok(None),
+            other => {
+                let got = self.got(&other, false);
+                return Err(DecodeError::new(
+                    field,
+                    Problem::WrongType { expected, got },
+                ));
+            }
+        };
+        let bytes = n.as_bytes();
+        if bytes.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) {
+            return Err(DecodeError::new(
+                field,
+                Problem::WrongType {
+                    expected,
+                    got: snippet(n).to_string(),
+                },
+            ));
+        }
+        if bytes[0] == b'-' {
+            return Err(invalid(
+                field,
+                "a non-negative integer",
+                snippet(n).to_string(),
+            ));
+        }
+        let mut v: u64 = 0;
+        for &c in bytes {
+            v = v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add((c - b'0') as u64))
+                .ok_or_else(|| invalid(field, "an integer below 2^64", snippet(n).to_string()))?;
+        }
+        Ok(Some(v))
+    }
+
+    fn cost(&mut self, field: &'static str) -> Result<Option<f64>, DecodeError> {
+        match self.raw(field)? {
+            Raw::Num(n) => {
+                let v: f64 = n
+                    .parse()
+                    .map_err(|_| invalid(field, "a finite number", snippet(n).to_string()))?;
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(
+                        field,
+                        "a non-negative number",
+                        snippet(n).to_string(),
+                    ));
+                }
+                Ok(Some(v))
+            }
+            Raw::Null => Ok(None),
+            other => {
+                let got = self.got(&other, false);
+                Err(DecodeError::new(
+                    field,
+                    Problem::WrongType {
+                        expected: "a number",
+                        got,
+                    },
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = r#"{"ts":"2026-11-23T10:15:02.481Z","request_id":"req_01JD8","user_id":"acct_42","key_id":"key_7f3a","tier":"pro","ip":"203.0.113.7","asn":64500,"endpoint":"/v1/chat/completions","model":"gpt-4o","status":200,"prompt_tokens":812,"completion_tokens":233,"latency_ms":1840,"prompt_fingerprint":"9f86d081884c7d65"}"#;
+
+    fn dec() -> Decoder {
+        Decoder::new(b"test-key")
+    }
+
+    fn err(line: &str) -> String {
+        dec().decode(line.as_bytes()).unwrap_err().to_string()
+    }
+
+    fn with(field_json: &str) -> String {
+        format!(
+            r#"{{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"u","key_id":"k",{field_json}}}"#
+        )
+    }
+
+    #[test]
+    fn decodes_the_contract_example() {
+        let ev = dec().decode(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(ev.ts_ms, 1_795_428_902_481);
+        assert_eq!(ev.request_id, "req_01JD8");
+        assert_eq!(ev.phase, Phase::Exchange);
+        assert_eq!(ev.user_id, "acct_42");
+        assert_eq!(ev.key_id, "key_7f3a");
+        assert_eq!(ev.tier.as_deref(), Some("pro"));
+        assert_eq!(ev.ip, Some("203.0.113.7".parse().unwrap()));
+        assert_eq!(ev.asn, Some(64500));
+        assert_eq!(ev.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(ev.status, Some(200));
+        assert_eq!((ev.prompt_tokens, ev.completion_tokens), (812, 233));
+        assert_eq!(ev.latency_ms, Some(1840));
+        assert_eq!(ev.prompt_fingerprint.as_deref(), Some("9f86d081884c7d65"));
+        assert!(
+            matches!(ev.user_id, Cow::Borrowed(_)),
+            "plain strings are not copied"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_nulls_are_absent() {
+        let line = with(
+            r#""x_gw":{"a":[1,2,{"b":null}],"c":"\u00e9"},"ip":null,"cost_usd":0.25,"phase":"response""#,
+        );
+        let ev = dec().decode(line.as_bytes()).unwrap();
+        assert_eq!(ev.ip, None);
+        assert_eq!(ev.cost_usd, Some(0.25));
+        assert_eq!(ev.phase, Phase::Response);
+    }
+
+    #[test]
+    fn escapes_are_decoded() {
+        let ev = dec()
+            .decode(br#"{"ts":"2026-11-23T10:15:02Z","request_id":"r\"1","user_id":"\u00e9\ud83d\ude00","key_id":"k\\"}"#)
+            .unwrap();
+        assert_eq!(ev.request_id, "r\"1");
+        assert_eq!(ev.user_id, "é😀");
+        assert_eq!(ev.key_id, "k\\");
+    }
+
+    #[test]
+    fn every_decode_error_names_field_and_problem() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "not json",
+                "record: not a JSON object: expected '{' at byte 0",
+            ),
+            ("", "record: not a JSON object: expected '{' at byte 0"),
+            ("[1,2]", "record: not a JSON object: expected '{' at byte 0"),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z""#,
+                "record: not a JSON object: expected ',' or '}' at byte 28",
+            ),
+            (
+                r#"{"ts" "x"}"#,
+                "record: not a JSON object: expected ':' at byte 6",
+            ),
+            (
+                r#"{} {}"#,
+                "record: not a JSON object: expected the end of the record at byte 3",
+            ),
+            (
+                r#"{"request_id":"r","user_id":"u","key_id":"k"}"#,
+                "ts: required field is missing",
+            ),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z","user_id":"u","key_id":"k"}"#,
+                "request_id: required field is missing",
+            ),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","key_id":"k"}"#,
+                "user_id: required field is missing",
+            ),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"u"}"#,
+                "key_id: required field is missing",
+            ),
+            (
+                r#"{"ts":"yesterday","request_id":"r","user_id":"u","key_id":"k"}"#,
+                "ts: expected an RFC 3339 timestamp, got \"yesterday\"",
+            ),
+            (
+                r#"{"ts":1700000000,"request_id":"r","user_id":"u","key_id":"k"}"#,
+                "ts: expected a string, got 1700000000",
+            ),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z","request_id":"","user_id":"u","key_id":"k"}"#,
+                "request_id: expected a non-empty string, got \"\"",
+            ),
+            (
+                r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":null,"key_id":"k"}"#,
+                "user_id: expected a string, got null",
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&err(line), want, "{line}");
+        }
+        let long = "x".repeat(129);
+        let field_cases: Vec<(String, &str)> = vec![
+            (
+                r#""prompt_tokens":-3"#.into(),
+                "prompt_tokens: expected a non-negative integer, got -3",
+            ),
+            (
+                r#""prompt_tokens":1.5"#.into(),
+                "prompt_tokens: expected a non-negative integer, got 1.5",
+            ),
+            (
+                r#""prompt_tokens":"12""#.into(),
+                "prompt_tokens: expected a non-negative integer, got \"12\"",
+            ),
+            (
+                r#""completion_tokens":true"#.into(),
+                "completion_tokens: expected a non-negative integer, got true",
+            ),
+            (
+                r#""completion_tokens":99999999999999999999999"#.into(),
+                "completion_tokens: expected an integer below 2^64, got 99999999999999999999999",
+            ),
+            (
+                r#""latency_ms":[1]"#.into(),
+                "latency_ms: expected a non-negative integer, got an array \"[1]\"",
+            ),
+            (
+                r#""prompt_chars":{"n":1}"#.into(),
+                "prompt_chars: expected a non-negative integer, got an object \"{\\\"n\\\":1}\"",
+            ),
+            (r#""v":2"#.into(), "v: expected schema version 1, got 2"),
+            (
+                r#""phase":"stream""#.into(),
+                "phase: expected \"exchange\", \"request\" or \"response\", got \"stream\"",
+            ),
+            (
+                r#""status":99"#.into(),
+                "status: expected an HTTP status from 100 to 599, got 99",
+            ),
+            (
+                r#""status":600"#.into(),
+                "status: expected an HTTP status from 100 to 599, got 600",
+            ),
+            (
+                r#""asn":4294967296"#.into(),
+                "asn: expected an integer from 0 to 4294967295, got 4294967296",
+            ),
+            (
+                r#""ip":"999.1.1.1""#.into(),
+                "ip: expected an IPv4 or IPv6 address, got \"999.1.1.1\"",
+            ),
+            (
+                r#""cost_usd":-0.5"#.into(),
+                "cost_usd: expected a non-negative number, got -0.5",
+            ),
+            (
+                r#""cost_usd":"0.5""#.into(),
+                "cost_usd: expected a number, got \"0.5\"",
+            ),
+            (
+                format!(r#""model":"{}""#, long),
+                "model: longer than 128 characters (129)",
+            ),
+            (
+                format!(r#""tier":"{}""#, "t".repeat(65)),
+                "tier: longer than 64 characters (65)",
+            ),
+            (
+                format!(r#""user_agent":"{}""#, "u".repeat(513)),
+                "user_agent: longer than 512 characters (513)",
+            ),
+            (
+                format!(r#""endpoint":"{}""#, "e".repeat(257)),
+                "endpoint: longer than 256 characters (257)",
+            ),
+            (
+                format!(r#""prompt_fingerprint":"{}""#, long),
+                "prompt_fingerprint: longer than 128 characters (129)",
+            ),
+            (
+                r#""user_id":"again""#.into(),
+                "user_id: appears more than once",
+            ),
+            (r#""tier":5"#.into(), "tier: expected a string, got 5"),
+            (
+                r#""x":tru"#.into(),
+                "record: not a JSON object: expected a JSON value at byte 77",
+            ),
+            (
+                r#""x":"a\qb""#.into(),
+                "record: not a JSON object: expected a valid escape at byte 81",
+            ),
+            (
+                r#""x":01"#.into(),
+                "record: not a JSON object: expected ',' or '}' at byte 78",
+            ),
+        ];
+        for (field, want) in &field_cases {
+            assert_eq!(&err(&with(field)), want, "{field}");
+        }
+        assert_eq!(
+            err(&format!(
+                r#"{{"ts":"2026-11-23T10:15:02Z","request_id":"{long}","user_id":"u","key_id":"k"}}"#
+            )),
+            "request_id: longer than 128 characters (129)"
+        );
+        let bad_utf8 = dec().decode(b"{\"ts\":\"\xff\"}").unwrap_err();
+        assert_eq!(bad_utf8.to_string(), "record: not valid UTF-8 at byte 7");
+        let deep = with(&format!(r#""x":{}{}"#, "[".repeat(100), "]".repeat(100)));
+        assert_eq!(dec().decode(deep.as_bytes()).unwrap_err().kind(), "syntax");
+    }
+
+    #[test]
+    fn secrets_are_hashed_and_never_echoed() {
+        let ev = dec()
+            .decode(br#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"u","api_key":"sk-live-SECRET","prompt":"Tell me  a joke"}"#)
+            .unwrap();
+        assert!(ev.key_id.starts_with("kh_"));
+        assert!(!format!("{ev:?}").contains("SECRET"));
+        assert!(!format!("{ev:?}").contains("joke"));
+        assert_eq!(ev.prompt_chars, Some(15));
+        assert_eq!(ev.prompt_fingerprint.as_deref().map(str::len), Some(16));
+        // key_id wins over api_key when both are present.
+        let line = with(r#""api_key":"sk-live-SECRET""#);
+        let ev = dec().decode(line.as_bytes()).unwrap();
+        assert_eq!(ev.key_id, "k");
+        // A secret of the wrong type is described without its value.
+        let e = err(&with(r#""api_key":12345678"#));
+        assert_eq!(e, "api_key: expected a string, got a number");
+        let e = err(&with(r#""prompt":["secret words"]"#));
+        assert_eq!(e, "prompt: expected a string, got an array");
+    }
+
+    fn event_json() -> impl Strategy<Value = (serde_json::Value, String)> {
+        (
+            0i64..4_000_000_000_000,
+            "[a-zA-Z0-9_\\-\"\\\\é😀 ]{1,40}",
+            "[a-z0-9_]{1,20}",
+            proptest::option::of(0u64..1_000_000),
+            proptest::option::of(0.0f64..100.0),
+            proptest::option::of(100u16..600),
+            proptest::sample::select(vec!["exchange", "request", "response"]),
+        )
+            .prop_map(|(ts, rid, uid, pt, cost, status, phase)| {
+                let mut v = serde_json::json!({
+                    "ts": crate::time::format_rfc3339(ts),
+                    "request_id": rid,
+                    "user_id": uid,
+                    "key_id": format!("key_{uid}"),
+                    "phase": phase,
+                    "extra": {"nested": [1, "two", null, {"three": 3.5e-3}]},
+                });
+                if let Some(pt) = pt {
+                    v["prompt_tokens"] = pt.into();
+                }
+                if let Some(c) = cost {
+                    v["cost_usd"] = c.into();
+                }
+                if let Some(s) = status {
+                    v["status"] = s.into();
+                }
+                let text = serde_json::to_string(&v).unwrap();
+                (v, text)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_serde_json((v, text) in event_json()) {
+            let ev = dec().decode(text.as_bytes()).unwrap();
+            prop_assert_eq!(crate::time::format_rfc3339(ev.ts_ms), v["ts"].as_str().unwrap());
+            prop_assert_eq!(&*ev.request_id, v["request_id"].as_str().unwrap());
+            prop_assert_eq!(&*ev.user_id, v["user_id"].as_str().unwrap());
+            prop_assert_eq!(ev.prompt_tokens, v["prompt_tokens"].as_u64().unwrap_or(0));
+            prop_assert_eq!(ev.cost_usd, v["cost_usd"].as_f64());
+            prop_assert_eq!(ev.status.map(u64::from), v["status"].as_u64());
+            prop_assert_eq!(ev.phase.as_str(), v["phase"].as_str().unwrap());
+        }
+
+        #[test]
+        fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = dec().decode(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_mangled_records(cut in 0usize..330, byte in any::<u8>()) {
+            let mut b = EXAMPLE.as_bytes().to_vec();
+            let at = cut.min(b.len() - 1);
+            b[at] = byte;
+            let _ = dec().decode(&b);
+            let _ = dec().decode(&EXAMPLE.as_bytes()[..at]);
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Budget thresholds and the daily token allowance, per user.
+//!
+//! Spend is integer micro-dollars, so "crossed 80%" is exact: the record
+//! whose cost takes the period's spend from below `limit × 80 / 100` to at or
+//! above it raises the alert, and a bit per percent makes it fire once per
+//! (user, period, percent) whatever replays or restarts follow (the bits are
+//! part of the checkpointed state; alert ids are derived from the same
+//! triple). Periods are calendar days and months in the configured UTC
+//! offset. The ledger keeps the current and the previous period of each
+//! kind, so a record that arrives a little after midnight still counts
+//! toward the day it happened; anything older is reported as late.
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::PeriodKind;
+
+/// Spend and tokens in one period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodSpend {
+    /// Period start, Unix ms (0: unused slot).
+    pub start_ms: i64,
+    /// Spend so far, micro-dollars.
+    pub micros: u64,
+    /// Tokens so far (saturating).
+    pub tokens: u32,
+    /// Bit `i` set: alert percent `i` has fired.
+    pub fired: u8,
+    /// The token allowance alert has fired.
+    pub tokens_fired: bool,
+}
+
+/// A user's ledger: current and previous day and month.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Current and previous day.
+    pub day: [PeriodSpend; 2],
+    /// Current and previous month.
+    pub month: [PeriodSpend; 2],
+}
+
+/// A percent of a budget crossed by one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    /// Day or month.
+    pub period: PeriodKind,
+    /// Period start, Unix ms.
+    pub period_start: i64,
+    /// The percent crossed.
+    pub percent: u8,
+    /// The budget, micro-dollars.
+    pub limit_micros: u64,
+    /// Spend after the record, micro-dollars.
+    pub spent_micros: u64,
+}
+
+/// The daily token allowance passed by one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenQuotaCrossing {
+    /// Day start, Unix ms.
+    pub period_start: i64,
+    /// Tokens after the record.
+    pub tokens: u64,
+    /// The allowance.
+    pub limit: u64,
+}
+
+/// What posting a record crossed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetEvent {
+    /// A percent of a spend budget.
+    Spend(Crossing),
+    /// The daily token allowance.
+    Tokens(TokenQuotaCrossing),
+}
+
+/// Limits in force for one record.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetLimits<'a> {
+    /// Daily budget, micro-dollars.
+    pub daily_micros: u64,
+    /// Monthly budget, micro-dollars.
+    pub monthly_micros: Option<u64>,
+    /// Daily token allowance.
+    pub tokens_per_day: u64,
+    /// Alert percents, ascending.
+    pub percents: &'a [u8],
+    /// Minutes east of UTC of the budget time zone.
+    pub utc_offset_min: i32,
+}
+
+/// Result of adding a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Posted {
+    /// Counted in its period.
+    Counted,
+    /// Older than the previous period: not counted (reported as late).
+    Late,
+}
+
+fn slot(slots: &mut [PeriodSpend; 2], start: i64) -> Option<&mut PeriodSpend> {
+    if slots[0].start_ms == start {
+        return Some(&mut slots[0]);
+    }
+    if slots[1].start_ms == start {
+        return Some(&mut slots[1]);
+    }
+    if start > slots[0].start_ms {
+        slots[1] = slots[0];
+        slots[0] = PeriodSpend {
+            start_ms: start,
+            ..Default::default()
+        };
+        return Some(&mut slots[0]);
+    }
+    None
+}
+
+fn cross(
+    p: &mut PeriodSpend,
+    period: PeriodKind,
+    micros: u64,
+    limit: u64,
+    percents: &[u8],
+    out: &mut impl FnMut(BudgetEvent),
+) {
+    p.micros = p.micros.saturating_add(micros);
+    for (i, &pct) in percents.iter().enumerate() {
+        // ceil(limit × pct / 100) in integers: spend reaches the percent exactly.
+        let bar = (limit as u128 * pct as u128).div_ceil(100) as u64;
+        if p.micros >= bar && p.fired & (1 << i) == 0 {
+            p.fired |= 1 << i;
+            out(BudgetEvent::Spend(Crossing {
+                period,
+                period_start: p.start_ms,
+                percent: pct,
+                limit_micros: limit,
+                spent_micros: p.micros,
+            }));
+        }
+    }
+}
+
+impl Ledger {
+    /// Posts a record's cost and tokens at `ts_ms`; crossings go to `out`.
+    pub fn post(
+        &mut self,
+        ts_ms: i64,
+        micros: u64,
+        tokens: u64,
+        lim: &BudgetLimits<'_>,
+        out: &mut impl FnMut(BudgetEvent),
+    ) -> Posted {
+        let (day_start, _) = PeriodKind::Day.bounds(ts_ms, lim.utc_offset_min);
+        let Some(day) = slot(&mut self.day, day_start) else {
+            return Posted::Late;
+        };
+        if micros > 0 {
+            cross(
+                day,
+                PeriodKind::Day,
+                micros,
+                lim.daily_micros,
+                lim.percents,
+                out,
+            );
+        }
+        day.tokens = day
+            .tokens
+            .saturating_add(tokens.min(u32::MAX as u64) as u32);
+        if u64::from(day.tokens) >= lim.tokens_per_day && !day.tokens_fired && tokens > 0 {
+            day.tokens_fired = true;
+            out(BudgetEvent::Tokens(TokenQuotaCrossing {
+                period_start: day.start_ms,
+                tokens: u64::from(day.tokens),
+                limit: lim.tokens_per_day,
+            }));
+        }
+        let (month_start, _) = PeriodKind::Month.bounds(ts_ms, lim.utc_offset_min);
+        if let Some(month) = slot(&mut self.month, month_start) {
+            if let (Some(limit), true) = (lim.monthly_micros, micros > 0) {
+                cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
+            } else {
+                month.micros = month.micros.saturating_add(micros);
+            }
+            month.tokens = month
+                .tokens
+                .saturating_add(tokens.min(u32::MAX as u64) as u32);
+        }
+        Posted::Counted
+    }
+
+    /// Spend in the current month, micro-dollars, if its period is `month_start`.
+    pub fn month_spend(&self, month_start: i64) -> u64 {
+        if self.month[0].start_ms == month_start {
+            self.month[0].micros
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::{parse_rfc3339, DAY_MS};
+    use proptest::prelude::*;
+
+    const PCT: [u8; 3] = [50, 80, 100];
+
+    fn lim() -> BudgetLimits<'static> {
+        BudgetLimits {
+            daily_micros: 1_000_000,
+            monthly_micros: Some(3_000_000),
+            tokens_per_day: 10_000,
+            percents: &PCT,
+            utc_offset_min: 0,
+        }
+    }
+
+    fn post(l: &mut Ledger, ts: i64, micros: u64) -> Vec<Crossing> {
+        let mut v = vec![];
+        l.post(ts, micros, 0, &lim(), &mut |e| {
+            if let BudgetEvent::Spend(c) = e {
+                v.push(c)
+            }
+        });
+        v
+    }
+
+    #[test]
+    fn each_percent_fires_once_by_the_crossing_record() {
+        let t0 = parse_rfc3339("2026-11-23T08:00:00Z").unwrap();
+        let mut l = Ledger::default();
+        assert!(post(&mut l, t0, 499_999).is_empty());
+        let c = post(&mut l, t0 + 1, 1);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].percent, c[0].spent_micros), (50, 500_000));
+        // One record crossing two percents fires both.
+        let c = post(&mut l, t0 + 2, 600_000);
+        assert_eq!(
+            c.iter().map(|c| c.percent).collect::<Vec<_>>(),
+            vec![80, 100]
+        );
+        assert!(post(&mut l, t0 + 3, 5_000_000)
+            .iter()
+            .all(|c| c.period == PeriodKind::Month));
+        // The next day starts over.
+        let c = post(&mut l, t0 + DAY_MS, 600_000);
+        assert_eq!(
+            c.iter().map(|c| (c.period, c.percent)).collect::<Vec<_>>(),
+            vec![(PeriodKind::Day, 50)]
+        );
+        // A late record for yesterday counts there and fires nothing new.
+        assert!(post(&mut l, t0 + 10, 1).is_empty());
+        // Two days late: not counted.
+        let mut dummy = vec![];
+        assert_eq!(
+            l.post(t0 - DAY_MS, 1, 0, &lim(), &mut |e| dummy.push(e)),
+            Posted::Late
+        );
+    }
+
+    #[test]
+    fn token_allowance_fires_once_a_day() {
+        let t0 = parse_rfc3339("2026-11-23T08:00:00Z").unwrap();
+        let mut l = Ledger::default();
+        let mut q = vec![];
+        for i in 0..30 {
+            l.post(t0 + i, 0, 500, &lim(), &mut |e| {
+                if let BudgetEvent::Tokens(c) = e {
+                    q.push(c)
+                }
+            });
+        }
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].tokens, 10_000);
+    }
+
+    proptest! {
+        #[test]
+        fn crossings_are_exact_and_unique(costs in proptest::collection::vec(0u64..400_000, 1..60)) {
+            let t0 = parse_rfc3339("2026-11-23T08:00:00Z").unwrap();
+            let mut l = Ledger::default();
+            let mut total = 0u64;
+            let mut seen = std::collections::HashSet::new();
+            for (i, c) in costs.iter().enumerate() {
+                let before = total;
+                total += c;
+                for x in post(&mut l, t0 + i as i64, *c) {
+                    if x.period != PeriodKind::Day { continue; }
+                    let bar = 1_000_000 * x.percent as u64 / 100;
+                    prop_assert!(before < bar && total >= bar, "record {} crossed {}", i, x.percent);
+                    prop_assert!(seen.insert(x.percent));
+                }
+            }
+            for pct in PCT {
+                prop_assert_eq!(seen.contains(&pct), total >= 1_000_000 * pct as u64 / 100);
+            }
+        }
+    }
+}

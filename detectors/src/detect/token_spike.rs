@@ -1,0 +1,301 @@
+//! Token spikes and token-exhaustion prompts, per user.
+//!
+//! Two signals, either of which raises a `token_spike`:
+//!
+//! - **Huge completions.** A completion is huge when it is at least
+//!   `huge_fraction_of_max` of the tier's max output tokens *and* more than
+//!   `huge_z` standard deviations above the user's learned completion size
+//!   (an exponentially weighted log-normal, starting from a prior median of a
+//!   tenth of max output; the z bar is capped at 90% of max output).
+//!   `huge_count` huge completions within
+//!   `window_minutes` is a token-exhaustion attack: prompts crafted to make
+//!   the model write until the cap, typically 3 in well under a minute. The
+//!   z-test keeps a user who habitually writes long answers quiet.
+//! - **Token bursts.** Tokens (input + output) in a sliding minute more than
+//!   `burst_z` standard deviations above the user's learned (log-normal)
+//!   tokens per active minute, and at least `min_max_outputs_per_minute ×`
+//!   max output tokens: context stuffing and runaway loops that no single
+//!   request gives away. Per-minute token use is heavy-tailed (one pasted
+//!   document makes a big minute), so the bar is on the log scale and
+//!   learns each user's spread, not just their mean; and it is judged
+//!   only once ten active minutes are learned.
+//!
+//! Huge completions and burst minutes do not feed the baselines.
+
+use serde::{Deserialize, Serialize};
+
+use crate::baseline::{minute_of, LogBaseline, SlidingMinute};
+
+/// The tier priors weigh as much as this many observations.
+const PRIOR_WEIGHT: f64 = 8.0;
+
+/// Active minutes learned before token bursts are judged. A new user's
+/// first big minutes say nothing yet; huge completions, runaway spend and
+/// the daily token allowance cover them meanwhile.
+const WARM_MINUTES: u32 = 10;
+
+/// Most huge completions remembered; `huge_count` is at most this.
+pub const MAX_HUGE_COUNT: u32 = 8;
+
+/// Settings resolved for one tier.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenParams {
+    /// The smallest huge completion, before the z-test.
+    pub huge_floor: f64,
+    /// The z-test's bar never exceeds this (90% of max output), so a user with
+    /// a wide learned spread still cannot hide completions at the cap.
+    pub huge_cap: f64,
+    /// Standard deviations above the learned log size.
+    pub huge_z: f64,
+    /// Huge completions needed.
+    pub huge_count: u32,
+    /// Window for counting them, seconds.
+    pub window_secs: u32,
+    /// Prior median and log-scale spread of tokens per active minute.
+    pub minute_prior: (f64, f64),
+    /// Standard deviations above the learned log tokens per minute.
+    pub burst_z: f64,
+    /// Minimum tokens in a burst minute.
+    pub min_burst: f64,
+    /// Floor on the learning rate of the size baseline.
+    pub alpha_min: f64,
+    /// Prior median completion and log-scale spread.
+    pub size_prior: (f64, f64),
+    /// Incident cooldown, minutes.
+    pub cooldown_minutes: u32,
+}
+
+/// A user's token state (64 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenState {
+    window: SlidingMinute,
+    minutes: Option<LogBaseline>,
+    size: Option<LogBaseline>,
+    bar: f32,
+    huge: [u32; MAX_HUGE_COUNT as usize],
+    huge_len: u8,
+    incident_until: u32,
+}
+
+/// What made the token spike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TokenCause {
+    /// `count` huge completions in the window; this one had `completion` tokens.
+    Huge {
+        /// Huge completions in the window.
+        count: u32,
+        /// The triggering completion's size.
+        completion: u64,
+        /// The size bar it crossed.
+        threshold: f64,
+        /// The user's learned median completion.
+        baseline: f64,
+    },
+    /// Tokens in the sliding minute.
+    Burst {
+        /// Tokens in the sliding minute.
+        observed: f64,
+        /// Learned median tokens per active minute.
+        baseline: f64,
+        /// The bar crossed.
+        threshold: f64,
+    },
+}
+
+/// A detected token spike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenSpike {
+    /// What made it.
+    pub cause: TokenCause,
+    /// Minute the incident started.
+    pub onset_minute: u32,
+}
+
+impl TokenState {
+    /// Counts a record's tokens at `now_ms`: `tokens` is what the record
+    /// counts (input + output), `completion` the completion size when the
+    /// record carries a finished response.
+    #[inline]
+    pub fn on_tokens(
+        &mut self,
+        now_ms: i64,
+        tokens: u64,
+        completion: Option<u64>,
+        p: &TokenParams,
+    ) -> Option<TokenSpike> {
+        if let Some(closed) = self.window.advance(now_ms) {
+            if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
+                let minutes = self.minutes.get_or_insert_with(|| {
+                    LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1)
+                });
+                minutes.observe(closed as f64, p.alpha_min, PRIOR_WEIGHT);
+            }
+            self.bar = 0.0;
+        }
+        self.window.add(tokens.min(u32::MAX as u64) as u32);
+        let mut cause = None;
+        if let Some(c) = completion.filter(|&c| c > 0) {
+            let mut size = self
+                .size
+                .unwrap_or_else(|| LogBaseline::with_prior(p.size_prior.0, p.size_prior.1));
+            let bar = size.upper(p.huge_z).min(p.huge_cap).max(p.huge_floor);
+            if c as f64 >= bar {
+                let now_s = (now_ms.max(0) / 1000) as u32;
+                let count = self.push_huge(now_s, p);
+                if count >= p.huge_count {
+                    let baseline = size.median();
+                    cause = Some(TokenCause::Huge {
+                        count,
+                        completion: c,
+                        threshold: bar.round(),
+                        baseline: baseline.round(),
+                    });
+                }
+            } else {
+                size.observe(c as f64, p.alpha_min, PRIOR_WEIGHT);
+            }
+            self.size = Some(size);
+        }
+        let warmed = self.minutes.is_some_and(|m| m.n >= WARM_MINUTES);
+        if cause.is_none() && warmed {
+            let est = self.window.estimate(now_ms);
+            if est >= p.min_burst {
+                let minutes = self
+                    .minutes
+                    .unwrap_or_else(|| LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1));
+                if self.bar == 0.0 {
+                    self.bar = minutes
+                        .upper(p.burst_z)
+                        .max(p.min_burst)
+                        .min(f32::MAX as f64)
+                        .ceil() as f32;
+                }
+                if est >= self.bar as f64 {
+                    let baseline = minutes.median().round();
+                    cause = Some(TokenCause::Burst {
+                        observed: est.round(),
+                        baseline,
+                        threshold: self.bar as f64,
+                    });
+                }
+            }
+        }
+        let cause = cause?;
+        let m = minute_of(now_ms);
+        let open = self.incident_until != 0 && m <= self.incident_until;
+        self.incident_until = m + p.cooldown_minutes;
+        (!open).then_some(TokenSpike {
+            cause,
+            onset_minute: m,
+        })
+    }
+
+    /// Remembers a huge completion; returns how many fall in the window.
+    fn push_huge(&mut self, now_s: u32, p: &TokenParams) -> u32 {
+        let cutoff = now_s.saturating_sub(p.window_secs);
+        let mut kept = 0usize;
+        for i in 0..self.huge_len as usize {
+            if self.huge[i] >= cutoff {
+                self.huge[kept] = self.huge[i];
+                kept += 1;
+            }
+        }
+        if kept == self.huge.len() {
+            self.huge.copy_within(1.., 0);
+            kept -= 1;
+        }
+        self.huge[kept] = now_s;
+        self.huge_len = (kept + 1) as u8;
+        self.huge_len as u32
+    }
+
+    /// Minute of the last record.
+    pub fn last_minute(&self) -> u32 {
+        self.window.minute
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::MINUTE_MS;
+
+    fn params() -> TokenParams {
+        // The pro tier's defaults: max output 4000.
+        TokenParams {
+            huge_floor: 3000.0,
+            huge_cap: 3600.0,
+            huge_z: 3.0,
+            huge_count: 3,
+            window_secs: 600,
+            minute_prior: (1000.0, 1.0),
+            burst_z: 4.0,
+            min_burst: 24_000.0,
+            alpha_min: 1.0 / 60.0,
+            size_prior: (400.0, 1.0),
+            cooldown_minutes: 15,
+        }
+    }
+
+    #[test]
+    fn normal_use_is_quiet_and_exhaustion_is_caught_fast() {
+        let mut s = TokenState::default();
+        let p = params();
+        for i in 0..600i64 {
+            let c = 150 + (i * 37 % 400) as u64;
+            assert_eq!(
+                s.on_tokens(i * 20_000, 300 + c, Some(c), &p),
+                None,
+                "request {i}"
+            );
+        }
+        let onset = 600 * 20_000;
+        let mut hits = vec![];
+        for i in 0..20i64 {
+            let t = onset + i * 5_000;
+            if let Some(sp) = s.on_tokens(t, 3900 + 2000, Some(3900), &p) {
+                hits.push((t, sp));
+            }
+        }
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        assert!(
+            hits[0].0 - onset <= 10_000,
+            "third huge completion triggers"
+        );
+        assert!(matches!(hits[0].1.cause, TokenCause::Huge { count: 3, .. }));
+    }
+
+    #[test]
+    fn a_habitually_long_writer_is_quiet() {
+        let mut s = TokenState::default();
+        let p = params();
+        for i in 0..2000i64 {
+            let c = 2600 + (i * 53 % 700) as u64;
+            let r = s.on_tokens(i * 60_000, c, Some(c), &p);
+            // The prior flags the first few; once learned, long answers are normal.
+            if i > 50 {
+                assert_eq!(r, None, "request {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn token_burst_without_huge_outputs() {
+        let mut s = TokenState::default();
+        let p = params();
+        for m in 0..120i64 {
+            assert_eq!(s.on_tokens(m * MINUTE_MS, 2000, Some(500), &p), None);
+        }
+        let onset = 120 * MINUTE_MS;
+        let mut first = None;
+        for i in 0..120i64 {
+            let t = onset + i * 500;
+            if let Some(sp) = s.on_tokens(t, 4000, Some(600), &p) {
+                first.get_or_insert((t, sp));
+            }
+        }
+        let (t, sp) = first.expect("burst caught");
+        assert!(t - onset < MINUTE_MS);
+        assert!(matches!(sp.cause, TokenCause::Burst { .. }));
+    }
+}

@@ -1,0 +1,1177 @@
+//! The per-partition engine: every detector over one stream of events.
+//!
+//! `observe(event)` runs on event time: the engine's clock is the largest
+//! event time seen, so a replay of the same records makes the same
+//! decisions with the same alert ids, whatever the wall clock says. State
+//! per user and key is a few hundred bytes, expires when idle, and the whole
+//! [`EngineState`] can be snapshotted and restored with serde.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::{round_usd, Action, Alert, AlertKind, BudgetInfo, Severity};
+use crate::baseline::{decay_for_half_life, minute_of, RatePrior};
+use crate::config::{ConfigError, EngineConfig, TierConfig};
+use crate::dedup::Dedup;
+use crate::detect::budget::{
+    BudgetEvent, BudgetLimits, Crossing, Ledger, Posted, TokenQuotaCrossing,
+};
+use crate::detect::leaked_key::{LeakParams, LeakState};
+use crate::detect::repeated_prompt::{PromptFinding, PromptParams, PromptTracker};
+use crate::detect::request_spike::{RateParams, RateState, Spike};
+use crate::detect::runaway_spend::{PaceParams, SpendPace};
+use crate::detect::token_spike::{TokenCause, TokenParams, TokenState, MAX_HUGE_COUNT};
+use crate::event::Event;
+use crate::hash::{combine, stable_hash};
+use crate::price::PriceTable;
+use crate::time::{PeriodKind, MINUTE_MS};
+use crate::StableBuild;
+
+/// Most distinct unpriced model names kept for the report.
+const MAX_UNPRICED_NAMES: usize = 64;
+/// State is swept for idle entries every this many minutes of event time.
+const SWEEP_EVERY_MINUTES: u32 = 10;
+
+/// What `observe` did with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Counted by every detector that applies.
+    Counted,
+    /// A repeat of a (request_id, phase) already counted: changed nothing.
+    Duplicate,
+}
+
+/// Per-user state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserState {
+    /// Last minute with a record.
+    pub last_minute: u32,
+    /// Request rate.
+    pub rate: RateState,
+    /// Token sizes and rate.
+    pub tokens: TokenState,
+    /// Spend and tokens per period.
+    pub ledger: Ledger,
+    /// Spend pace.
+    pub pace: SpendPace,
+}
+
+/// Per-key state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// Last minute with a record.
+    pub last_minute: u32,
+    /// Request rate.
+    pub rate: RateState,
+    /// Addresses and networks.
+    pub leak: LeakState,
+}
+
+/// Everything the engine has learned: what a checkpoint holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineState {
+    /// The engine's clock: the largest event time seen, Unix ms.
+    pub now_ms: i64,
+    /// Users by id.
+    pub users: HashMap<Box<str>, UserState, StableBuild>,
+    /// Keys by id.
+    pub keys: HashMap<Box<str>, KeyState, StableBuild>,
+    /// Prompt sightings and farming crowds.
+    pub prompts: PromptTracker,
+    /// Recently counted records.
+    dedup: Dedup,
+    /// Minute of the last sweep.
+    last_sweep: u32,
+}
+
+/// Counters for the run's report and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Events observed (including duplicates).
+    pub events: u64,
+    /// Duplicates ignored.
+    pub duplicates: u64,
+    /// Records too late for their budget period (counted by the detectors, not the budgets).
+    pub late: u64,
+    /// Records with usage whose model had no price (and no fallback applied).
+    pub unpriced: u64,
+    /// Unpriced records by model name (at most 64 names; the rest under `(other)`).
+    pub unpriced_models: BTreeMap<String, u64>,
+    /// Records naming a tier the config does not have (given the default tier).
+    pub unknown_tiers: u64,
+    /// Alerts raised, by kind.
+    pub alerts: BTreeMap<AlertKind, u64>,
+}
+
+/// How much state the engine holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tracked {
+    /// Users.
+    pub users: usize,
+    /// Keys.
+    pub keys: usize,
+    /// (user, fingerprint) pairs seen in the window.
+    pub prompt_sightings: usize,
+    /// Fingerprints with repeating users.
+    pub farming_crowds: usize,
+    /// Record hashes held for duplicate detection.
+    pub dedup_entries: usize,
+}
+
+/// A tier with its detector settings resolved.
+#[derive(Clone, Debug)]
+struct Tier {
+    name: String,
+    limits: TierConfig,
+    rate: RateParams,
+    tokens: TokenParams,
+    daily_micros: u64,
+    monthly_micros: Option<u64>,
+}
+
+/// A user's overrides, resolved.
+#[derive(Clone, Copy, Debug)]
+struct UserLimits {
+    tier: Option<usize>,
+    daily_micros: Option<u64>,
+    monthly_micros: Option<u64>,
+}
+
+/// Settings resolved once at start-up.
+#[derive(Clone, Debug)]
+struct Resolved {
+    tiers: Vec<Tier>,
+    default_tier: usize,
+    overrides: HashMap<String, UserLimits>,
+    percents: Vec<u8>,
+    utc_offset_min: i32,
+    prompts: PromptParams,
+    leak: LeakParams,
+    repeat_action: Action,
+    cfg: EngineConfig,
+    idle_ttl_min: u32,
+    dedup_horizon_ms: i64,
+}
+
+/// The engine for one partition (or one replay).
+#[derive(Clone, Debug)]
+pub struct Engine {
+    r: Resolved,
+    prices: PriceTable,
+    state: EngineState,
+    stats: EngineStats,
+    findings: Vec<PromptFinding>,
+}
+
+fn micros(usd: f64) -> u64 {
+    (usd * 1e6).round() as u64
+}
+
+fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
+    cfg.validate()?;
+    let rs = &cfg.request_spike;
+    let ts = &cfg.token_spike;
+    let tiers: Vec<Tier> = cfg
+        .effective_tiers()
+        .into_iter()
+        .map(|(name, t)| {
+            let rpm = t.requests_per_minute as f64;
+            let max_out = t.max_output_tokens as f64;
+            Tier {
+                rate: RateParams {
+                    prior: RatePrior {
+                        rate: rs.prior_fraction * rpm,
+                        minutes: rs.prior_minutes,
+                    },
+                    decay: decay_for_half_life(rs.half_life_minutes),
+                    burst_factor: rs.burst_factor,
+                    p_value: rs.p_value,
+                    min_requests: (rs.min_fraction_of_tier * rpm).max(rs.min_requests as f64),
+                    cooldown_minutes: rs.cooldown_minutes,
+                },
+                tokens: TokenParams {
+                    huge_floor: ts.huge_fraction_of_max * max_out,
+                    huge_cap: 0.9 * max_out,
+                    huge_z: ts.huge_z,
+                    huge_count: ts.huge_count.min(MAX_HUGE_COUNT),
+                    window_secs: ts.window_minutes * 60,
+                    // A day's allowance spread over eight active hours.
+                    // A hundredth of the day's allowance per active minute, spread wide.
+                    minute_prior: (t.tokens_per_day as f64 / 100.0, 1.0),
+                    burst_z: ts.burst_z,
+                    min_burst: (ts.min_max_outputs_per_minute * max_out)
+                        .max(ts.min_day_fraction * t.tokens_per_day as f64),
+                    alpha_min: 1.0 / ts.half_life,
+                    size_prior: (max_out / 10.0, 1.0),
+                    cooldown_minutes: ts.cooldown_minutes,
+                },
+                daily_micros: micros(t.daily_budget_usd),
+                monthly_micros: t.monthly_budget_usd.map(micros),
+                limits: t,
+                name,
+            }
+        })
+        .collect();
+    let idx = |name: &str| tiers.iter().position(|t| t.name == name);
+    let default_tier = idx(&cfg.default_tier).expect("validated");
+    let overrides = cfg
+        .users
+        .iter()
+        .map(|(u, o)| {
+            let tier = o.tier.as_deref().and_then(idx);
+            let limits = UserLimits {
+                tier,
+                daily_micros: o.daily_budget_usd.map(micros),
+                monthly_micros: o.monthly_budget_usd.map(micros),
+            };
+            (u.clone(), limits)
+        })
+        .collect();
+    let mut percents = cfg.budgets.alert_percents.clone();
+    percents.sort_unstable();
+    Ok(Resolved {
+        default_tier,
+        overrides,
+        percents,
+        utc_offset_min: cfg.utc_offset_minutes()?,
+        prompts: PromptParams {
+            max_repeats: cfg.repeated_prompt.max_repeats,
+            window_secs: cfg.repeated_prompt.window_minutes * 60,
+            farming_min_users: cfg.repeated_prompt.farming_min_users,
+        },
+        leak: LeakParams {
+            window_minutes: cfg.leaked_key.window_minutes,
+            min_ips: cfg.leaked_key.min_ips,
+            min_asns: cfg.leaked_key.min_asns,
+            factor: cfg.leaked_key.factor,
+        },
+        repeat_action: Action::parse(&cfg.repeated_prompt.action).expect("validated"),
+        idle_ttl_min: cfg.state.idle_ttl_hours * 60,
+        dedup_horizon_ms: cfg.state.dedup_horizon_minutes as i64 * MINUTE_MS,
+        tiers,
+        cfg: cfg.clone(),
+    })
+}
+
+/// Groups digits: 12345 -> "12,345".
+fn thousands(n: f64) -> String {
+    let n = n.round() as i64;
+    let s = n.unsigned_abs().to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3 + 1);
+    if n < 0 {
+        out.push('-');
+    }
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ratio(observed: f64, baseline: f64) -> String {
+    if baseline >= 0.05 {
+        format!("{:.0}x", observed / baseline)
+    } else {
+        "far above".to_string()
+    }
+}
+
+fn short_fp(fp: &str) -> &str {
+    match fp.char_indices().nth(12) {
+        Some((i, _)) => &fp[..i],
+        None => fp,
+    }
+}
+
+impl Engine {
+    /// An engine with fresh state; the config is validated first.
+    pub fn new(cfg: &EngineConfig) -> Result<Self, ConfigError> {
+        Self::restore(cfg, EngineState::default())
+    }
+
+    /// An engine continuing from a snapshot.
+    pub fn restore(cfg: &EngineConfig, state: EngineState) -> Result<Self, ConfigError> {
+        let r = resolve(cfg)?;
+        let prices = PriceTable::new(cfg.effective_prices(), cfg.pricing.fallback);
+        Ok(Engine {
+            r,
+            prices,
+            state,
+            stats: EngineStats::default(),
+            findings: Vec::new(),
+        })
+    }
+
+    /// The learned state, for a checkpoint.
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// The run's counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// How much state is held.
+    pub fn tracked(&self) -> Tracked {
+        let (prompt_sightings, farming_crowds) = self.state.prompts.len();
+        Tracked {
+            users: self.state.users.len(),
+            keys: self.state.keys.len(),
+            prompt_sightings,
+            farming_crowds,
+            dedup_entries: self.state.dedup.len(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.r.cfg
+    }
+
+    fn tier_of(&mut self, ev: &Event<'_>) -> (usize, Option<u64>, Option<u64>) {
+        if !self.r.overrides.is_empty() {
+            if let Some(&o) = self.r.overrides.get(&*ev.user_id) {
+                let t = o.tier.unwrap_or_else(|| self.tier_by_name(ev));
+                return (t, o.daily_micros, o.monthly_micros);
+            }
+        }
+        (self.tier_by_name(ev), None, None)
+    }
+
+    fn tier_by_name(&mut self, ev: &Event<'_>) -> usize {
+        match ev.tier.as_deref() {
+            None => self.r.default_tier,
+            Some(name) => match self.r.tiers.iter().position(|t| t.name == name) {
+                Some(i) => i,
+                None => {
+                    self.stats.unknown_tiers += 1;
+                    self.r.default_tier
+                }
+            },
+        }
+    }
+
+    /// Observes one event; alerts it raises are appended to `out`.
+    pub fn observe(&mut self, ev: &Event<'_>, out: &mut Vec<Alert>) -> Outcome {
+        self.stats.events += 1;
+        if ev.ts_ms > self.state.now_ms {
+            self.state.now_ms = ev.ts_ms;
+        }
+        let now = self.state.now_ms;
+        let rec = combine(
+            stable_hash(1, ev.request_id.as_bytes()),
+            ev.phase as u64 + 1,
+        );
+        if !self
+            .state
+            .dedup
+            .first_sighting(rec, now, self.r.dedup_horizon_ms)
+        {
+            self.stats.duplicates += 1;
+            return Outcome::Duplicate;
+        }
+        let now_min = minute_of(now);
+        if now_min >= self.state.last_sweep + SWEEP_EVERY_MINUTES {
+            self.expire();
+        }
+        let before = out.len();
+        let (tier_idx, daily_override, monthly_override) = self.tier_of(ev);
+
+        let counts_request = ev.phase.counts_request();
+        let counts_response = ev.phase.counts_response();
+        let cost_micros = match (ev.cost_usd, counts_response) {
+            (Some(usd), _) => micros(usd),
+            (None, false) => 0,
+            (None, true) => {
+                let (c, priced) = self.prices.cost_micros(
+                    ev.model.as_deref(),
+                    ev.prompt_tokens,
+                    ev.completion_tokens,
+                );
+                if !priced && (ev.prompt_tokens > 0 || ev.completion_tokens > 0) {
+                    self.note_unpriced(ev.model.as_deref());
+                }
+                c
+            }
+        };
+        let tokens = if counts_request { ev.prompt_tokens } else { 0 }
+            + if counts_response {
+                ev.completion_tokens
+            } else {
+                0
+            };
+
+        let tier = &self.r.tiers[tier_idx];
+        let cfg = &self.r.cfg;
+
+        // Key first: a key's spike names the key and throttles it.
+        let key = match self.state.keys.get_mut(&*ev.key_id) {
+            Some(k) => k,
+            None => self
+                .state
+                .keys
+                .entry(ev.key_id.as_ref().into())
+                .or_default(),
+        };
+        key.last_minute = now_min;
+        let mut key_spiked = false;
+        if counts_request && cfg.request_spike.enabled {
+            if let Some(sp) = key.rate.on_request(ev.ts_ms, &tier.rate) {
+                key_spiked = true;
+                out.push(request_spike_alert(ev, sp, true));
+            }
+        }
+        if counts_request && cfg.leaked_key.enabled {
+            if let Some(ip) = ev.ip {
+                if let Some(l) = key
+                    .leak
+                    .on_address(minute_of(ev.ts_ms), ip, ev.asn, &self.r.leak)
+                {
+                    let id = Alert::make_id(
+                        AlertKind::LeakedKey,
+                        &format!("key:{}", ev.key_id),
+                        &format!("m{}", l.since),
+                    );
+                    out.push(Alert {
+                        severity: Severity::Critical,
+                        action: Action::Block,
+                        ip: Some(ip.to_string()),
+                        observed: Some(l.ips as f64),
+                        baseline: Some((l.baseline * 10.0).round() / 10.0),
+                        threshold: Some(l.threshold),
+                        reason: format!(
+                            "Key {} of {} was used from {} addresses in {} networks within {} minutes (usually {:.0}); it has probably leaked, so keywatch asks gateways to block it.",
+                            ev.key_id, ev.user_id, l.ips, l.networks, self.r.leak.window_minutes, l.baseline.max(1.0)
+                        ),
+                        ..alert(AlertKind::LeakedKey, id, ev, true)
+                    });
+                }
+            }
+        }
+
+        let user = match self.state.users.get_mut(&*ev.user_id) {
+            Some(u) => u,
+            None => self
+                .state
+                .users
+                .entry(ev.user_id.as_ref().into())
+                .or_default(),
+        };
+        user.last_minute = now_min;
+        if counts_request && cfg.request_spike.enabled {
+            if let Some(sp) = user.rate.on_request(ev.ts_ms, &tier.rate) {
+                if !key_spiked {
+                    out.push(request_spike_alert(ev, sp, false));
+                }
+            }
+        }
+        if cfg.token_spike.enabled && tokens > 0 {
+            let completion = counts_response.then_some(ev.completion_tokens);
+            if let Some(ts) = user
+                .tokens
+                .on_tokens(ev.ts_ms, tokens, completion, &tier.tokens)
+            {
+                let id = Alert::make_id(
+                    AlertKind::TokenSpike,
+                    &format!("user:{}", ev.user_id),
+                    &format!("m{}", ts.onset_minute),
+                );
+                let (observed, baseline, threshold, reason) = match ts.cause {
+                    TokenCause::Huge { count, completion, threshold, baseline } => (
+                        completion as f64,
+                        baseline,
+                        threshold,
+                        format!(
+                            "{} received {} completions of {}+ tokens within {} minutes (usually ~{} tokens; the {} tier allows {}): likely token-exhaustion prompts, so keywatch asks gateways to throttle key {}.",
+                            ev.user_id, count, thousands(threshold), cfg.token_spike.window_minutes, thousands(baseline), tier.name, thousands(tier.limits.max_output_tokens as f64), ev.key_id
+                        ),
+                    ),
+                    TokenCause::Burst { observed, baseline, threshold } => (
+                        observed,
+                        baseline,
+                        threshold,
+                        format!(
+                            "{} used {} tokens in the last minute, {} its usual {} per active minute, so keywatch asks gateways to throttle key {}.",
+                            ev.user_id, thousands(observed), ratio(observed, baseline), thousands(baseline), ev.key_id
+                        ),
+                    ),
+                };
+                out.push(Alert {
+                    severity: Severity::Critical,
+                    action: Action::Throttle,
+                    observed: Some(observed),
+                    baseline: Some(baseline),
+                    threshold: Some(threshold),
+                    reason,
+                    ..alert(AlertKind::TokenSpike, id, ev, true)
+                });
+            }
+        }
+
+        if cost_micros > 0 || tokens > 0 {
+            let limits = BudgetLimits {
+                daily_micros: daily_override.unwrap_or(tier.daily_micros),
+                monthly_micros: monthly_override.or(tier.monthly_micros),
+                tokens_per_day: tier.limits.tokens_per_day,
+                percents: &self.r.percents,
+                utc_offset_min: self.r.utc_offset_min,
+            };
+            let tier_name = tier.name.as_str();
+            let utc_offset_min = self.r.utc_offset_min;
+            let posted = user
+                .ledger
+                .post(ev.ts_ms, cost_micros, tokens, &limits, &mut |e| {
+                    out.push(match e {
+                        BudgetEvent::Spend(c) => budget_alert(ev, c, utc_offset_min),
+                        BudgetEvent::Tokens(q) => quota_alert(ev, q, tier_name, utc_offset_min),
+                    })
+                });
+            if posted == Posted::Late {
+                self.stats.late += 1;
+            }
+            if cost_micros > 0 && cfg.runaway_spend.enabled {
+                let rw = &cfg.runaway_spend;
+                let daily = limits.daily_micros as f64;
+                let pace = PaceParams {
+                    pace_micros: daily / rw.pace_minutes,
+                    prior: RatePrior {
+                        rate: daily / 480.0,
+                        minutes: 10.0,
+                    },
+                    decay: decay_for_half_life(rw.half_life_minutes),
+                    burst_factor: rw.burst_factor,
+                    cooldown_minutes: rw.cooldown_minutes,
+                };
+                if let Some(r) = user.pace.on_spend(ev.ts_ms, cost_micros, &pace) {
+                    let spent_today = user.ledger.day[0].micros;
+                    let left = limits.daily_micros.saturating_sub(spent_today) as f64;
+                    let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
+                    let id = Alert::make_id(
+                        AlertKind::RunawaySpend,
+                        &format!("user:{}", ev.user_id),
+                        &format!("m{}", r.onset_minute),
+                    );
+                    out.push(Alert {
+                        severity: Severity::Critical,
+                        action: Action::Throttle,
+                        observed: Some((r.observed_micros / 1e4).round() / 100.0),
+                        baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
+                        threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
+                        reason: format!(
+                            "{} spent ${:.2} in the last minute (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so keywatch asks gateways to throttle key {}.",
+                            ev.user_id,
+                            r.observed_micros / 1e6,
+                            r.baseline_micros / 1e6,
+                            left / 1e6,
+                            daily / 1e6,
+                            minutes_left,
+                            ev.key_id
+                        ),
+                        ..alert(AlertKind::RunawaySpend, id, ev, true)
+                    });
+                }
+            }
+        }
+
+        if counts_request && cfg.repeated_prompt.enabled {
+            if let Some(fp) = ev.prompt_fingerprint.as_deref() {
+                let uh = stable_hash(3, ev.user_id.as_bytes());
+                let fh = stable_hash(2, fp.as_bytes());
+                let now_s = (ev.ts_ms.max(0) / 1000) as u32;
+                self.findings.clear();
+                self.state
+                    .prompts
+                    .sight(uh, fh, now_s, &self.r.prompts, &mut self.findings);
+                for f in &self.findings {
+                    out.push(prompt_alert(ev, fp, *f, &self.r, now_s));
+                }
+            }
+        }
+
+        for a in &out[before..] {
+            *self.stats.alerts.entry(a.kind).or_default() += 1;
+        }
+        Outcome::Counted
+    }
+
+    fn note_unpriced(&mut self, model: Option<&str>) {
+        self.stats.unpriced += 1;
+        let name = model.unwrap_or("(no model)");
+        if let Some(n) = self.stats.unpriced_models.get_mut(name) {
+            *n += 1;
+        } else if self.stats.unpriced_models.len() < MAX_UNPRICED_NAMES {
+            self.stats.unpriced_models.insert(name.to_string(), 1);
+        } else {
+            *self
+                .stats
+                .unpriced_models
+                .entry("(other)".to_string())
+                .or_default() += 1;
+        }
+    }
+
+    /// Forgets idle users and keys and prompt sightings that left their
+    /// window, as of the engine's clock. `observe` calls it every few minutes
+    /// of event time; a caller may call it when time passes without events.
+    pub fn expire(&mut self) {
+        let now_min = minute_of(self.state.now_ms);
+        self.state.last_sweep = now_min;
+        let cutoff = now_min.saturating_sub(self.r.idle_ttl_min);
+        let (month_start, _) = PeriodKind::Month.bounds(self.state.now_ms, self.r.utc_offset_min);
+        let keep_months = self.r.tiers.iter().any(|t| t.monthly_micros.is_some())
+            || self
+                .r
+                .overrides
+                .values()
+                .any(|o| o.monthly_micros.is_some());
+        self.state.users.retain(|_, u| {
+            u.last_minute >= cutoff || (keep_months && u.ledger.month_spend(month_start) > 0)
+        });
+        self.state.keys.retain(|_, k| k.last_minute >= cutoff);
+        self.state
+            .prompts
+            .expire((self.state.now_ms.max(0) / 1000) as u32, &self.r.prompts);
+    }
+}
+
+/// The fields every alert shares, from the record that made it true.
+fn alert(kind: AlertKind, id: String, ev: &Event<'_>, with_key: bool) -> Alert {
+    Alert {
+        id,
+        kind,
+        severity: Severity::Warning,
+        action: Action::Notify,
+        user_id: ev.user_id.to_string(),
+        key_id: with_key.then(|| ev.key_id.to_string()),
+        ip: None,
+        ts: ev.ts_ms,
+        observed: None,
+        baseline: None,
+        threshold: None,
+        budget: None,
+        expires_at: None,
+        reason: String::new(),
+    }
+}
+
+fn request_spike_alert(ev: &Event<'_>, sp: Spike, on_key: bool) -> Alert {
+    let subject = if on_key {
+        format!("key:{}", ev.key_id)
+    } else {
+        format!("user:{}", ev.user_id)
+    };
+    let id = Alert::make_id(
+        AlertKind::RequestSpike,
+        &subject,
+        &format!("m{}", sp.onset_minute),
+    );
+    let baseline = (sp.baseline * 10.0).round() / 10.0;
+    let severe = sp.observed >= 10.0 * sp.baseline.max(1.0);
+    let (who, what) = if on_key {
+        (
+            format!("Key {} of {}", ev.key_id, ev.user_id),
+            "keywatch asks gateways to throttle the key".to_string(),
+        )
+    } else {
+        (
+            ev.user_id.to_string(),
+            "no single key stands out".to_string(),
+        )
+    };
+    Alert {
+        severity: if severe { Severity::Critical } else { Severity::Warning },
+        action: if on_key { Action::Throttle } else { Action::Notify },
+        observed: Some(sp.observed),
+        baseline: Some(baseline),
+        threshold: Some(sp.threshold),
+        reason: format!(
+            "{who} made {} requests in the last minute, {} its usual {:.1} per active minute; {what}.",
+            thousands(sp.observed),
+            ratio(sp.observed, sp.baseline),
+            baseline
+        ),
+        ..alert(AlertKind::RequestSpike, id, ev, on_key)
+    }
+}
+
+fn budget_alert(ev: &Event<'_>, c: Crossing, utc_offset_min: i32) -> Alert {
+    let id = Alert::make_id(
+        AlertKind::BudgetThreshold,
+        &format!("user:{}", ev.user_id),
+        &format!("{}:{}:{}", c.period.as_str(), c.period_start, c.percent),
+    );
+    let blocking = c.percent >= 100;
+    let (severity, action) = match c.percent {
+        p if p >= 100 => (Severity::Critical, Action::Block),
+        p if p >= 80 => (Severity::Warning, Action::Notify),
+        _ => (Severity::Info, Action::Notify),
+    };
+    let period_word = match c.period {
+        PeriodKind::Day => "daily",
+        PeriodKind::Month => "monthly",
+    };
+    let tail = if blocking {
+        " keywatch asks gateways to block its keys until the period ends."
+    } else {
+        ""
+    };
+    Alert {
+        severity,
+        action,
+        observed: Some(round_usd(c.spent_micros)),
+        threshold: Some(round_usd(
+            (c.limit_micros as u128 * c.percent as u128).div_ceil(100) as u64,
+        )),
+        budget: Some(BudgetInfo {
+            period: c.period,
+            period_start: c.period_start,
+            limit_usd: round_usd(c.limit_micros),
+            spent_usd: round_usd(c.spent_micros),
+            percent: c.percent,
+        }),
+        expires_at: blocking.then(|| c.period.bounds(c.period_start, utc_offset_min).1),
+        reason: format!(
+            "{} has spent ${:.2} of its ${:.2} {period_word} budget ({}%).{tail}",
+            ev.user_id,
+            c.spent_micros as f64 / 1e6,
+            c.limit_micros as f64 / 1e6,
+            c.percent
+        ),
+        ..alert(AlertKind::BudgetThreshold, id, ev, false)
+    }
+}
+
+fn quota_alert(ev: &Event<'_>, q: TokenQuotaCrossing, tier: &str, utc_offset_min: i32) -> Alert {
+    let id = Alert::make_id(
+        AlertKind::TokenQuota,
+        &format!("user:{}", ev.user_id),
+        &format!("day:{}", q.period_start),
+    );
+    Alert {
+        severity: Severity::Warning,
+        action: Action::Throttle,
+        observed: Some(q.tokens as f64),
+        threshold: Some(q.limit as f64),
+        expires_at: Some(PeriodKind::Day.bounds(q.period_start, utc_offset_min).1),
+        reason: format!(
+            "{} has used {} tokens today, over the {} tier's {} a day; keywatch asks gateways to throttle it until the day ends.",
+            ev.user_id,
+            thousands(q.tokens as f64),
+            tier,
+            thousands(q.limit as f64)
+        ),
+        ..alert(AlertKind::TokenQuota, id, ev, false)
+    }
+}
+
+fn prompt_alert(ev: &Event<'_>, fp: &str, f: PromptFinding, r: &Resolved, now_s: u32) -> Alert {
+    let window = r.cfg.repeated_prompt.window_minutes;
+    match f {
+        PromptFinding::Repeated { count } => {
+            let id = Alert::make_id(
+                AlertKind::RepeatedPrompt,
+                &format!("user:{}|fp:{fp}", ev.user_id),
+                &format!("s{now_s}"),
+            );
+            let doing = match r.repeat_action {
+                Action::Block => format!("keywatch asks gateways to block key {}", ev.key_id),
+                Action::Throttle => format!("keywatch asks gateways to throttle key {}", ev.key_id),
+                Action::Notify => "no action was taken".to_string(),
+            };
+            Alert {
+                severity: Severity::Warning,
+                action: r.repeat_action,
+                observed: Some(count as f64),
+                threshold: Some(r.prompts.max_repeats as f64),
+                reason: format!(
+                    "{} sent the same prompt (fingerprint {}) {} times within {} minutes, more than the {} allowed; {doing}.",
+                    ev.user_id,
+                    short_fp(fp),
+                    count,
+                    window,
+                    r.prompts.max_repeats
+                ),
+                ..alert(AlertKind::RepeatedPrompt, id, ev, true)
+            }
+        }
+        PromptFinding::Farming { users, since } => {
+            let id = Alert::make_id(
+                AlertKind::PromptFarming,
+                &format!("fp:{fp}"),
+                &format!("s{since}"),
+            );
+            Alert {
+                severity: Severity::Warning,
+                action: Action::Notify,
+                observed: Some(users as f64),
+                threshold: Some(r.prompts.farming_min_users as f64),
+                reason: format!(
+                    "{users} accounts are each repeating the same prompt (fingerprint {}) within {window} minutes, a sign of coordinated prompt farming; the latest is {} on key {}.",
+                    short_fp(fp),
+                    ev.user_id,
+                    ev.key_id
+                ),
+                ..alert(AlertKind::PromptFarming, id, ev, true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Phase;
+    use crate::time::{parse_rfc3339, HOUR_MS};
+    use std::borrow::Cow;
+
+    fn t0() -> i64 {
+        parse_rfc3339("2026-11-23T08:00:00Z").unwrap()
+    }
+
+    /// An owned record, so tests can build streams.
+    #[derive(Clone)]
+    struct Rec {
+        ts: i64,
+        id: String,
+        user: String,
+        key: String,
+        phase: Phase,
+        cost: Option<f64>,
+        model: Option<&'static str>,
+        pt: u64,
+        ct: u64,
+        fp: Option<String>,
+        ip: Option<&'static str>,
+    }
+
+    impl Rec {
+        fn new(ts: i64, id: impl Into<String>, user: &str) -> Rec {
+            Rec {
+                ts,
+                id: id.into(),
+                user: user.into(),
+                key: format!("key_{user}"),
+                phase: Phase::Exchange,
+                cost: None,
+                model: Some("gpt-4o-mini"),
+                pt: 100,
+                ct: 50,
+                fp: None,
+                ip: None,
+            }
+        }
+
+        fn event(&self) -> Event<'_> {
+            let mut e = Event::new(self.ts, &self.id, &self.user, &self.key);
+            e.phase = self.phase;
+            e.cost_usd = self.cost;
+            e.model = self.model.map(Cow::Borrowed);
+            e.prompt_tokens = self.pt;
+            e.completion_tokens = self.ct;
+            e.prompt_fingerprint = self.fp.as_deref().map(Cow::Borrowed);
+            e.ip = self.ip.map(|s| s.parse().unwrap());
+            e
+        }
+    }
+
+    fn run(engine: &mut Engine, recs: &[Rec]) -> Vec<Alert> {
+        let mut out = vec![];
+        for r in recs {
+            engine.observe(&r.event(), &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn budget_alerts_fire_once_each_on_the_crossing_record() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        // Free tier: $1/day. 40 records of $0.03 = $1.20.
+        let recs: Vec<Rec> = (0..40)
+            .map(|i| Rec {
+                cost: Some(0.03),
+                ..Rec::new(t0() + i * 600_000, format!("r{i}"), "acct_1")
+            })
+            .collect();
+        let alerts: Vec<Alert> = run(&mut e, &recs)
+            .into_iter()
+            .filter(|a| a.kind == AlertKind::BudgetThreshold)
+            .collect();
+        let got: Vec<(u8, &str)> = alerts
+            .iter()
+            .map(|a| (a.budget.as_ref().unwrap().percent, a.id.as_str()))
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        // $0.03 × 17 = $0.51 crosses 50% (record 16), × 27 = $0.81 crosses 80% (record 26), × 34 = $1.02 crosses 100% (record 33).
+        for (a, (pct, idx)) in alerts.iter().zip([(50, 16), (80, 26), (100, 33)]) {
+            let b = a.budget.as_ref().unwrap();
+            assert_eq!(b.percent, pct);
+            assert_eq!(a.ts, recs[idx].ts, "{pct}% fired by record {idx}");
+            assert_eq!(b.limit_usd, 1.0);
+        }
+        let block = &alerts[2];
+        assert_eq!(
+            (block.action, block.severity),
+            (Action::Block, Severity::Critical)
+        );
+        assert_eq!(
+            block.expires_at,
+            Some(parse_rfc3339("2026-11-24T00:00:00Z").unwrap())
+        );
+        assert_eq!(block.reason, "acct_1 has spent $1.02 of its $1.00 daily budget (100%). keywatch asks gateways to block its keys until the period ends.");
+    }
+
+    #[test]
+    fn duplicates_change_nothing() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        let r = Rec {
+            cost: Some(0.6),
+            ..Rec::new(t0(), "r1", "acct_1")
+        };
+        let mut out = vec![];
+        let budget = |out: &Vec<Alert>| {
+            out.iter()
+                .filter(|a| a.kind == AlertKind::BudgetThreshold)
+                .count()
+        };
+        assert_eq!(e.observe(&r.event(), &mut out), Outcome::Counted);
+        assert_eq!(budget(&out), 1, "50% of $1");
+        let before = out.len();
+        assert_eq!(e.observe(&r.event(), &mut out), Outcome::Duplicate);
+        assert_eq!(
+            out.len(),
+            before,
+            "a duplicate changes nothing (and must not reach 100%)"
+        );
+        // The same request_id in the other phase is a different record.
+        let resp = Rec {
+            phase: Phase::Response,
+            ..r.clone()
+        };
+        assert_eq!(e.observe(&resp.event(), &mut out), Outcome::Counted);
+        assert_eq!(e.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn split_phases_count_each_thing_once() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        let user = "acct_split";
+        let mut recs = vec![];
+        for i in 0..10 {
+            let ts = t0() + i * 1000;
+            recs.push(Rec {
+                phase: Phase::Request,
+                pt: 1000,
+                ct: 0,
+                model: Some("gpt-4o"),
+                ..Rec::new(ts, format!("r{i}"), user)
+            });
+            recs.push(Rec {
+                phase: Phase::Response,
+                pt: 1000,
+                ct: 500,
+                model: Some("gpt-4o"),
+                ..Rec::new(ts + 500, format!("r{i}"), user)
+            });
+        }
+        run(&mut e, &recs);
+        let u = &e.state().users[user];
+        // Input tokens counted on the request, output on the response.
+        assert_eq!(u.ledger.day[0].tokens, 10 * 1500);
+        // Cost priced on the response: 1000 × 2.5 + 500 × 10 = 7500 micro-dollars each.
+        assert_eq!(u.ledger.day[0].micros, 10 * 7500);
+    }
+
+    #[test]
+    fn unknown_models_are_flagged_not_silently_free() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        run(
+            &mut e,
+            &[
+                Rec {
+                    model: Some("my-finetune"),
+                    ..Rec::new(t0(), "r1", "u")
+                },
+                Rec {
+                    model: None,
+                    ..Rec::new(t0(), "r2", "u")
+                },
+            ],
+        );
+        assert_eq!(e.stats().unpriced, 2);
+        assert_eq!(e.stats().unpriced_models.get("my-finetune"), Some(&1));
+        assert_eq!(e.stats().unpriced_models.get("(no model)"), Some(&1));
+    }
+
+    /// A stream with every detector firing: a flood, repeats, a leak, a budget drain.
+    fn eventful_stream() -> Vec<Rec> {
+        let mut recs = vec![];
+        let mut n = 0;
+        let mut id = || {
+            n += 1;
+            format!("r{n}")
+        };
+        for m in 0..180 {
+            for u in 0..5 {
+                let user = format!("acct_{u}");
+                recs.push(Rec {
+                    fp: Some(format!("fp{m}{u}")),
+                    ip: Some("203.0.113.7"),
+                    pt: 20,
+                    ct: 10,
+                    ..Rec::new(t0() + m * 60_000 + u * 1000, id(), &user)
+                });
+            }
+        }
+        let at = t0() + 3 * HOUR_MS;
+        for i in 0..300 {
+            recs.push(Rec {
+                ip: Some("203.0.113.7"),
+                ..Rec::new(at + i * 200, id(), "acct_0")
+            });
+        }
+        for i in 0..8 {
+            recs.push(Rec {
+                fp: Some("same".into()),
+                ..Rec::new(at + i * 60_000, id(), "acct_1")
+            });
+        }
+        let ips = [
+            "198.51.100.1",
+            "192.0.2.1",
+            "100.64.0.1",
+            "100.65.0.1",
+            "100.66.0.1",
+            "100.67.0.1",
+            "100.68.0.1",
+            "100.69.0.1",
+            "100.70.0.1",
+        ];
+        for (i, ip) in ips.iter().enumerate() {
+            recs.push(Rec {
+                ip: Some(ip),
+                ..Rec::new(at + i as i64 * 1000, id(), "acct_2")
+            });
+        }
+        for i in 0..40 {
+            recs.push(Rec {
+                cost: Some(0.05),
+                ..Rec::new(at + i * 1000, id(), "acct_3")
+            });
+        }
+        recs.sort_by_key(|r| r.ts);
+        recs
+    }
+
+    #[test]
+    fn every_detector_fires_on_the_eventful_stream() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        let alerts = run(&mut e, &eventful_stream());
+        let kinds: std::collections::BTreeSet<AlertKind> = alerts.iter().map(|a| a.kind).collect();
+        for k in [
+            AlertKind::RequestSpike,
+            AlertKind::RepeatedPrompt,
+            AlertKind::LeakedKey,
+            AlertKind::BudgetThreshold,
+        ] {
+            assert!(kinds.contains(&k), "{k:?} missing from {kinds:?}");
+        }
+        let ids: std::collections::HashSet<&str> = alerts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids.len(), alerts.len(), "alert ids are unique");
+        // Nothing fires on the quiet users' normal traffic.
+        assert!(alerts.iter().all(|a| a.user_id != "acct_4"), "{alerts:#?}");
+    }
+
+    #[test]
+    fn snapshot_and_restore_continue_exactly() {
+        let recs = eventful_stream();
+        let mut whole = Engine::new(&EngineConfig::default()).unwrap();
+        let want = run(&mut whole, &recs);
+        for cut in [1, recs.len() / 3, recs.len() / 2, recs.len() - 5] {
+            let mut first = Engine::new(&EngineConfig::default()).unwrap();
+            let mut got = run(&mut first, &recs[..cut]);
+            let json = serde_json::to_string(first.state()).unwrap();
+            let state: EngineState = serde_json::from_str(&json).unwrap();
+            let mut second = Engine::restore(&EngineConfig::default(), state).unwrap();
+            got.extend(run(&mut second, &recs[cut..]));
+            assert_eq!(got, want, "cut at {cut}");
+            // A replay of already-counted records after a restore changes nothing.
+            let again = run(&mut second, &recs[recs.len() - 5..]);
+            assert!(again.is_empty());
+        }
+    }
+
+    #[test]
+    fn alerts_follow_the_contract() {
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        let alerts = run(&mut e, &eventful_stream());
+        for a in &alerts {
+            let v = serde_json::to_value(a).unwrap();
+            for field in [
+                "id", "kind", "severity", "action", "user_id", "ts", "reason",
+            ] {
+                assert!(v.get(field).is_some(), "{field} missing in {v}");
+            }
+            assert!(parse_rfc3339(v["ts"].as_str().unwrap()).is_some());
+            assert!(["info", "warning", "critical"].contains(&v["severity"].as_str().unwrap()));
+            assert!(["notify", "throttle", "block"].contains(&v["action"].as_str().unwrap()));
+            assert!(
+                a.reason.ends_with('.') && a.reason.len() > 30,
+                "{}",
+                a.reason
+            );
+            if a.kind == AlertKind::BudgetThreshold {
+                let b = &v["budget"];
+                for field in [
+                    "period",
+                    "period_start",
+                    "limit_usd",
+                    "spent_usd",
+                    "percent",
+                ] {
+                    assert!(b.get(field).is_some(), "budget.{field} missing in {v}");
+                }
+            }
+            let back: Alert = serde_json::from_value(v).unwrap();
+            assert_eq!(&back, a);
+        }
+    }
+
+    #[test]
+    fn idle_state_expires() {
+        let mut cfg = EngineConfig::default();
+        cfg.state.idle_ttl_hours = 1;
+        let mut e = Engine::new(&cfg).unwrap();
+        run(
+            &mut e,
+            &[
+                Rec::new(t0(), "a", "old"),
+                Rec::new(t0() + 30 * 60_000, "b", "recent"),
+            ],
+        );
+        run(&mut e, &[Rec::new(t0() + 2 * HOUR_MS, "c", "now")]);
+        e.expire();
+        let users: std::collections::BTreeSet<&str> =
+            e.state().users.keys().map(|k| &**k).collect();
+        assert_eq!(users, ["now"].into_iter().collect());
+    }
+
+    #[test]
+    fn per_user_state_is_compact() {
+        // The fixed part of a user's and a key's state; ids, map slots and
+        // prompt sightings come on top (measured by `keywatch replay`).
+        assert!(
+            std::mem::size_of::<UserState>() <= 256,
+            "{}",
+            std::mem::size_of::<UserState>()
+        );
+        assert!(
+            std::mem::size_of::<KeyState>() <= 128,
+            "{}",
+            std::mem::size_of::<KeyState>()
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! The config file: TOML, then `KEYWATCH__SECTION__FIELD` environment
+//! overrides, then command-line flags; validated once at start-up with
+//! errors that name the field.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use detectors::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// The built-in hash key, used only when none is configured (replays, demos).
+const DEFAULT_HASH_KEY: &str = "keywatch-built-in-hash-key: set privacy.hash_key";
+
+/// Prefix of environment overrides: `KEYWATCH__ENGINE__DEFAULT_TIER=pro` sets `engine.default_tier`.
+pub const ENV_PREFIX: &str = "KEYWATCH__";
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Detector settings: tiers, budgets, prices and every detector's thresholds.
+    pub engine: EngineConfig,
+    /// How secrets a gateway sends by mistake are handled.
+    pub privacy: PrivacyConfig,
+}
+
+/// Secret handling.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Key of the HMAC that turns a raw `api_key` into a key id (`kh_…`) and raw
+    /// `prompt` text into a fingerprint. Keep it secret and stable: changing it
+    /// changes those ids. Prefer `hash_key_file` or the environment
+    /// (`KEYWATCH__PRIVACY__HASH_KEY`) to writing it here.
+    pub hash_key: Option<String>,
+    /// File holding the hash key (trailing whitespace ignored).
+    pub hash_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), applies environment
+    /// overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("config file {} is not valid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut overridden = vec![];
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                bail!("environment variable {name}: expected {ENV_PREFIX}SECTION__FIELD");
+            }
+            set(&mut table, &parts, parse_value(&value))
+                .with_context(|| format!("environment variable {name}"))?;
+            overridden.push(name);
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                let origin = match (path, overridden.is_empty()) {
+                    (Some(p), true) => format!("config file {}", p.display()),
+                    (Some(p), false) => format!(
+                        "config file {} with overrides {}",
+                        p.display(),
+                        overridden.join(", ")
+                    ),
+                    (None, false) => format!("config overrides {}", overridden.join(", ")),
+                    (None, true) => "config".to_string(),
+                };
+                anyhow::anyhow!("{origin}: {}", e.message().trim())
+            })?;
+        cfg.engine.validate().context("invalid config (engine)")?;
+        Ok(cfg)
+    }
+
+    /// The hash key in force, and whether it is the built-in one.
+    pub fn hash_key(&self) -> Result<(Vec<u8>, bool)> {
+        if let Some(k) = &self.privacy.hash_key {
+            if k.is_empty() {
+                bail!("privacy.hash_key: must not be empty");
+            }
+            return Ok((k.as_bytes().to_vec(), false));
+        }
+        if let Some(f) = &self.privacy.hash_key_file {
+            let k = std::fs::read_to_string(f)
+                .with_context(|| format!("privacy.hash_key_file: reading {}", f.display()))?;
+            let k = k.trim_end();
+            if k.is_empty() {
+                bail!("privacy.hash_key_file: {} is empty", f.display());
+            }
+            return Ok((k.as_bytes().to_vec(), false));
+        }
+        Ok((DEFAULT_HASH_KEY.as_bytes().to_vec(), true))
+    }
+}
+
+/// An override's value: TOML when it parses as a TOML value (numbers, booleans, arrays), else a string.
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<()> {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("{p} is not a section"),
+        };
+    }
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config> {
+        let dir =
+            std::env::temp_dir().join(format!("kw-config-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir)?;
+        let p = dir.join("keywatch.toml");
+        std::fs::write(&p, text)?;
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = load(
+            "[engine]\ndefault_tier = \"pro\"\n[engine.request_spike]\nburst_factor = 5.0\n",
+            &[
+                ("KEYWATCH__ENGINE__REQUEST_SPIKE__MIN_REQUESTS", "20"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.engine.default_tier, "pro");
+        assert_eq!(c.engine.request_spike.burst_factor, 5.0);
+        assert_eq!(c.engine.request_spike.min_requests, 20);
+        let c = load("", &[("KEYWATCH__ENGINE__DEFAULT_TIER", "enterprise")]).unwrap();
+        assert_eq!(c.engine.default_tier, "enterprise");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = load("[engine]\ndefualt_tier = \"pro\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `defualt_tier`"), "{e}");
+        let e = format!("{:#}", load("[engine.tiers.pro]\nrequests_per_minute = 0\ntokens_per_day = 1\nmax_output_tokens = 1\ndaily_budget_usd = 1.0\n", &[]).unwrap_err());
+        assert!(
+            e.contains("tiers.pro.requests_per_minute: must be at least 1"),
+            "{e}"
+        );
+        let e = load(
+            "",
+            &[("KEYWATCH__ENGINE__REQUEST_SPIKE__BURST_FACTOR", "lots")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("KEYWATCH__ENGINE__REQUEST_SPIKE__BURST_FACTOR")
+                && e.contains("invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_config_is_the_documented_defaults() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/keywatch.example.toml"
+        ))
+        .unwrap();
+        let c = load(&text, &[]).unwrap();
+        let mut want = Config::default();
+        want.engine.tiers = detectors::config::default_tiers();
+        want.engine.pricing.models = detectors::price::default_prices();
+        assert_eq!(c, want, "keywatch.example.toml must spell out the defaults");
+    }
+}

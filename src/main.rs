@@ -1,0 +1,58 @@
+//! `keywatch`: the command line. Wiring only; the logic lives in the crates.
+
+mod alloc;
+mod config;
+mod replay;
+mod simulate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: alloc::Counting = alloc::Counting;
+
+/// keywatch watches an LLM gateway's request logs and catches the abuse that
+/// costs money: request floods, token-exhaustion prompts, prompt farming,
+/// leaked keys and runaway spend.
+#[derive(Parser, Debug)]
+#[command(name = "keywatch", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the detectors over NDJSON gateway records, in file order on event
+    /// time. Alerts go to stdout as NDJSON; a summary goes to stderr.
+    Replay(replay::ReplayArgs),
+    /// Write realistic simulated gateway traffic with injected attacks as
+    /// NDJSON (deterministic for a seed).
+    Simulate(simulate::SimulateArgs),
+}
+
+/// Config file flag shared by commands that run the detectors.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Config file (TOML; see keywatch.example.toml). Without it, the
+    /// defaults apply. `KEYWATCH__SECTION__FIELD` environment variables override it.
+    #[arg(long, short = 'c', env = "KEYWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Replay(args) => replay::run(args),
+        Command::Simulate(args) => simulate::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keywatch: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! `keywatch replay`: the detectors over an NDJSON file, on event time.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use detectors::{Alert, Decoder, Engine, EngineStats, Outcome, Tracked};
+use ingest::ndjson::LineReader;
+use ingest::simulate::{evaluate, AlertRef, Truth};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::ConfigArg;
+
+/// Arguments of `keywatch replay`.
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// NDJSON file of gateway records (one JSON object per line), or `-` for standard input.
+    input: PathBuf,
+    /// Decode every record but run no detectors: the decoder's limit on the same input.
+    #[arg(long)]
+    decode_only: bool,
+    /// Ground truth written by `keywatch simulate --truth`: score the alerts against it.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// Print the summary to stderr as one JSON object instead of text.
+    #[arg(long)]
+    json_summary: bool,
+    /// Decode errors to print one by one (all are counted by reason).
+    #[arg(long, default_value_t = 20)]
+    show_errors: usize,
+}
+
+/// Line numbers kept per decode-error reason.
+const LINES_PER_REASON: usize = 10;
+
+/// Decode errors of one reason.
+#[derive(Debug, Default, Serialize)]
+struct ErrorGroup {
+    count: u64,
+    /// First line numbers with this reason.
+    lines: Vec<u64>,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    records: u64,
+    bytes: u64,
+    blank_lines: u64,
+    decoded: u64,
+    decode_errors: u64,
+    /// By `field: kind`.
+    decode_errors_by_reason: BTreeMap<String, ErrorGroup>,
+    seconds: f64,
+    records_per_second: f64,
+    decode_only: bool,
+    hash_key_built_in: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<EngineStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracked: Option<Tracked>,
+    alerts: u64,
+    heap_bytes: usize,
+    heap_bytes_per_user: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evaluation: Option<serde_json::Value>,
+}
+
+/// Runs the command.
+pub fn run(args: ReplayArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    let (key, built_in) = cfg.hash_key()?;
+    let decoder = Decoder::new(&key);
+    let mut engine = Engine::new(&cfg.engine)?;
+    let truth = match &args.truth {
+        Some(p) => {
+            let f = File::open(p).with_context(|| format!("opening truth file {}", p.display()))?;
+            let t: Truth = serde_json::from_reader(io::BufReader::new(f)).with_context(|| {
+                format!(
+                    "truth file {} is not a keywatch simulate truth file",
+                    p.display()
+                )
+            })?;
+            Some(t)
+        }
+        None => None,
+    };
+    let input: Box<dyn Read> = if args.input.as_os_str() == "-" {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(
+            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?,
+        )
+    };
+    let mut lines = LineReader::new(input);
+    let stdout = io::stdout().lock();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout);
+    let mut stderr = io::stderr().lock();
+    let mut s = Summary {
+        decode_only: args.decode_only,
+        hash_key_built_in: built_in,
+        ..Default::default()
+    };
+    let mut alerts: Vec<Alert> = Vec::new();
+    let mut kept: Vec<Alert> = Vec::new();
+    let mut shown = 0usize;
+    let heap_before = crate::alloc::live_bytes();
+
+    let started = Instant::now();
+    while let Some((line_no, line)) = lines
+        .next_line()
+        .with_context(|| format!("reading {}", args.input.display()))?
+    {
+        s.bytes += line.len() as u64 + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            s.blank_lines += 1;
+            continue;
+        }
+        s.records += 1;
+        let ev = match decoder.decode(line) {
+            Ok(ev) => ev,
+            Err(e) => {
+                s.decode_errors += 1;
+                if shown < args.show_errors {
+                    shown += 1;
+                    writeln!(stderr, "line {line_no}: {e}")?;
+                }
+                let reason = format!("{}: {}", e.field, e.kind());
+                let g = s.decode_errors_by_reason.entry(reason).or_default();
+                g.count += 1;
+                if g.lines.len() < LINES_PER_REASON {
+                    g.lines.push(line_no);
+                }
+                continue;
+            }
+        };
+        s.decoded += 1;
+        if args.decode_only {
+            std::hint::black_box(&ev);
+            continue;
+        }
+        if engine.observe(&ev, &mut alerts) == Outcome::Counted && !alerts.is_empty() {
+            for a in alerts.drain(..) {
+                serde_json::to_writer(&mut out, &a)?;
+                out.write_all(b"\n")?;
+                s.alerts += 1;
+                if truth.is_some() {
+                    kept.push(a);
+                }
+            }
+        }
+    }
+    out.flush()?;
+    s.seconds = started.elapsed().as_secs_f64();
+    s.records_per_second = s.records as f64 / s.seconds.max(1e-9);
+    s.heap_bytes = crate::alloc::live_bytes().saturating_sub(heap_before);
+    if !args.decode_only {
+        let tracked = engine.tracked();
+        s.heap_bytes_per_user =
+            (tracked.users > 0).then(|| s.heap_bytes as f64 / tracked.users as f64);
+        s.tracked = Some(tracked);
+        s.engine = Some(engine.stats().clone());
+    }
+    let mut evaluation_text = None;
+    if let Some(t) = &truth {
+        let refs: Vec<AlertRef<'_>> = kept
+            .iter()
+            .map(|a| AlertRef {
+                kind: a.kind.as_str(),
+                user_id: &a.user_id,
+                key_id: a.key_id.as_deref(),
+                ts_ms: a.ts,
+                action: a.action.as_str(),
+            })
+            .collect();
+        let ev = evaluate(&t.attacks, t.benign_user_days, &refs);
+        evaluation_text = Some(ev.to_string());
+        s.evaluation = Some(serde_json::to_value(&ev)?);
+    }
+    if args.json_summary {
+        serde_json::to_writer(&mut stderr, &s)?;
+        writeln!(stderr)?;
+    } else {
+        write_summary(&mut stderr, &s)?;
+        if let Some(t) = evaluation_text {
+            writeln!(stderr, "{t}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
+    let mode = if s.decode_only { " (decode only)" } else { "" };
+    writeln!(
+        w,
+        "keywatch replay{mode}: {} records in {:.3} s: {} records/s, {:.0} MB/s",
+        group(s.records),
+        s.seconds,
+        group(s.records_per_second as u64),
+        s.bytes as f64 / 1e6 / s.seconds.max(1e-9)
+    )?;
+    writeln!(
+        w,
+        "  decoded {}, decode errors {}, blank lines {}",
+        group(s.decoded),
+        group(s.decode_errors),
+        group(s.blank_lines)
+    )?;
+    for (reason, g) in &s.decode_errors_by_reason {
+        let lines: Vec<String> = g.lines.iter().map(|l| l.to_string()).collect();
+        let more = if g.count as usize > g.lines.len() {
+            ", …"
+        } else {
+            ""
+        };
+        writeln!(
+            w,
+            "    {reason}: {} (lines {}{more})",
+            group(g.count),
+            lines.join(", ")
+        )?;
+    }
+    if let Some(e) = &s.engine {
+        writeln!(
+            w,
+            "  duplicates {}, too late for their budget period {}",
+            group(e.duplicates),
+            group(e.late)
+        )?;
+        let kinds: Vec<String> = e
+            .alerts
+            .iter()
+            .map(|(k, n)| format!("{} {}", k.as_str(), group(*n)))
+            .collect();
+        writeln!(
+            w,
+            "  alerts {}{}{}",
+            group(s.alerts),
+            if kinds.is_empty() { "" } else { ": " },
+            kinds.join(", ")
+        )?;
+        if e.unpriced > 0 {
+            let models: Vec<String> = e
+                .unpriced_models
+                .iter()
+                .map(|(m, n)| format!("{m} {}", group(*n)))
+                .collect();
+            writeln!(
+                w,
+                "  unpriced records (model not in the price table, cost counted as 0): {} ({})",
+                group(e.unpriced),
+                models.join(", ")
+            )?;
+        }
+        if e.unknown_tiers > 0 {
+            writeln!(
+                w,
+                "  records naming an unknown tier (given the default tier): {}",
+                group(e.unknown_tiers)
+            )?;
+        }
+    }
+    if let Some(t) = &s.tracked {
+        writeln!(
+            w,
+            "  state: {} users, {} keys, {} prompt sightings; heap {:.1} MiB{}",
+            group(t.users as u64),
+            group(t.keys as u64),
+            group(t.prompt_sightings as u64),
+            s.heap_bytes as f64 / (1024.0 * 1024.0),
+            s.heap_bytes_per_user
+                .map(|b| format!(" ({b:.0} bytes per tracked user, all state included)"))
+                .unwrap_or_default()
+        )?;
+    }
+    if s.hash_key_built_in {
+        writeln!(w, "  note: privacy.hash_key is not set; raw api_key/prompt fields were hashed with the built-in key")?;
+    }
+    Ok(())
+}

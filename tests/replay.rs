@@ -1,0 +1,189 @@
+//! `keywatch replay` end to end: the real binary over real files.
+
+mod common;
+
+use common::*;
+
+const GOOD: &str = r#"{"ts":"2026-11-23T10:15:02.481Z","request_id":"req_1","user_id":"acct_42","key_id":"key_7f3a","tier":"free","model":"gpt-4o","prompt_tokens":812,"completion_tokens":233,"cost_usd":0.6}"#;
+
+#[test]
+fn bad_lines_are_reported_with_line_numbers_and_skipped() {
+    let dir = scratch("bad-lines");
+    let input = dir.join("mixed.ndjson");
+    let lines = [
+        GOOD.to_string(),
+        "not json".to_string(),
+        GOOD.replace("req_1", "req_2")
+            .replace("\"prompt_tokens\":812", "\"prompt_tokens\":-3"),
+        String::new(),
+        GOOD.replace("req_1", "req_3"),
+        GOOD.replace("req_1", "req_4")
+            .replace("\"ts\":\"2026-11-23T10:15:02.481Z\",", ""),
+        GOOD.to_string(),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let o = replay(&[input.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("line 2: record: not a JSON object: expected '{' at byte 0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 3: prompt_tokens: expected a non-negative integer, got -3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 6: ts: required field is missing"),
+        "{err}"
+    );
+    assert!(err.contains("prompt_tokens: invalid: 1 (lines 3)"), "{err}");
+    // Lines 1 and 5 count ($0.60 each on a $1 free budget: 50% then 100%), line 7 is a duplicate.
+    let alerts: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pcts: Vec<u64> = alerts
+        .iter()
+        .filter_map(|a| a["budget"]["percent"].as_u64())
+        .collect();
+    assert_eq!(pcts, vec![50, 80, 100]);
+    assert!(err.contains("duplicates 1"), "{err}");
+
+    let o = replay(&["--json-summary", input.to_str().unwrap()]);
+    let s = summary(&o);
+    assert_eq!(s["records"], 6);
+    assert_eq!(s["blank_lines"], 1);
+    assert_eq!(s["decoded"], 3);
+    assert_eq!(s["decode_errors"], 3);
+    assert_eq!(
+        s["decode_errors_by_reason"]["ts: missing"]["lines"],
+        serde_json::json!([6])
+    );
+}
+
+#[test]
+fn secrets_never_reach_the_output() {
+    let dir = scratch("secrets");
+    let input = dir.join("secrets.ndjson");
+    let mut lines = vec![];
+    for i in 0..8 {
+        lines.push(format!(
+            r#"{{"ts":"2026-11-23T10:{:02}:00Z","request_id":"r{i}","user_id":"acct_1","api_key":"sk-live-TOPSECRET","prompt":"please repeat THE SECRET PROMPT","cost_usd":0.2}}"#,
+            i
+        ));
+    }
+    lines.push(r#"{"ts":"2026-11-23T10:30:00Z","request_id":"bad","user_id":"acct_1","api_key":12345,"prompt":["TOPSECRET"]}"#.into());
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let o = replay(&[input.to_str().unwrap()]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !all.contains("TOPSECRET") && !all.contains("SECRET PROMPT"),
+        "{all}"
+    );
+    // The repeated prompt was still caught, under the keyed hash of the key.
+    assert!(all.contains("\"kind\":\"repeated_prompt\""), "{all}");
+    assert!(all.contains("\"key_id\":\"kh_"), "{all}");
+}
+
+#[test]
+fn replay_is_deterministic_and_matches_the_golden_alerts() {
+    let dir = scratch("golden");
+    let (trace, truth) = (dir.join("trace.ndjson"), dir.join("truth.json"));
+    simulate(
+        &["--users", "300", "--hours", "8", "--seed", "11"],
+        &trace,
+        &truth,
+    );
+    let a = replay(&[trace.to_str().unwrap()]);
+    let b = replay(&[trace.to_str().unwrap()]);
+    assert_eq!(
+        a.stdout, b.stdout,
+        "two replays of one file must print the same alerts"
+    );
+    assert!(!a.stdout.is_empty());
+    let golden_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/golden-alerts.ndjson"
+    );
+    let got = String::from_utf8(a.stdout).unwrap();
+    if std::env::var_os("KEYWATCH_BLESS").is_some() {
+        std::fs::write(golden_path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(golden_path)
+        .expect("golden file (run with KEYWATCH_BLESS=1 to create it)");
+    if got != want {
+        let diff: Vec<String> = got
+            .lines()
+            .zip(want.lines())
+            .filter(|(g, w)| g != w)
+            .take(3)
+            .map(|(g, w)| format!("got  {g}\nwant {w}"))
+            .collect();
+        panic!(
+            "alerts differ from tests/data/golden-alerts.ndjson ({} vs {} lines); if the change is intended, rerun with KEYWATCH_BLESS=1 and review the diff:\n{}",
+            got.lines().count(),
+            want.lines().count(),
+            diff.join("\n")
+        );
+    }
+}
+
+#[test]
+fn decode_only_decodes_the_same_records() {
+    let dir = scratch("decode-only");
+    let (trace, truth) = (dir.join("trace.ndjson"), dir.join("truth.json"));
+    simulate(
+        &["--users", "100", "--hours", "2", "--seed", "5"],
+        &trace,
+        &truth,
+    );
+    let full = summary(&replay(&["--json-summary", trace.to_str().unwrap()]));
+    let dec = summary(&replay(&[
+        "--json-summary",
+        "--decode-only",
+        trace.to_str().unwrap(),
+    ]));
+    assert_eq!(full["records"], dec["records"]);
+    assert_eq!(
+        dec["decoded"], dec["records"],
+        "the simulator writes only valid records"
+    );
+    assert_eq!(dec["alerts"], 0);
+    assert!(dec.get("engine").is_none());
+}
+
+#[test]
+fn stdin_and_config_errors() {
+    let dir = scratch("stdin");
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[engine.request_spike]\nburst_factr = 3.0\n").unwrap();
+    let o = keywatch()
+        .args(["replay", "--config", cfg.to_str().unwrap(), "-"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unknown field `burst_factr`"), "{err}");
+
+    use std::io::Write;
+    let mut child = keywatch()
+        .args(["replay", "--json-summary", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{GOOD}\n").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(summary(&o)["decoded"], 1);
+}
