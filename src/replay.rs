@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -92,14 +92,6 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let input: Box<dyn Read> = if args.input.as_os_str() == "-" {
-        Box::new(io::stdin().lock())
-    } else {
-        Box::new(
-            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?,
-        )
-    };
-    let mut lines = LineReader::new(input);
     let stdout = io::stdout().lock();
     let mut out = BufWriter::with_capacity(1 << 16, stdout);
     let mut stderr = io::stderr().lock();
@@ -114,14 +106,11 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let heap_before = crate::alloc::live_bytes();
 
     let started = Instant::now();
-    while let Some((line_no, line)) = lines
-        .next_line()
-        .with_context(|| format!("reading {}", args.input.display()))?
-    {
+    let mut handle = |line_no: u64, line: &[u8]| -> Result<()> {
         s.bytes += line.len() as u64 + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
             s.blank_lines += 1;
-            continue;
+            return Ok(());
         }
         s.records += 1;
         let ev = match decoder.decode(line) {
@@ -138,13 +127,13 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                 if g.lines.len() < LINES_PER_REASON {
                     g.lines.push(line_no);
                 }
-                continue;
+                return Ok(());
             }
         };
         s.decoded += 1;
         if args.decode_only {
             std::hint::black_box(&ev);
-            continue;
+            return Ok(());
         }
         if engine.observe(&ev, &mut alerts) == Outcome::Counted && !alerts.is_empty() {
             for a in alerts.drain(..) {
@@ -155,6 +144,24 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                     kept.push(a);
                 }
             }
+        }
+        Ok(())
+    };
+    if args.input.as_os_str() == "-" {
+        let mut lines = LineReader::new(io::stdin().lock());
+        while let Some((line_no, line)) = lines.next_line().context("reading standard input")? {
+            handle(line_no, line)?;
+        }
+    } else {
+        let file =
+            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+        // SAFETY: the map is read-only and lives only for this loop; a file
+        // truncated underneath by another process is outside what replay
+        // promises (as with any reader of a file being rewritten).
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {}", args.input.display()))?;
+        for (line_no, line) in ingest::ndjson::lines(&map) {
+            handle(line_no, line)?;
         }
     }
     out.flush()?;

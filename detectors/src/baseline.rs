@@ -23,6 +23,34 @@ pub fn minute_of(ms: i64) -> u32 {
     (ms.max(0) / MINUTE_MS) as u32
 }
 
+/// An instant as the detectors read it: derived once per record, because
+/// integer division is not free and every detector needs the minute.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tick {
+    /// Unix milliseconds.
+    pub ms: i64,
+    /// Unix minutes.
+    pub minute: u32,
+    /// Unix seconds.
+    pub secs: u32,
+    /// How far into its minute the instant is, from 0 to 1.
+    pub into_minute: f64,
+}
+
+impl Tick {
+    /// The tick of `ms` (instants before 1970 read as 1970).
+    #[inline]
+    pub fn at(ms: i64) -> Tick {
+        let ms = ms.max(0);
+        Tick {
+            ms,
+            minute: (ms / MINUTE_MS) as u32,
+            secs: (ms / 1000) as u32,
+            into_minute: (ms % MINUTE_MS) as f64 / MINUTE_MS as f64,
+        }
+    }
+}
+
 /// Decay per step for a half-life of `half_life` steps.
 pub fn decay_for_half_life(half_life: f64) -> f64 {
     0.5f64.powf(1.0 / half_life)
@@ -143,11 +171,11 @@ pub struct SlidingMinute {
 }
 
 impl SlidingMinute {
-    /// Moves to the minute of `now_ms`. Returns the amount of the minute that
+    /// Moves to the minute of `t`. Returns the amount of the minute that
     /// closed, when one did. Late instants count in the current minute.
     #[inline]
-    pub fn advance(&mut self, now_ms: i64) -> Option<u32> {
-        let m = minute_of(now_ms);
+    pub fn advance(&mut self, t: Tick) -> Option<u32> {
+        let m = t.minute;
         if m <= self.minute {
             return None;
         }
@@ -164,13 +192,12 @@ impl SlidingMinute {
         self.cur = self.cur.saturating_add(amount);
     }
 
-    /// The sliding-minute estimate at `now_ms`: the current minute plus the
+    /// The sliding-minute estimate at `t`: the current minute plus the
     /// share of the previous minute that still lies within the last 60 s.
     #[inline]
-    pub fn estimate(&self, now_ms: i64) -> f64 {
-        let into = (now_ms.max(0) % MINUTE_MS) as f64 / MINUTE_MS as f64;
-        let into = if minute_of(now_ms) == self.minute {
-            into
+    pub fn estimate(&self, t: Tick) -> f64 {
+        let into = if t.minute == self.minute {
+            t.into_minute
         } else {
             1.0
         };
@@ -219,12 +246,12 @@ mod tests {
     #[test]
     fn sliding_minute_weights_the_previous_minute() {
         let mut w = SlidingMinute::default();
-        w.advance(0);
+        w.advance(Tick::at(0));
         w.add(60);
-        assert_eq!(w.advance(MINUTE_MS + 15_000), Some(60));
+        assert_eq!(w.advance(Tick::at(MINUTE_MS + 15_000)), Some(60));
         w.add(10);
-        assert!((w.estimate(MINUTE_MS + 15_000) - (10.0 + 45.0)).abs() < 1e-9);
-        assert_eq!(w.advance(3 * MINUTE_MS), Some(10));
+        assert!((w.estimate(Tick::at(MINUTE_MS + 15_000)) - (10.0 + 45.0)).abs() < 1e-9);
+        assert_eq!(w.advance(Tick::at(3 * MINUTE_MS)), Some(10));
         assert_eq!(
             w.prev, 0,
             "an idle minute in between clears the previous bucket"
@@ -276,9 +303,9 @@ mod tests {
             let mut t = 0i64;
             for (dt, n) in steps {
                 t += dt;
-                w.advance(t);
+                w.advance(Tick::at(t));
                 w.add(n);
-                let e = w.estimate(t);
+                let e = w.estimate(Tick::at(t));
                 prop_assert!(e >= w.cur as f64 - 1e-9);
                 prop_assert!(e <= (w.cur + w.prev) as f64 + 1e-9);
             }

@@ -313,6 +313,33 @@ impl Decoder {
     }
 }
 
+/// Skips the bytes of a JSON string that need no attention (not `"`, `\\`
+/// or a control character), eight at a time: the classic SWAR tests for a
+/// zero byte and a byte below 0x20 over a `u64`. Returns the index of the
+/// first byte that needs attention, or `b.len()`.
+#[inline]
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while i + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
+        let quote = w ^ (ONES * b'"' as u64);
+        let slash = w ^ (ONES * b'\\' as u64);
+        let special = (quote.wrapping_sub(ONES) & !quote)
+            | (slash.wrapping_sub(ONES) & !slash)
+            | (w.wrapping_sub(ONES * 0x20) & !w);
+        let special = special & HIGH;
+        if special != 0 {
+            return i + (special.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < b.len() && b[i] != b'"' && b[i] != b'\\' && b[i] >= 0x20 {
+        i += 1;
+    }
+    i
+}
+
 fn field_of(key: &str) -> (u32, &'static str) {
     match key {
         "v" => (F_V, "v"),
@@ -402,6 +429,7 @@ impl<'a> Scanner<'a> {
     fn string(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeError> {
         self.i += 1;
         let start = self.i;
+        self.i = plain_run(self.b, self.i);
         loop {
             match self.peek() {
                 Some(b'"') => {
@@ -470,12 +498,7 @@ impl<'a> Scanner<'a> {
                 Some(_) => {
                     // Copy the run of plain characters up to the next quote or backslash.
                     let run = self.i;
-                    while let Some(c) = self.peek() {
-                        if c == b'"' || c == b'\\' || c < 0x20 {
-                            break;
-                        }
-                        self.i += 1;
-                    }
+                    self.i = plain_run(self.b, self.i);
                     out.push_str(&self.s[run..self.i]);
                 }
                 None => return Err(self.string_syntax(field, "a closing quote")),
@@ -1082,6 +1105,16 @@ mod tests {
             prop_assert_eq!(ev.cost_usd, v["cost_usd"].as_f64());
             prop_assert_eq!(ev.status.map(u64::from), v["status"].as_u64());
             prop_assert_eq!(ev.phase.as_str(), v["phase"].as_str().unwrap());
+        }
+
+        #[test]
+        fn plain_run_finds_the_first_special_byte(bytes in proptest::collection::vec(any::<u8>(), 0..64), start in 0usize..64) {
+            let start = start.min(bytes.len());
+            let want = bytes[start..]
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .map_or(bytes.len(), |p| start + p);
+            prop_assert_eq!(plain_run(&bytes, start), want);
         }
 
         #[test]

@@ -11,11 +11,12 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{round_usd, Action, Alert, AlertKind, BudgetInfo, Severity};
-use crate::baseline::{decay_for_half_life, minute_of, RatePrior};
+use crate::baseline::{decay_for_half_life, minute_of, RatePrior, Tick};
 use crate::config::{ConfigError, EngineConfig, TierConfig};
 use crate::dedup::Dedup;
 use crate::detect::budget::{
-    BudgetEvent, BudgetLimits, Crossing, Ledger, Posted, TokenQuotaCrossing,
+    percent_bar, BudgetEvent, BudgetLimits, Crossing, Ledger, PeriodClock, Posted,
+    TokenQuotaCrossing,
 };
 use crate::detect::leaked_key::{LeakParams, LeakState};
 use crate::detect::repeated_prompt::{PromptFinding, PromptParams, PromptTracker};
@@ -30,8 +31,10 @@ use crate::StableBuild;
 
 /// Most distinct unpriced model names kept for the report.
 const MAX_UNPRICED_NAMES: usize = 64;
-/// State is swept for idle entries every this many minutes of event time.
-const SWEEP_EVERY_MINUTES: u32 = 10;
+/// State is swept for idle entries every this many minutes of event time
+/// (a full pass over the maps: rare enough to cost little, often enough that
+/// prompt sightings stay within their window plus this).
+const SWEEP_EVERY_MINUTES: u32 = 30;
 
 /// What `observe` did with an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,8 +84,11 @@ pub struct EngineState {
     pub prompts: PromptTracker,
     /// Recently counted records.
     dedup: Dedup,
-    /// Minute of the last sweep.
+    /// Minute of the last sweep of prompt sightings.
     last_sweep: u32,
+    /// Minute of the last sweep of idle users and keys.
+    #[serde(default)]
+    last_idle_sweep: u32,
 }
 
 /// Counters for the run's report and metrics.
@@ -162,6 +168,7 @@ pub struct Engine {
     state: EngineState,
     stats: EngineStats,
     findings: Vec<PromptFinding>,
+    periods: PeriodClock,
 }
 
 fn micros(usd: f64) -> u64 {
@@ -296,9 +303,11 @@ impl Engine {
     pub fn restore(cfg: &EngineConfig, state: EngineState) -> Result<Self, ConfigError> {
         let r = resolve(cfg)?;
         let prices = PriceTable::new(cfg.effective_prices(), cfg.pricing.fallback);
+        let periods = PeriodClock::new(r.utc_offset_min);
         Ok(Engine {
             r,
             prices,
+            periods,
             state,
             stats: EngineStats::default(),
             findings: Vec::new(),
@@ -374,9 +383,23 @@ impl Engine {
             self.stats.duplicates += 1;
             return Outcome::Duplicate;
         }
-        let now_min = minute_of(now);
+        let t = Tick::at(ev.ts_ms);
+        let now_min = if now == ev.ts_ms {
+            t.minute
+        } else {
+            minute_of(now)
+        };
         if now_min >= self.state.last_sweep + SWEEP_EVERY_MINUTES {
-            self.expire();
+            self.state.last_sweep = now_min;
+            self.state
+                .prompts
+                .expire(t.secs.max((now / 1000) as u32), &self.r.prompts);
+            // Idle users and keys live for days: an eighth of their lifetime is precise enough.
+            if now_min
+                >= self.state.last_idle_sweep + (self.r.idle_ttl_min / 8).max(SWEEP_EVERY_MINUTES)
+            {
+                self.expire();
+            }
         }
         let before = out.len();
         let (tier_idx, daily_override, monthly_override) = self.tier_of(ev);
@@ -420,17 +443,14 @@ impl Engine {
         key.last_minute = now_min;
         let mut key_spiked = false;
         if counts_request && cfg.request_spike.enabled {
-            if let Some(sp) = key.rate.on_request(ev.ts_ms, &tier.rate) {
+            if let Some(sp) = key.rate.on_request(t, &tier.rate) {
                 key_spiked = true;
                 out.push(request_spike_alert(ev, sp, true));
             }
         }
         if counts_request && cfg.leaked_key.enabled {
             if let Some(ip) = ev.ip {
-                if let Some(l) = key
-                    .leak
-                    .on_address(minute_of(ev.ts_ms), ip, ev.asn, &self.r.leak)
-                {
+                if let Some(l) = key.leak.on_address(t.minute, ip, ev.asn, &self.r.leak) {
                     let id = Alert::make_id(
                         AlertKind::LeakedKey,
                         &format!("key:{}", ev.key_id),
@@ -463,7 +483,7 @@ impl Engine {
         };
         user.last_minute = now_min;
         if counts_request && cfg.request_spike.enabled {
-            if let Some(sp) = user.rate.on_request(ev.ts_ms, &tier.rate) {
+            if let Some(sp) = user.rate.on_request(t, &tier.rate) {
                 if !key_spiked {
                     out.push(request_spike_alert(ev, sp, false));
                 }
@@ -471,10 +491,7 @@ impl Engine {
         }
         if cfg.token_spike.enabled && tokens > 0 {
             let completion = counts_response.then_some(ev.completion_tokens);
-            if let Some(ts) = user
-                .tokens
-                .on_tokens(ev.ts_ms, tokens, completion, &tier.tokens)
-            {
+            if let Some(ts) = user.tokens.on_tokens(t, tokens, completion, &tier.tokens) {
                 let id = Alert::make_id(
                     AlertKind::TokenSpike,
                     &format!("user:{}", ev.user_id),
@@ -518,13 +535,13 @@ impl Engine {
                 monthly_micros: monthly_override.or(tier.monthly_micros),
                 tokens_per_day: tier.limits.tokens_per_day,
                 percents: &self.r.percents,
-                utc_offset_min: self.r.utc_offset_min,
             };
+            let starts = self.periods.starts(ev.ts_ms);
             let tier_name = tier.name.as_str();
             let utc_offset_min = self.r.utc_offset_min;
             let posted = user
                 .ledger
-                .post(ev.ts_ms, cost_micros, tokens, &limits, &mut |e| {
+                .post(starts, cost_micros, tokens, &limits, &mut |e| {
                     out.push(match e {
                         BudgetEvent::Spend(c) => budget_alert(ev, c, utc_offset_min),
                         BudgetEvent::Tokens(q) => quota_alert(ev, q, tier_name, utc_offset_min),
@@ -546,7 +563,7 @@ impl Engine {
                     burst_factor: rw.burst_factor,
                     cooldown_minutes: rw.cooldown_minutes,
                 };
-                if let Some(r) = user.pace.on_spend(ev.ts_ms, cost_micros, &pace) {
+                if let Some(r) = user.pace.on_spend(t, cost_micros, &pace) {
                     let spent_today = user.ledger.day[0].micros;
                     let left = limits.daily_micros.saturating_sub(spent_today) as f64;
                     let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
@@ -581,7 +598,7 @@ impl Engine {
             if let Some(fp) = ev.prompt_fingerprint.as_deref() {
                 let uh = stable_hash(3, ev.user_id.as_bytes());
                 let fh = stable_hash(2, fp.as_bytes());
-                let now_s = (ev.ts_ms.max(0) / 1000) as u32;
+                let now_s = t.secs;
                 self.findings.clear();
                 self.state
                     .prompts
@@ -620,6 +637,7 @@ impl Engine {
     pub fn expire(&mut self) {
         let now_min = minute_of(self.state.now_ms);
         self.state.last_sweep = now_min;
+        self.state.last_idle_sweep = now_min;
         let cutoff = now_min.saturating_sub(self.r.idle_ttl_min);
         let (month_start, _) = PeriodKind::Month.bounds(self.state.now_ms, self.r.utc_offset_min);
         let keep_months = self.r.tiers.iter().any(|t| t.monthly_micros.is_some())
@@ -723,9 +741,7 @@ fn budget_alert(ev: &Event<'_>, c: Crossing, utc_offset_min: i32) -> Alert {
         severity,
         action,
         observed: Some(round_usd(c.spent_micros)),
-        threshold: Some(round_usd(
-            (c.limit_micros as u128 * c.percent as u128).div_ceil(100) as u64,
-        )),
+        threshold: Some(round_usd(percent_bar(c.limit_micros, c.percent))),
         budget: Some(BudgetInfo {
             period: c.period,
             period_start: c.period_start,

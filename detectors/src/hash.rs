@@ -36,19 +36,37 @@ fn fmix(mut h: u64) -> u64 {
 /// text do not collide by construction).
 #[inline]
 pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
-    let mut h = seed ^ K0 ^ (bytes.len() as u64).wrapping_mul(K1);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        h = mix(h ^ w, K1);
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut buf = [0u8; 8];
-        buf[..rest.len()].copy_from_slice(rest);
-        h = mix(h ^ u64::from_le_bytes(buf), K0);
+    let len = bytes.len();
+    let mut h = seed ^ K0 ^ (len as u64).wrapping_mul(K1);
+    if len >= 8 {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            h = mix(h ^ read8(c), K1);
+        }
+        if !chunks.remainder().is_empty() {
+            // The last eight bytes, overlapping the previous chunk: no copy,
+            // no byte-by-byte assembly (the length is already mixed in).
+            h = mix(h ^ read8(&bytes[len - 8..]), K0);
+        }
+    } else if len >= 4 {
+        let lo = read4(&bytes[..4]) as u64;
+        let hi = read4(&bytes[len - 4..]) as u64;
+        h = mix(h ^ (lo | hi << 32), K0);
+    } else if len > 0 {
+        let w = (bytes[0] as u64) | (bytes[len / 2] as u64) << 8 | (bytes[len - 1] as u64) << 16;
+        h = mix(h ^ w, K0);
     }
     fmix(h)
+}
+
+#[inline(always)]
+fn read8(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("eight bytes"))
+}
+
+#[inline(always)]
+fn read4(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("four bytes"))
 }
 
 /// Combines two hashes into one (order matters).
@@ -159,6 +177,16 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for i in 0..100_000u32 {
             assert!(seen.insert(stable_hash(7, format!("req_{i}").as_bytes())));
+        }
+        // Every length path: short, 4-7, whole chunks, chunks plus a tail.
+        for len in 0..40usize {
+            let a: Vec<u8> = (0..len as u8).collect();
+            let mut b = a.clone();
+            if let Some(x) = b.last_mut() {
+                *x ^= 1;
+                assert_ne!(stable_hash(0, &a), stable_hash(0, &b), "len {len}");
+            }
+            assert!(seen.insert(stable_hash(7, &a)), "len {len}");
         }
     }
 

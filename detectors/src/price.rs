@@ -99,7 +99,7 @@ const CACHE_CAP: usize = 1024;
 pub struct PriceTable {
     entries: Vec<(String, ModelPrice)>,
     fallback: Option<ModelPrice>,
-    cache: HashMap<Box<str>, Option<ModelPrice>>,
+    cache: HashMap<Box<str>, Option<ModelPrice>, crate::StableBuild>,
 }
 
 impl PriceTable {
@@ -108,7 +108,7 @@ impl PriceTable {
         PriceTable {
             entries: prices.into_iter().collect(),
             fallback,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
         }
     }
 

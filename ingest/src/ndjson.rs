@@ -35,10 +35,7 @@ impl<R: Read> LineReader<R> {
     /// The next line and its number, or `None` at the end.
     pub fn next_line(&mut self) -> io::Result<Option<(u64, &[u8])>> {
         loop {
-            if let Some(nl) = self.buf[self.pos..self.end]
-                .iter()
-                .position(|&b| b == b'\n')
-            {
+            if let Some(nl) = memchr::memchr(b'\n', &self.buf[self.pos..self.end]) {
                 let start = self.pos;
                 self.pos += nl + 1;
                 self.line_no += 1;
@@ -75,6 +72,23 @@ impl<R: Read> LineReader<R> {
     }
 }
 
+/// The lines of an in-memory (or memory-mapped) NDJSON text, with their
+/// 1-based numbers; the same lines [`LineReader`] yields.
+pub fn lines(text: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut pos = 0usize;
+    let mut line_no = 0u64;
+    std::iter::from_fn(move || {
+        if pos >= text.len() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', &text[pos..]).map_or(text.len(), |n| pos + n);
+        let line = trim_cr(&text[pos..end]);
+        pos = end + 1;
+        line_no += 1;
+        Some((line_no, line))
+    })
+}
+
 fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
@@ -104,6 +118,15 @@ mod tests {
             ]
         );
         assert!(lines(b"").is_empty());
+    }
+
+    #[test]
+    fn in_memory_lines_match_the_reader() {
+        for input in [&b"a\r\nbb\n\nccc"[..], b"", b"x\n", b"\n\n"] {
+            let mem: Vec<(u64, Vec<u8>)> =
+                super::lines(input).map(|(n, l)| (n, l.to_vec())).collect();
+            assert_eq!(mem, lines(input), "{:?}", String::from_utf8_lossy(input));
+        }
     }
 
     #[test]

@@ -84,8 +84,38 @@ pub struct BudgetLimits<'a> {
     pub tokens_per_day: u64,
     /// Alert percents, ascending.
     pub percents: &'a [u8],
-    /// Minutes east of UTC of the budget time zone.
-    pub utc_offset_min: i32,
+}
+
+/// The day and month a record falls in, computed once per period rather
+/// than once per record (calendar math is not free on the hot path).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeriodClock {
+    utc_offset_min: i32,
+    day: (i64, i64),
+    month: (i64, i64),
+}
+
+impl PeriodClock {
+    /// A clock for periods in a zone `utc_offset_min` minutes east of UTC.
+    pub fn new(utc_offset_min: i32) -> Self {
+        PeriodClock {
+            utc_offset_min,
+            day: (0, 0),
+            month: (0, 0),
+        }
+    }
+
+    /// Starts of the day and the month holding `ts_ms`.
+    #[inline]
+    pub fn starts(&mut self, ts_ms: i64) -> (i64, i64) {
+        if !(self.day.0..self.day.1).contains(&ts_ms) {
+            self.day = PeriodKind::Day.bounds(ts_ms, self.utc_offset_min);
+        }
+        if !(self.month.0..self.month.1).contains(&ts_ms) {
+            self.month = PeriodKind::Month.bounds(ts_ms, self.utc_offset_min);
+        }
+        (self.day.0, self.month.0)
+    }
 }
 
 /// Result of adding a record.
@@ -95,6 +125,14 @@ pub enum Posted {
     Counted,
     /// Older than the previous period: not counted (reported as late).
     Late,
+}
+
+/// `ceil(limit × pct / 100)` in integers: spend reaches the percent
+/// exactly. (u64 holds any budget up to $184 billion times 100; past that it
+/// saturates rather than wrapping.)
+#[inline]
+pub fn percent_bar(limit_micros: u64, pct: u8) -> u64 {
+    limit_micros.saturating_mul(pct as u64).div_ceil(100)
 }
 
 fn slot(slots: &mut [PeriodSpend; 2], start: i64) -> Option<&mut PeriodSpend> {
@@ -125,8 +163,7 @@ fn cross(
 ) {
     p.micros = p.micros.saturating_add(micros);
     for (i, &pct) in percents.iter().enumerate() {
-        // ceil(limit × pct / 100) in integers: spend reaches the percent exactly.
-        let bar = (limit as u128 * pct as u128).div_ceil(100) as u64;
+        let bar = percent_bar(limit, pct);
         if p.micros >= bar && p.fired & (1 << i) == 0 {
             p.fired |= 1 << i;
             out(BudgetEvent::Spend(Crossing {
@@ -141,16 +178,16 @@ fn cross(
 }
 
 impl Ledger {
-    /// Posts a record's cost and tokens at `ts_ms`; crossings go to `out`.
+    /// Posts a record's cost and tokens to the day and month starting at
+    /// `day_start` and `month_start` (from a [`PeriodClock`]); crossings go to `out`.
     pub fn post(
         &mut self,
-        ts_ms: i64,
+        (day_start, month_start): (i64, i64),
         micros: u64,
         tokens: u64,
         lim: &BudgetLimits<'_>,
         out: &mut impl FnMut(BudgetEvent),
     ) -> Posted {
-        let (day_start, _) = PeriodKind::Day.bounds(ts_ms, lim.utc_offset_min);
         let Some(day) = slot(&mut self.day, day_start) else {
             return Posted::Late;
         };
@@ -175,7 +212,6 @@ impl Ledger {
                 limit: lim.tokens_per_day,
             }));
         }
-        let (month_start, _) = PeriodKind::Month.bounds(ts_ms, lim.utc_offset_min);
         if let Some(month) = slot(&mut self.month, month_start) {
             if let (Some(limit), true) = (lim.monthly_micros, micros > 0) {
                 cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
@@ -213,17 +249,22 @@ mod tests {
             monthly_micros: Some(3_000_000),
             tokens_per_day: 10_000,
             percents: &PCT,
-            utc_offset_min: 0,
         }
     }
 
     fn post(l: &mut Ledger, ts: i64, micros: u64) -> Vec<Crossing> {
         let mut v = vec![];
-        l.post(ts, micros, 0, &lim(), &mut |e| {
-            if let BudgetEvent::Spend(c) = e {
-                v.push(c)
-            }
-        });
+        l.post(
+            PeriodClock::new(0).starts(ts),
+            micros,
+            0,
+            &lim(),
+            &mut |e| {
+                if let BudgetEvent::Spend(c) = e {
+                    v.push(c)
+                }
+            },
+        );
         v
     }
 
@@ -255,7 +296,13 @@ mod tests {
         // Two days late: not counted.
         let mut dummy = vec![];
         assert_eq!(
-            l.post(t0 - DAY_MS, 1, 0, &lim(), &mut |e| dummy.push(e)),
+            l.post(
+                PeriodClock::new(0).starts(t0 - DAY_MS),
+                1,
+                0,
+                &lim(),
+                &mut |e| dummy.push(e)
+            ),
             Posted::Late
         );
     }
@@ -266,11 +313,17 @@ mod tests {
         let mut l = Ledger::default();
         let mut q = vec![];
         for i in 0..30 {
-            l.post(t0 + i, 0, 500, &lim(), &mut |e| {
-                if let BudgetEvent::Tokens(c) = e {
-                    q.push(c)
-                }
-            });
+            l.post(
+                PeriodClock::new(0).starts(t0 + i),
+                0,
+                500,
+                &lim(),
+                &mut |e| {
+                    if let BudgetEvent::Tokens(c) = e {
+                        q.push(c)
+                    }
+                },
+            );
         }
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].tokens, 10_000);

@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{minute_of, RateBaseline, RatePrior, SlidingMinute};
+use crate::baseline::{RateBaseline, RatePrior, SlidingMinute, Tick};
 
 /// Settings resolved for one tier.
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +47,9 @@ pub struct RateParams {
 pub struct RateState {
     window: SlidingMinute,
     base: RateBaseline,
-    /// This minute's bar; 0 until computed.
+    /// This minute's bar; 0 until computed (it is computed only for a minute
+    /// that passes the volume and burst-factor bars, so a minute with no bar
+    /// was below them and counts as evidence of normal).
     bar: f32,
     /// Last minute of the open incident (0: none).
     incident_until: u32,
@@ -67,11 +69,11 @@ pub struct Spike {
 }
 
 impl RateState {
-    /// Counts one request at `now_ms`; a spike is returned by the request
+    /// Counts one request at `t`; a spike is returned by the request
     /// that opens an incident, and by no other.
     #[inline]
-    pub fn on_request(&mut self, now_ms: i64, p: &RateParams) -> Option<Spike> {
-        if let Some(closed) = self.window.advance(now_ms) {
+    pub fn on_request(&mut self, t: Tick, p: &RateParams) -> Option<Spike> {
+        if let Some(closed) = self.window.advance(t) {
             // A minute over the bar is not evidence of normal.
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
                 self.base.observe(closed as f64, p.decay);
@@ -79,19 +81,24 @@ impl RateState {
             self.bar = 0.0;
         }
         self.window.add(1);
-        let est = self.window.estimate(now_ms);
+        let est = self.window.estimate(t);
         if est < p.min_requests {
             return None;
         }
         if self.bar == 0.0 {
-            let mean = self.base.mean(p.prior);
+            // The cheap bars first: the tail quantile (an incomplete beta
+            // function) is only worth computing for a minute that passes them.
+            let floor = (p.burst_factor * self.base.mean(p.prior)).max(p.min_requests);
+            if est < floor {
+                return None;
+            }
             let q = self.base.upper_quantile(p.prior, p.p_value);
-            self.bar = q.max(p.burst_factor * mean).max(p.min_requests).ceil() as f32;
+            self.bar = q.max(floor).ceil() as f32;
         }
         if est < self.bar as f64 {
             return None;
         }
-        let m = minute_of(now_ms);
+        let m = t.minute;
         let open = self.incident_until != 0 && m <= self.incident_until;
         self.incident_until = m + p.cooldown_minutes;
         if open {
@@ -137,7 +144,7 @@ mod tests {
         for m in 0..minutes {
             for i in 0..per_min {
                 let t = start + m * MINUTE_MS + i * MINUTE_MS / per_min;
-                if let Some(sp) = s.on_request(t, &params()) {
+                if let Some(sp) = s.on_request(Tick::at(t), &params()) {
                     out.push((t, sp));
                 }
             }

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{minute_of, RateBaseline, RatePrior, SlidingMinute};
+use crate::baseline::{RateBaseline, RatePrior, SlidingMinute, Tick};
 
 /// Settings resolved for one user's budget.
 #[derive(Clone, Copy, Debug)]
@@ -53,17 +53,17 @@ pub struct Runaway {
 }
 
 impl SpendPace {
-    /// Counts a record's cost at `now_ms`.
+    /// Counts a record's cost at `t`.
     #[inline]
-    pub fn on_spend(&mut self, now_ms: i64, micros: u64, p: &PaceParams) -> Option<Runaway> {
-        if let Some(closed) = self.window.advance(now_ms) {
+    pub fn on_spend(&mut self, t: Tick, micros: u64, p: &PaceParams) -> Option<Runaway> {
+        if let Some(closed) = self.window.advance(t) {
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
                 self.rate.observe(closed as f64, p.decay);
             }
             self.bar = 0.0;
         }
         self.window.add(micros.min(u32::MAX as u64) as u32);
-        let est = self.window.estimate(now_ms);
+        let est = self.window.estimate(t);
         if est < p.pace_micros {
             return None;
         }
@@ -75,7 +75,7 @@ impl SpendPace {
         if est < self.bar as f64 {
             return None;
         }
-        let m = minute_of(now_ms);
+        let m = t.minute;
         let open = self.incident_until != 0 && m <= self.incident_until;
         self.incident_until = m + p.cooldown_minutes;
         (!open).then(|| Runaway {
@@ -114,7 +114,7 @@ mod tests {
             // $0.02 a request, 5 a minute: $0.10/min.
             for i in 0..5 {
                 assert_eq!(
-                    s.on_spend(m * MINUTE_MS + i * 12_000, 20_000, &params()),
+                    s.on_spend(Tick::at(m * MINUTE_MS + i * 12_000), 20_000, &params()),
                     None
                 );
             }
@@ -124,7 +124,7 @@ mod tests {
         let mut hits = vec![];
         for i in 0..200i64 {
             let t = onset + i * 12_000;
-            if let Some(r) = s.on_spend(t, 250_000, &params()) {
+            if let Some(r) = s.on_spend(Tick::at(t), 250_000, &params()) {
                 hits.push((t, r));
             }
         }

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{minute_of, LogBaseline, SlidingMinute};
+use crate::baseline::{LogBaseline, SlidingMinute, Tick};
 
 /// The tier priors weigh as much as this many observations.
 const PRIOR_WEIGHT: f64 = 8.0;
@@ -112,18 +112,18 @@ pub struct TokenSpike {
 }
 
 impl TokenState {
-    /// Counts a record's tokens at `now_ms`: `tokens` is what the record
+    /// Counts a record's tokens at `t`: `tokens` is what the record
     /// counts (input + output), `completion` the completion size when the
     /// record carries a finished response.
     #[inline]
     pub fn on_tokens(
         &mut self,
-        now_ms: i64,
+        t: Tick,
         tokens: u64,
         completion: Option<u64>,
         p: &TokenParams,
     ) -> Option<TokenSpike> {
-        if let Some(closed) = self.window.advance(now_ms) {
+        if let Some(closed) = self.window.advance(t) {
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
                 let minutes = self.minutes.get_or_insert_with(|| {
                     LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1)
@@ -140,7 +140,7 @@ impl TokenState {
                 .unwrap_or_else(|| LogBaseline::with_prior(p.size_prior.0, p.size_prior.1));
             let bar = size.upper(p.huge_z).min(p.huge_cap).max(p.huge_floor);
             if c as f64 >= bar {
-                let now_s = (now_ms.max(0) / 1000) as u32;
+                let now_s = t.secs;
                 let count = self.push_huge(now_s, p);
                 if count >= p.huge_count {
                     let baseline = size.median();
@@ -158,7 +158,7 @@ impl TokenState {
         }
         let warmed = self.minutes.is_some_and(|m| m.n >= WARM_MINUTES);
         if cause.is_none() && warmed {
-            let est = self.window.estimate(now_ms);
+            let est = self.window.estimate(t);
             if est >= p.min_burst {
                 let minutes = self
                     .minutes
@@ -181,7 +181,7 @@ impl TokenState {
             }
         }
         let cause = cause?;
-        let m = minute_of(now_ms);
+        let m = t.minute;
         let open = self.incident_until != 0 && m <= self.incident_until;
         self.incident_until = m + p.cooldown_minutes;
         (!open).then_some(TokenSpike {
@@ -244,7 +244,7 @@ mod tests {
         for i in 0..600i64 {
             let c = 150 + (i * 37 % 400) as u64;
             assert_eq!(
-                s.on_tokens(i * 20_000, 300 + c, Some(c), &p),
+                s.on_tokens(Tick::at(i * 20_000), 300 + c, Some(c), &p),
                 None,
                 "request {i}"
             );
@@ -253,7 +253,7 @@ mod tests {
         let mut hits = vec![];
         for i in 0..20i64 {
             let t = onset + i * 5_000;
-            if let Some(sp) = s.on_tokens(t, 3900 + 2000, Some(3900), &p) {
+            if let Some(sp) = s.on_tokens(Tick::at(t), 3900 + 2000, Some(3900), &p) {
                 hits.push((t, sp));
             }
         }
@@ -271,7 +271,7 @@ mod tests {
         let p = params();
         for i in 0..2000i64 {
             let c = 2600 + (i * 53 % 700) as u64;
-            let r = s.on_tokens(i * 60_000, c, Some(c), &p);
+            let r = s.on_tokens(Tick::at(i * 60_000), c, Some(c), &p);
             // The prior flags the first few; once learned, long answers are normal.
             if i > 50 {
                 assert_eq!(r, None, "request {i}");
@@ -284,13 +284,16 @@ mod tests {
         let mut s = TokenState::default();
         let p = params();
         for m in 0..120i64 {
-            assert_eq!(s.on_tokens(m * MINUTE_MS, 2000, Some(500), &p), None);
+            assert_eq!(
+                s.on_tokens(Tick::at(m * MINUTE_MS), 2000, Some(500), &p),
+                None
+            );
         }
         let onset = 120 * MINUTE_MS;
         let mut first = None;
         for i in 0..120i64 {
             let t = onset + i * 500;
-            if let Some(sp) = s.on_tokens(t, 4000, Some(600), &p) {
+            if let Some(sp) = s.on_tokens(Tick::at(t), 4000, Some(600), &p) {
                 first.get_or_insert((t, sp));
             }
         }
