@@ -141,7 +141,7 @@ pub struct TokenSpikeConfig {
     pub huge_fraction_of_max: f64,
     /// …and this many standard deviations above the user's learned (log) completion size.
     pub huge_z: f64,
-    /// This many huge completions within `window_minutes` raise the alert.
+    /// This many huge completions (1 to 4) within `window_minutes` raise the alert.
     pub huge_count: u32,
     /// Window for counting huge completions, in minutes.
     pub window_minutes: u32,
@@ -466,7 +466,7 @@ impl EngineConfig {
             return Err(bad("token_spike.min_day_fraction", "must be from 0 to 1"));
         }
         if ts.huge_count == 0 || ts.huge_count > crate::detect::token_spike::MAX_HUGE_COUNT {
-            return Err(bad("token_spike.huge_count", "must be from 1 to 8"));
+            return Err(bad("token_spike.huge_count", "must be from 1 to 4"));
         }
         if ts.window_minutes == 0 {
             return Err(bad("token_spike.window_minutes", "must be at least 1"));

@@ -25,12 +25,17 @@ impl Dedup {
     #[inline]
     pub fn first_sighting(&mut self, h: u64, now_ms: i64, horizon_ms: i64) -> bool {
         if now_ms - self.since >= horizon_ms {
+            let expected = self.cur.len();
             if now_ms - self.since >= 2 * horizon_ms {
-                self.prev.clear();
+                self.prev = HashSet::default();
             } else {
                 std::mem::swap(&mut self.prev, &mut self.cur);
             }
             self.cur.clear();
+            // Size the new generation for the last one's traffic, not for a past burst.
+            if self.cur.capacity() > 4 * expected + 64 {
+                self.cur = HashSet::with_capacity_and_hasher(expected, Default::default());
+            }
             self.since = now_ms;
         }
         if self.prev.contains(&h) {

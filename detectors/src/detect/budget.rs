@@ -29,13 +29,15 @@ pub struct PeriodSpend {
     pub tokens_fired: bool,
 }
 
-/// A user's ledger: current and previous day and month.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A user's ledger: current and previous day, and (only when a monthly
+/// budget applies, to keep users small) current and previous month.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
     /// Current and previous day.
     pub day: [PeriodSpend; 2],
-    /// Current and previous month.
-    pub month: [PeriodSpend; 2],
+    /// Current and previous month, once a monthly budget has applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub month: Option<Box<[PeriodSpend; 2]>>,
 }
 
 /// A percent of a budget crossed by one record.
@@ -212,25 +214,25 @@ impl Ledger {
                 limit: lim.tokens_per_day,
             }));
         }
-        if let Some(month) = slot(&mut self.month, month_start) {
-            if let (Some(limit), true) = (lim.monthly_micros, micros > 0) {
-                cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
-            } else {
-                month.micros = month.micros.saturating_add(micros);
+        if let Some(limit) = lim.monthly_micros {
+            let months = self.month.get_or_insert_with(Default::default);
+            if let Some(month) = slot(months, month_start) {
+                if micros > 0 {
+                    cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
+                }
+                month.tokens = month
+                    .tokens
+                    .saturating_add(tokens.min(u32::MAX as u64) as u32);
             }
-            month.tokens = month
-                .tokens
-                .saturating_add(tokens.min(u32::MAX as u64) as u32);
         }
         Posted::Counted
     }
 
     /// Spend in the current month, micro-dollars, if its period is `month_start`.
     pub fn month_spend(&self, month_start: i64) -> u64 {
-        if self.month[0].start_ms == month_start {
-            self.month[0].micros
-        } else {
-            0
+        match &self.month {
+            Some(m) if m[0].start_ms == month_start => m[0].micros,
+            _ => 0,
         }
     }
 }

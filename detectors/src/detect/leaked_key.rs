@@ -12,8 +12,8 @@
 //! EWMA over past windows that were not suspicious.
 //!
 //! Distinct sets are kept exact but bounded: at most the bar's worth of
-//! 32-bit address hashes, so a key costs at most a few hundred bytes even
-//! under attack, and 16 bytes at rest.
+//! address entries, so a key costs at most about a kilobyte even under
+//! attack, and a few dozen bytes at rest.
 
 use std::net::IpAddr;
 
@@ -42,10 +42,9 @@ pub struct LeakParams {
 pub struct LeakState {
     /// Start of the current window, Unix minutes.
     since: u32,
-    /// Hashes of distinct addresses in the window.
-    ips: Vec<u32>,
-    /// Distinct networks in the window.
-    nets: Vec<u32>,
+    /// Distinct addresses in the window: the address hash in the high half,
+    /// its network in the low half (one allocation per key, not two).
+    ips: Vec<u64>,
     /// Learned distinct addresses per window.
     learned: f32,
     /// Whether this window already raised its alert.
@@ -113,32 +112,30 @@ impl LeakState {
             }
             self.since = now_min;
             self.ips.clear();
-            self.nets.clear();
             if self.ips.capacity() > 8 {
-                self.ips.shrink_to(4);
-                self.nets.shrink_to(4);
+                self.ips.shrink_to(2);
             }
             self.alerted = false;
         }
         let bar = (p.factor * self.learned as f64).max(p.min_ips as f64);
-        let h = ip_hash(ip);
-        if self.ips.len() < MAX_TRACKED && !self.ips.contains(&h) {
-            self.ips.push(h);
+        let entry = (ip_hash(ip) as u64) << 32 | network_of(ip, asn) as u64;
+        if self.ips.len() < MAX_TRACKED && !self.ips.iter().any(|e| e >> 32 == entry >> 32) {
+            self.ips.push(entry);
         }
-        let net = network_of(ip, asn);
-        if self.nets.len() < MAX_TRACKED && !self.nets.contains(&net) {
-            self.nets.push(net);
+        if self.alerted || (self.ips.len() as f64) < bar.min(MAX_TRACKED as f64) {
+            return None;
         }
-        if self.alerted
-            || (self.ips.len() as f64) < bar.min(MAX_TRACKED as f64)
-            || self.nets.len() < p.min_asns as usize
-        {
+        // Networks are counted only once the addresses pass their bar.
+        let mut nets: Vec<u32> = self.ips.iter().map(|e| *e as u32).collect();
+        nets.sort_unstable();
+        nets.dedup();
+        if nets.len() < p.min_asns as usize {
             return None;
         }
         self.alerted = true;
         Some(Leak {
             ips: self.ips.len() as u32,
-            networks: self.nets.len() as u32,
+            networks: nets.len() as u32,
             baseline: self.learned as f64,
             threshold: bar.ceil(),
             since: self.since,

@@ -155,6 +155,13 @@ impl PromptTracker {
             e.newer.last().copied().unwrap_or(e.oldest) >= cutoff || e.incident_until >= now_s
         });
         self.crowds.retain(|_, c| c.since >= cutoff);
+        // A burst of traffic leaves a big table behind; give the memory back.
+        if self.sightings.capacity() > 4 * self.sightings.len() + 64 {
+            self.sightings.shrink_to(2 * self.sightings.len());
+        }
+        if self.crowds.capacity() > 4 * self.crowds.len() + 64 {
+            self.crowds.shrink_to(2 * self.crowds.len());
+        }
     }
 
     /// Entries held: (user, fingerprint) pairs and farming crowds.

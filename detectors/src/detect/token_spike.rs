@@ -35,7 +35,7 @@ const PRIOR_WEIGHT: f64 = 8.0;
 const WARM_MINUTES: u32 = 10;
 
 /// Most huge completions remembered; `huge_count` is at most this.
-pub const MAX_HUGE_COUNT: u32 = 8;
+pub const MAX_HUGE_COUNT: u32 = 4;
 
 /// Settings resolved for one tier.
 #[derive(Clone, Copy, Debug)]
@@ -69,8 +69,10 @@ pub struct TokenParams {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenState {
     window: SlidingMinute,
-    minutes: Option<LogBaseline>,
-    size: Option<LogBaseline>,
+    /// Tokens per active minute (`n == 0`: not started, the prior applies).
+    minutes: LogBaseline,
+    /// Completion sizes (`n == 0`: not started).
+    size: LogBaseline,
     bar: f32,
     huge: [u32; MAX_HUGE_COUNT as usize],
     huge_len: u8,
@@ -125,19 +127,22 @@ impl TokenState {
     ) -> Option<TokenSpike> {
         if let Some(closed) = self.window.advance(t) {
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
-                let minutes = self.minutes.get_or_insert_with(|| {
-                    LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1)
-                });
-                minutes.observe(closed as f64, p.alpha_min, PRIOR_WEIGHT);
+                if self.minutes.n == 0 {
+                    self.minutes = LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1);
+                }
+                self.minutes
+                    .observe(closed as f64, p.alpha_min, PRIOR_WEIGHT);
             }
             self.bar = 0.0;
         }
         self.window.add(tokens.min(u32::MAX as u64) as u32);
         let mut cause = None;
         if let Some(c) = completion.filter(|&c| c > 0) {
-            let mut size = self
-                .size
-                .unwrap_or_else(|| LogBaseline::with_prior(p.size_prior.0, p.size_prior.1));
+            let mut size = if self.size.n == 0 {
+                LogBaseline::with_prior(p.size_prior.0, p.size_prior.1)
+            } else {
+                self.size
+            };
             let bar = size.upper(p.huge_z).min(p.huge_cap).max(p.huge_floor);
             if c as f64 >= bar {
                 let now_s = t.secs;
@@ -154,15 +159,13 @@ impl TokenState {
             } else {
                 size.observe(c as f64, p.alpha_min, PRIOR_WEIGHT);
             }
-            self.size = Some(size);
+            self.size = size;
         }
-        let warmed = self.minutes.is_some_and(|m| m.n >= WARM_MINUTES);
+        let warmed = self.minutes.n >= WARM_MINUTES;
         if cause.is_none() && warmed {
             let est = self.window.estimate(t);
             if est >= p.min_burst {
-                let minutes = self
-                    .minutes
-                    .unwrap_or_else(|| LogBaseline::with_prior(p.minute_prior.0, p.minute_prior.1));
+                let minutes = self.minutes;
                 if self.bar == 0.0 {
                     self.bar = minutes
                         .upper(p.burst_z)
