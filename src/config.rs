@@ -22,6 +22,45 @@ pub struct Config {
     pub engine: EngineConfig,
     /// How secrets a gateway sends by mistake are handled.
     pub privacy: PrivacyConfig,
+    /// Where gateway records come from (`keywatch run`).
+    pub kafka: ingest::config::KafkaConfig,
+    /// Batching, checkpoints and the Parquet lake (`keywatch run`).
+    pub pipeline: ingest::config::PipelineConfig,
+    /// The database (`keywatch run`, `keywatch migrate`).
+    pub postgres: PostgresConfig,
+}
+
+/// The database.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL (`postgres://user@host:5432/db`). Unset: the
+    /// `DATABASE_URL` environment variable, as sqlx and most tools read it.
+    /// Passwords belong in the environment or `~/.pgpass`, not here.
+    pub url: Option<String>,
+    /// Connections in the pool (one per busy partition is plenty).
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            max_connections: 8,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The URL in force: the file's, else `DATABASE_URL`.
+    pub fn url(&self) -> Result<String> {
+        match &self.url {
+            Some(u) => Ok(u.clone()),
+            None => std::env::var("DATABASE_URL").map_err(|_| {
+                anyhow::anyhow!("postgres.url: not set, and neither is DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres)")
+            }),
+        }
+    }
 }
 
 /// Secret handling.
@@ -82,6 +121,11 @@ impl Config {
                 anyhow::anyhow!("{origin}: {}", e.message().trim())
             })?;
         cfg.engine.validate().context("invalid config (engine)")?;
+        cfg.kafka.validate()?;
+        cfg.pipeline.validate()?;
+        if cfg.postgres.max_connections == 0 {
+            bail!("postgres.max_connections: must be at least 1");
+        }
         Ok(cfg)
     }
 

@@ -3,6 +3,7 @@
 mod alloc;
 mod config;
 mod replay;
+mod run;
 mod simulate;
 
 use std::path::PathBuf;
@@ -25,6 +26,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The service: consume gateway records from Kafka, run every detector,
+    /// and commit rollups, alerts, actions, state and offsets to Postgres in
+    /// one transaction per batch (plus Parquet files for the lake).
+    Run(run::RunArgs),
+    /// Create or update the Postgres schema (also done by `run` at start-up).
+    Migrate(run::MigrateArgs),
     /// Run the detectors over NDJSON gateway records, in file order on event
     /// time. Alerts go to stdout as NDJSON; a summary goes to stderr.
     Replay(replay::ReplayArgs),
@@ -45,6 +52,8 @@ pub struct ConfigArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Migrate(args) => run::migrate(args),
         Command::Replay(args) => replay::run(args),
         Command::Simulate(args) => simulate::run(args),
     };

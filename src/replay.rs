@@ -135,7 +135,8 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             std::hint::black_box(&ev);
             return Ok(());
         }
-        if engine.observe(&ev, &mut alerts) == Outcome::Counted && !alerts.is_empty() {
+        if matches!(engine.observe(&ev, &mut alerts), Outcome::Counted { .. }) && !alerts.is_empty()
+        {
             for a in alerts.drain(..) {
                 serde_json::to_writer(&mut out, &a)?;
                 out.write_all(b"\n")?;

@@ -483,6 +483,16 @@ impl<'a> Scanner<'a> {
                             } else {
                                 hi
                             };
+                            if c == 0 {
+                                // Postgres text cannot hold NUL, and no id or name needs one.
+                                return Err(DecodeError::new(
+                                    field,
+                                    Problem::Invalid {
+                                        expected: "text without NUL characters",
+                                        got: "\"\\u0000\"".to_string(),
+                                    },
+                                ));
+                            }
                             out.push(
                                 char::from_u32(c).ok_or_else(|| {
                                     self.string_syntax(field, "a valid \\u escape")
@@ -1033,6 +1043,13 @@ mod tests {
                 r#"{{"ts":"2026-11-23T10:15:02Z","request_id":"{long}","user_id":"u","key_id":"k"}}"#
             )),
             "request_id: longer than 128 characters (129)"
+        );
+        let nul = err(
+            r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"a\u0000b","key_id":"k"}"#,
+        );
+        assert_eq!(
+            nul,
+            "user_id: expected text without NUL characters, got \"\\u0000\""
         );
         let bad_utf8 = dec().decode(b"{\"ts\":\"\xff\"}").unwrap_err();
         assert_eq!(bad_utf8.to_string(), "record: not valid UTF-8 at byte 7");

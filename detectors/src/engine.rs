@@ -40,7 +40,11 @@ const SWEEP_EVERY_MINUTES: u32 = 30;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Counted by every detector that applies.
-    Counted,
+    Counted {
+        /// What the record cost, in micro-dollars (its `cost_usd`, else priced;
+        /// 0 for request-phase records), as the budgets counted it.
+        cost_micros: u64,
+    },
     /// A repeat of a (request_id, phase) already counted: changed nothing.
     Duplicate,
 }
@@ -612,7 +616,7 @@ impl Engine {
         for a in &out[before..] {
             *self.stats.alerts.entry(a.kind).or_default() += 1;
         }
-        Outcome::Counted
+        Outcome::Counted { cost_micros }
     }
 
     fn note_unpriced(&mut self, model: Option<&str>) {
@@ -953,7 +957,12 @@ mod tests {
                 .filter(|a| a.kind == AlertKind::BudgetThreshold)
                 .count()
         };
-        assert_eq!(e.observe(&r.event(), &mut out), Outcome::Counted);
+        assert_eq!(
+            e.observe(&r.event(), &mut out),
+            Outcome::Counted {
+                cost_micros: 600_000
+            }
+        );
         assert_eq!(budget(&out), 1, "50% of $1");
         let before = out.len();
         assert_eq!(e.observe(&r.event(), &mut out), Outcome::Duplicate);
@@ -967,7 +976,10 @@ mod tests {
             phase: Phase::Response,
             ..r.clone()
         };
-        assert_eq!(e.observe(&resp.event(), &mut out), Outcome::Counted);
+        assert!(matches!(
+            e.observe(&resp.event(), &mut out),
+            Outcome::Counted { .. }
+        ));
         assert_eq!(e.stats().duplicates, 1);
     }
 

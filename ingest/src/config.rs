@@ -1,0 +1,160 @@
+//! Settings of the Kafka pipeline.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the records come from and where bad ones go.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Topics of gateway records, keyed by `user_id` (so one user's records stay in one partition).
+    pub topics: Vec<String>,
+    /// Consumer group: instances with the same group split the partitions.
+    pub group_id: String,
+    /// Topic for records that cannot be decoded, with headers naming their origin and the error.
+    pub dead_letter_topic: String,
+    /// Where a partition with no stored offset starts: `earliest` or `latest`.
+    pub start_from: String,
+    /// Further librdkafka settings passed through unchanged: security
+    /// (`security.protocol`, `sasl.mechanisms`, `sasl.username`,
+    /// `sasl.password`, `ssl.ca.location`, …) and tuning. Values are never
+    /// logged. keywatch sets `enable.auto.commit=false` itself: offsets live
+    /// in Postgres.
+    pub settings: BTreeMap<String, String>,
+    /// librdkafka settings whose values come from environment variables at
+    /// start-up: setting name to variable name (`"sasl.password" =
+    /// "KAFKA_PASSWORD"`), so secrets stay out of the file.
+    pub settings_from_env: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            topics: vec!["gateway-events".into()],
+            group_id: "keywatch".into(),
+            dead_letter_topic: "gateway-events-dlq".into(),
+            start_from: "earliest".into(),
+            settings: BTreeMap::new(),
+            settings_from_env: BTreeMap::new(),
+        }
+    }
+}
+
+/// How partitions are worked. Each partition's worker holds one batch at a
+/// time and does not read on while that batch commits: memory per partition
+/// is bounded by `batch_max_records`, and a slow Postgres slows the read
+/// rather than growing a queue.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// A batch closes at this many records…
+    pub batch_max_records: usize,
+    /// …or this many milliseconds after its first record, whichever comes first.
+    pub batch_max_ms: u64,
+    /// The engine's full state is checkpointed at most this often (seconds),
+    /// and always on a partition's first commit, on revoke and on shutdown;
+    /// after a crash a partition resumes from its checkpoint and re-reads
+    /// (without writing) up to its committed offset.
+    pub checkpoint_interval_secs: u64,
+    /// Directory of the Parquet lake (`dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet`); unset: no Parquet.
+    pub parquet_dir: Option<PathBuf>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_max_records: 20_000,
+            batch_max_ms: 500,
+            checkpoint_interval_secs: 60,
+            parquet_dir: Some(PathBuf::from("keywatch-data/lake")),
+        }
+    }
+}
+
+/// Why a pipeline setting was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct PipelineConfigError {
+    /// The dotted path of the field at fault.
+    pub field: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl KafkaConfig {
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<(), PipelineConfigError> {
+        let bad = |field, problem: &str| {
+            Err(PipelineConfigError {
+                field,
+                problem: problem.to_string(),
+            })
+        };
+        if self.brokers.trim().is_empty() {
+            return bad("kafka.brokers", "must name at least one broker");
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return bad("kafka.topics", "must list at least one topic, none empty");
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("kafka.group_id", "must not be empty");
+        }
+        if self.dead_letter_topic.trim().is_empty() || self.topics.contains(&self.dead_letter_topic)
+        {
+            return bad(
+                "kafka.dead_letter_topic",
+                "must be set and differ from the input topics",
+            );
+        }
+        if !matches!(self.start_from.as_str(), "earliest" | "latest") {
+            return bad("kafka.start_from", "expected \"earliest\" or \"latest\"");
+        }
+        for k in ["enable.auto.commit", "group.id", "bootstrap.servers"] {
+            if self.settings.contains_key(k) || self.settings_from_env.contains_key(k) {
+                return bad("kafka.settings", &format!("{k} is set by keywatch (use the dedicated field, or offsets live in Postgres)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The librdkafka settings in force: `settings`, plus `settings_from_env`
+    /// read from the environment (a missing variable is an error naming it).
+    pub fn client_settings(&self) -> Result<BTreeMap<String, String>, PipelineConfigError> {
+        let mut all = self.settings.clone();
+        for (k, var) in &self.settings_from_env {
+            let v = std::env::var(var).map_err(|_| PipelineConfigError {
+                field: "kafka.settings_from_env",
+                problem: format!("{k}: environment variable {var} is not set"),
+            })?;
+            all.insert(k.clone(), v);
+        }
+        Ok(all)
+    }
+}
+
+impl PipelineConfig {
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<(), PipelineConfigError> {
+        let bad = |field, problem: &str| {
+            Err(PipelineConfigError {
+                field,
+                problem: problem.to_string(),
+            })
+        };
+        if self.batch_max_records == 0 {
+            return bad("pipeline.batch_max_records", "must be at least 1");
+        }
+        if self.batch_max_ms == 0 {
+            return bad("pipeline.batch_max_ms", "must be at least 1");
+        }
+        if self.checkpoint_interval_secs == 0 {
+            return bad("pipeline.checkpoint_interval_secs", "must be at least 1");
+        }
+        Ok(())
+    }
+}

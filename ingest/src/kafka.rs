@@ -1,0 +1,936 @@
+//! The Kafka pipeline: a consumer group whose every assigned partition is
+//! worked by its own thread, owning that partition's detector [`Engine`].
+//!
+//! **Exactly-once effects.** A partition's batch (rollups, alerts,
+//! revocation actions, outbox rows, and now and then the engine's full
+//! state) is committed to Postgres in one transaction together with the
+//! partition's next offset; Kafka's own offset commits are not used. On
+//! assignment the consumer starts the partition at its last engine
+//! checkpoint and re-reads, without writing anything, up to the committed
+//! offset, which rebuilds the engine exactly as it was (detectors are
+//! deterministic), then goes on writing. A crash at any point therefore
+//! replays from the last commit and neither loses nor double counts. The
+//! offset row is fenced: a commit must start at the offset stored, so a
+//! consumer that lost its partition cannot commit over the new owner.
+//!
+//! **Bad records** are dead-lettered with headers naming the origin topic,
+//! partition, offset and the error; the batch does not commit until the
+//! dead-letter writes are acknowledged, so if the dead-letter topic cannot
+//! be written the partition stops advancing rather than skipping.
+//!
+//! **Threads, not tasks.** librdkafka calls the rebalance callback on the
+//! thread that polls the consumer; doing the work there (loading offsets,
+//! draining revoked partitions) needs blocking calls into Postgres, which
+//! is simplest and safest from plain threads driving a tokio runtime by
+//! handle. Each worker reads its own partition queue
+//! (`split_partition_queue`, split off before the partition is assigned so
+//! no record ever reaches the main queue), holds one batch, and does not
+//! read on while that batch commits: that is the backpressure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use detectors::{Alert, Decoder, Engine, EngineConfig, EngineState, Outcome};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use storage::{BatchCommit, PartitionStart, StorageError, Store};
+
+use crate::batch::{event_row, Rollups};
+use crate::config::{KafkaConfig, PipelineConfig};
+
+/// How long a revoke waits for a partition's last batch to commit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait between retries of a failing commit or dead-letter write.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why the pipeline could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The Kafka client could not be created or subscribed.
+    #[error("kafka: {what}")]
+    Kafka {
+        /// What was being done.
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The detector configuration was refused.
+    #[error("engine config")]
+    Engine(#[from] detectors::ConfigError),
+    /// A Kafka setting was refused.
+    #[error("kafka config")]
+    Config(#[from] crate::config::PipelineConfigError),
+}
+
+/// Counters of a running pipeline (one place, so a metric and a log line agree).
+#[derive(Debug, Default)]
+pub struct PipelineMetrics {
+    /// Records read from Kafka (including those re-read after a restart).
+    pub records: AtomicU64,
+    /// Records re-read up to the committed offset to rebuild state (no writes).
+    pub caught_up: AtomicU64,
+    /// Records decoded and observed.
+    pub decoded: AtomicU64,
+    /// Records dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Alerts committed (before de-duplication by id).
+    pub alerts: AtomicU64,
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Commits refused because another consumer owns the partition now.
+    pub fenced: AtomicU64,
+    /// Commit or dead-letter attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Partitions stopped by a commit that cannot succeed (a bug or a data error).
+    pub stalled: AtomicU64,
+    /// Records that arrived on the consumer's main queue instead of their partition's (should stay 0).
+    pub unexpected: AtomicU64,
+    /// Offset gaps a partition's worker saw (compaction or transactions; else a bug).
+    pub gaps: AtomicU64,
+    /// Partitions being worked right now.
+    pub partitions: AtomicU64,
+    /// Milliseconds the last batch commit took.
+    pub last_commit_ms: AtomicU64,
+}
+
+/// Everything a partition worker needs, shared.
+struct Shared {
+    kafka: KafkaConfig,
+    pipeline: PipelineConfig,
+    engine: EngineConfig,
+    decoder: Decoder,
+    store: Store,
+    rt: tokio::runtime::Handle,
+    producer: FutureProducer,
+    metrics: Arc<PipelineMetrics>,
+    consumer: OnceLock<Weak<BaseConsumer<PipelineContext>>>,
+    workers: Mutex<HashMap<(String, i32), Worker>>,
+}
+
+/// A running partition worker.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// The consumer context: does the rebalance work.
+struct PipelineContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for PipelineContext {}
+
+impl ConsumerContext for PipelineContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut starts = Vec::new();
+                for el in tpl.elements() {
+                    let (topic, partition) = (el.topic().to_string(), el.partition());
+                    let start = self.shared.load_start(&topic, partition);
+                    starts.push((topic, partition, start));
+                }
+                for (topic, partition, start) in &starts {
+                    let offset = match (&start.checkpoint, start.next_offset) {
+                        (Some((at, _)), _) => Offset::Offset(*at),
+                        (None, Some(next)) => {
+                            // Committed without a checkpoint cannot happen (the first
+                            // commit writes one); rebuild from the beginning to be safe.
+                            eprintln!("keywatch: {topic}[{partition}]: offset {next} stored without a checkpoint; rebuilding from the beginning");
+                            Offset::Beginning
+                        }
+                        (None, None) if self.shared.kafka.start_from == "latest" => Offset::End,
+                        (None, None) => Offset::Beginning,
+                    };
+                    let _ = tpl.set_partition_offset(topic, *partition, offset);
+                }
+                // Split each partition's queue off *before* assigning: librdkafka
+                // then never forwards its messages to the main queue, so a worker
+                // sees its partition's records in order, all of them.
+                let Some(arc) = self.shared.consumer.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                let queues: Vec<_> = starts
+                    .iter()
+                    .map(|(t, p, _)| arc.split_partition_queue(t, *p))
+                    .collect();
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    eprintln!("keywatch: assigning partitions failed: {e}");
+                    return;
+                }
+                for ((topic, partition, start), queue) in starts.into_iter().zip(queues) {
+                    match queue {
+                        Some(q) => self.shared.spawn_worker(q, topic, partition, start),
+                        None => eprintln!("keywatch: {topic}[{partition}]: no partition queue"),
+                    }
+                }
+            }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                self.shared.stop_workers(&parts);
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    eprintln!("keywatch: unassigning partitions failed: {e}");
+                }
+            }
+            other => {
+                eprintln!("keywatch: rebalance error: {other:?}");
+                let all: Vec<(String, i32)> = self
+                    .shared
+                    .workers
+                    .lock()
+                    .expect("workers lock")
+                    .keys()
+                    .cloned()
+                    .collect();
+                self.shared.stop_workers(&all);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Loads where a partition resumes, retrying while Postgres is away.
+    fn load_start(&self, topic: &str, partition: i32) -> PartitionStart {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self
+                .rt
+                .block_on(self.store.load_partition(topic, partition))
+            {
+                Ok(s) => return s,
+                Err(e) => {
+                    eprintln!("keywatch: {topic}[{partition}]: loading offset and checkpoint: {}; retrying", chain(&e));
+                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn spawn_worker(
+        self: &Arc<Self>,
+        queue: rdkafka::consumer::base_consumer::PartitionQueue<PipelineContext>,
+        topic: String,
+        partition: i32,
+        start: PartitionStart,
+    ) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::clone(self);
+        let (t, p, s) = (topic.clone(), partition, Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name(format!("kw-{topic}-{partition}"))
+            .spawn(move || {
+                shared.metrics.partitions.fetch_add(1, Ordering::Relaxed);
+                let mut w = PartitionWorker::new(&shared, t, p, start, s);
+                w.run(queue);
+                shared.metrics.partitions.fetch_sub(1, Ordering::Relaxed);
+            })
+            .expect("spawning a partition worker");
+        self.workers
+            .lock()
+            .expect("workers lock")
+            .insert((topic, partition), Worker { stop, thread });
+    }
+
+    /// Asks workers to finish their batch, commit and stop; waits for them.
+    fn stop_workers(&self, parts: &[(String, i32)]) {
+        let taken: Vec<Worker> = {
+            let mut w = self.workers.lock().expect("workers lock");
+            parts.iter().filter_map(|k| w.remove(k)).collect()
+        };
+        for w in &taken {
+            w.stop.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for w in taken {
+            while !w.thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if w.thread.is_finished() {
+                let _ = w.thread.join();
+            } else {
+                eprintln!("keywatch: a partition worker did not finish within {DRAIN_TIMEOUT:?}; its batch will be re-read by the next owner");
+            }
+        }
+    }
+}
+
+/// One dead-letter record waiting for its acknowledgement.
+struct DeadLetter {
+    payload: Vec<u8>,
+    key: Option<Vec<u8>>,
+    offset: i64,
+    error: String,
+}
+
+/// The state of one partition's worker.
+struct PartitionWorker<'s> {
+    shared: &'s Shared,
+    topic: String,
+    partition: i32,
+    stop: Arc<AtomicBool>,
+    engine: Engine,
+    decoder: Decoder,
+    /// The offset stored in Postgres: re-read records below it change no data.
+    committed: Option<i64>,
+    /// Next offset expected (lower ones are re-deliveries).
+    next_expected: Option<i64>,
+    last_checkpoint: Instant,
+    // The open batch.
+    first: Option<i64>,
+    last: i64,
+    forced_end: Option<i64>,
+    opened: Instant,
+    rollups: Rollups,
+    alerts: Vec<Alert>,
+    scratch: Vec<Alert>,
+    lake: Vec<storage::parquet::EventRow>,
+    dead: Vec<DeadLetter>,
+    fenced: bool,
+    /// The first batch after assignment has been opened.
+    resumed: bool,
+    /// The first record after assignment was the one asked for.
+    resume_verified: bool,
+    /// Seeks back made to get it.
+    rewinds: u32,
+    /// Offset of the last checkpoint this worker wrote.
+    checkpoint_at: Option<i64>,
+}
+
+impl<'s> PartitionWorker<'s> {
+    fn new(
+        shared: &'s Shared,
+        topic: String,
+        partition: i32,
+        start: PartitionStart,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        let checkpoint_at = start.checkpoint.as_ref().map(|c| c.0);
+        let (engine, next_expected) = match start.checkpoint {
+            Some((at, bytes)) => match serde_json::from_slice::<EngineState>(&bytes) {
+                Ok(state) => (
+                    Engine::restore(&shared.engine, state).expect("engine config was validated"),
+                    Some(at),
+                ),
+                Err(e) => {
+                    eprintln!("keywatch: {topic}[{partition}]: checkpoint at {at} unreadable ({e}); rebuilding from the beginning");
+                    (
+                        Engine::new(&shared.engine).expect("engine config was validated"),
+                        None,
+                    )
+                }
+            },
+            None => (
+                Engine::new(&shared.engine).expect("engine config was validated"),
+                None,
+            ),
+        };
+        PartitionWorker {
+            shared,
+            decoder: shared.decoder.clone(),
+            topic,
+            partition,
+            stop,
+            engine,
+            committed: start.next_offset,
+            next_expected,
+            last_checkpoint: Instant::now(),
+            first: None,
+            last: 0,
+            forced_end: None,
+            opened: Instant::now(),
+            rollups: Rollups::default(),
+            alerts: Vec::new(),
+            scratch: Vec::new(),
+            lake: Vec::new(),
+            dead: Vec::new(),
+            fenced: false,
+            resumed: false,
+            resume_verified: false,
+            rewinds: 0,
+            checkpoint_at,
+        }
+    }
+
+    fn run(&mut self, queue: rdkafka::consumer::base_consumer::PartitionQueue<PipelineContext>) {
+        let max_wait = Duration::from_millis(self.shared.pipeline.batch_max_ms.min(100));
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                self.commit(true);
+                return;
+            }
+            match queue.poll(max_wait) {
+                Some(Ok(m)) => self.handle(m.offset(), m.payload(), m.key()),
+                Some(Err(e)) => eprintln!(
+                    "keywatch: {}[{}]: consume error: {e}",
+                    self.topic, self.partition
+                ),
+                None => {}
+            }
+            if self.fenced {
+                return;
+            }
+            let full = self.lake.len() + self.dead.len() >= self.shared.pipeline.batch_max_records;
+            let due = self.first.is_some()
+                && self.opened.elapsed()
+                    >= Duration::from_millis(self.shared.pipeline.batch_max_ms);
+            let at_boundary = self
+                .forced_end
+                .is_some_and(|end| self.first.is_some() && self.last >= end);
+            if full || due || at_boundary {
+                self.commit(false);
+                if self.fenced {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, offset: i64, payload: Option<&[u8]>, key: Option<&[u8]>) {
+        if let Some(n) = self.next_expected {
+            if offset < n {
+                return; // a re-delivery after a seek
+            }
+            if offset > n && !self.resume_verified && self.rewind(n) {
+                return;
+            }
+            self.resume_verified = true;
+            if offset > n {
+                // Compaction and transaction markers leave gaps; so would a bug.
+                self.shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "keywatch: {}[{}]: offsets {n}..{offset} were not delivered",
+                    self.topic, self.partition
+                );
+            }
+        }
+        self.next_expected = Some(offset + 1);
+        self.shared.metrics.records.fetch_add(1, Ordering::Relaxed);
+        let payload = payload.unwrap_or(&[]);
+        if self.committed.is_some_and(|c| offset < c) {
+            // Re-reading to rebuild state: the effects of these records are committed.
+            self.shared
+                .metrics
+                .caught_up
+                .fetch_add(1, Ordering::Relaxed);
+            if let Ok(ev) = self.decoder.decode(payload) {
+                self.engine.observe(&ev, &mut self.scratch);
+                self.scratch.clear();
+            }
+            return;
+        }
+        if self.first.is_none() {
+            self.first = Some(offset);
+            self.opened = Instant::now();
+            // A crash after the Parquet file of a batch but before its commit:
+            // end this batch where that file ends, so it is rewritten, not doubled.
+            // Only the first batch after an assignment can meet such a file.
+            self.forced_end = match &self.shared.pipeline.parquet_dir {
+                Some(dir) if !self.resumed => {
+                    self.resumed = true;
+                    storage::parquet::existing_batch_end(dir, &self.topic, self.partition, offset)
+                        .unwrap_or_else(|e| {
+                            eprintln!(
+                                "keywatch: {}[{}]: looking for a file to rewrite: {}",
+                                self.topic,
+                                self.partition,
+                                chain(&e)
+                            );
+                            None
+                        })
+                }
+                _ => None,
+            };
+        }
+        self.last = offset;
+        match self.decoder.decode(payload) {
+            Ok(ev) => {
+                self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
+                let outcome = self.engine.observe(&ev, &mut self.alerts);
+                let duplicate = match outcome {
+                    Outcome::Counted { cost_micros } => {
+                        self.rollups.add(&ev, cost_micros);
+                        false
+                    }
+                    Outcome::Duplicate => true,
+                };
+                if self.shared.pipeline.parquet_dir.is_some() {
+                    self.lake.push(event_row(&ev, offset, duplicate));
+                }
+            }
+            Err(e) => {
+                self.dead.push(DeadLetter {
+                    payload: redact(payload),
+                    key: key.map(<[u8]>::to_vec),
+                    offset,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// The first record after a resume is past the one asked for. Some
+    /// brokers (tansu) answer a fetch from the middle of a stored record batch
+    /// with the *next* batch; asking from further back gets the whole batch,
+    /// and the records before the resume point are skipped. Returns false when
+    /// rewinding is exhausted (the gap is then real: retention or compaction).
+    fn rewind(&mut self, want: i64) -> bool {
+        if self.rewinds >= 6 {
+            return false;
+        }
+        let back = (want - (1000i64 << (2 * self.rewinds))).max(0);
+        self.rewinds += 1;
+        let Some(consumer) = self.shared.consumer.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        match consumer.seek(
+            &self.topic,
+            self.partition,
+            Offset::Offset(back),
+            Duration::from_secs(10),
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "keywatch: {}[{}]: seeking back to {back}: {e}",
+                    self.topic, self.partition
+                );
+                false
+            }
+        }
+    }
+
+    /// Writes the batch: dead letters (acknowledged), the Parquet file, then
+    /// one Postgres transaction. Retries until it succeeds, the partition is
+    /// fenced, or a stop is requested (then nothing is committed and the next
+    /// owner re-reads the batch).
+    fn commit(&mut self, final_commit: bool) {
+        let checkpoint_due = final_commit
+            || self.committed.is_none()
+            || self.last_checkpoint.elapsed()
+                >= Duration::from_secs(self.shared.pipeline.checkpoint_interval_secs);
+        let (start_offset, next_offset) = match (self.first, self.committed) {
+            (Some(first), committed) => (committed.unwrap_or(first), self.last + 1),
+            // Leaving with no open batch: still hand the next owner a checkpoint
+            // at the committed offset, so it need not re-read to rebuild state,
+            // but only if this engine has reached that offset.
+            (None, Some(c))
+                if final_commit
+                    && self.checkpoint_at != Some(c)
+                    && self.next_expected.is_some_and(|n| n >= c) =>
+            {
+                (c, c)
+            }
+            (None, _) => return,
+        };
+        let started = Instant::now();
+        if !self.send_dead_letters() {
+            return;
+        }
+        // A batch of nothing but dead letters has no lake rows, and no file.
+        if let (Some(dir), Some(first)) = (
+            self.shared
+                .pipeline
+                .parquet_dir
+                .as_ref()
+                .filter(|_| !self.lake.is_empty()),
+            self.first,
+        ) {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match storage::parquet::write_batch(
+                    dir,
+                    &self.topic,
+                    self.partition,
+                    first,
+                    self.last,
+                    &self.lake,
+                    0,
+                ) {
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!(
+                            "keywatch: {}[{}]: writing Parquet: {}; retrying",
+                            self.topic,
+                            self.partition,
+                            chain(&e)
+                        );
+                        if !self.backoff(&mut backoff) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let checkpoint = if checkpoint_due {
+            Some(serde_json::to_vec(self.engine.state()).expect("engine state serializes"))
+        } else {
+            None
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let batch = BatchCommit {
+                topic: &self.topic,
+                partition: self.partition,
+                start_offset,
+                next_offset,
+                rollups: self.rollups.rows(),
+                alerts: &self.alerts,
+                checkpoint: checkpoint.as_deref(),
+            };
+            match self
+                .shared
+                .rt
+                .block_on(self.shared.store.commit_batch(&batch))
+            {
+                Ok(()) => break,
+                Err(StorageError::Fenced { stored, .. }) => {
+                    eprintln!(
+                        "keywatch: {}[{}]: another consumer owns this partition now (stored offset {stored}, ours {start_offset}); stopping",
+                        self.topic, self.partition
+                    );
+                    self.shared.metrics.fenced.fetch_add(1, Ordering::Relaxed);
+                    self.fenced = true;
+                    return;
+                }
+                Err(e) if e.is_transient() => {
+                    eprintln!(
+                        "keywatch: {}[{}]: commit failed: {}; retrying",
+                        self.topic,
+                        self.partition,
+                        chain(&e)
+                    );
+                    if !self.backoff(&mut backoff) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Retrying the same batch would fail the same way, and skipping
+                    // it would lose data: the partition stops advancing, loudly.
+                    eprintln!(
+                        "keywatch: {}[{}]: commit refused: {}; this partition stops at offset {start_offset} until an operator acts",
+                        self.topic,
+                        self.partition,
+                        chain(&e)
+                    );
+                    self.shared.metrics.stalled.fetch_add(1, Ordering::Relaxed);
+                    self.fenced = true;
+                    return;
+                }
+            }
+        }
+        let m = &self.shared.metrics;
+        m.batches.fetch_add(1, Ordering::Relaxed);
+        m.alerts
+            .fetch_add(self.alerts.len() as u64, Ordering::Relaxed);
+        m.last_commit_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if checkpoint_due {
+            self.last_checkpoint = Instant::now();
+            self.checkpoint_at = Some(next_offset);
+        }
+        self.committed = Some(next_offset);
+        self.first = None;
+        self.forced_end = None;
+        self.rollups.clear();
+        self.alerts.clear();
+        self.lake.clear();
+    }
+
+    /// Sleeps before a retry; false when a stop was requested instead.
+    fn backoff(&self, backoff: &mut Duration) -> bool {
+        self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        if self.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        true
+    }
+
+    /// Produces the batch's dead letters and waits for every acknowledgement.
+    fn send_dead_letters(&mut self) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        while !self.dead.is_empty() {
+            let partition = self.partition.to_string();
+            let mut pending = Vec::with_capacity(self.dead.len());
+            for d in &self.dead {
+                let offset = d.offset.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "keywatch.origin.topic",
+                        value: Some(self.topic.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "keywatch.origin.partition",
+                        value: Some(partition.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "keywatch.origin.offset",
+                        value: Some(offset.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "keywatch.error",
+                        value: Some(d.error.as_bytes()),
+                    });
+                let mut rec = FutureRecord::to(&self.shared.kafka.dead_letter_topic)
+                    .payload(&d.payload)
+                    .headers(headers);
+                if let Some(k) = &d.key {
+                    rec = rec.key(k);
+                }
+                pending.push(self.shared.producer.send_result(rec).map_err(|(e, _)| e));
+            }
+            let mut failed = Vec::new();
+            for (i, p) in pending.into_iter().enumerate() {
+                let ok = match p {
+                    Ok(fut) => matches!(self.shared.rt.block_on(fut), Ok(Ok(_))),
+                    Err(_) => false,
+                };
+                if !ok {
+                    failed.push(i);
+                }
+            }
+            if failed.is_empty() {
+                self.shared
+                    .metrics
+                    .dead_lettered
+                    .fetch_add(self.dead.len() as u64, Ordering::Relaxed);
+                self.dead.clear();
+                return true;
+            }
+            eprintln!(
+                "keywatch: {}[{}]: {} of {} dead letters not acknowledged; the partition waits",
+                self.topic,
+                self.partition,
+                failed.len(),
+                self.dead.len()
+            );
+            // Retry the whole set: a dead letter written twice is harmless, one lost is not.
+            if !self.backoff(&mut backoff) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// An error with its causes, for log lines (`top: cause: root cause`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// A bad record's payload for the dead-letter topic, with any raw secret a
+/// gateway logged by mistake (`api_key`, `prompt`) removed when the record
+/// is a JSON object; other bytes go as they came.
+pub fn redact(payload: &[u8]) -> Vec<u8> {
+    if let Ok(serde_json::Value::Object(mut m)) =
+        serde_json::from_slice::<serde_json::Value>(payload)
+    {
+        let mut changed = false;
+        for k in ["api_key", "prompt"] {
+            if let Some(v) = m.get_mut(k) {
+                *v = serde_json::Value::String("[redacted by keywatch]".into());
+                changed = true;
+            }
+        }
+        if changed {
+            return serde_json::to_vec(&m).unwrap_or_else(|_| payload.to_vec());
+        }
+    }
+    payload.to_vec()
+}
+
+/// A handle on a running pipeline.
+pub struct Pipeline {
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<PipelineContext>>,
+}
+
+impl Pipeline {
+    /// Creates the consumer and the dead-letter producer and subscribes.
+    pub fn start(
+        kafka: KafkaConfig,
+        pipeline: PipelineConfig,
+        engine: EngineConfig,
+        hash_key: &[u8],
+        store: Store,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Pipeline, PipelineError> {
+        Engine::new(&engine)?;
+        let settings = kafka.client_settings()?;
+        let mut common = ClientConfig::new();
+        common.set("bootstrap.servers", &kafka.brokers);
+        for (k, v) in &settings {
+            common.set(k, v);
+        }
+        let producer: FutureProducer = {
+            let mut c = common.clone();
+            c.set("acks", "all").set("enable.idempotence", "true");
+            c.create().map_err(|source| PipelineError::Kafka {
+                what: "creating the dead-letter producer",
+                source,
+            })?
+        };
+        let shared = Arc::new(Shared {
+            decoder: Decoder::new(hash_key),
+            kafka,
+            pipeline,
+            engine,
+            store,
+            rt,
+            producer,
+            metrics: Arc::new(PipelineMetrics::default()),
+            consumer: OnceLock::new(),
+            workers: Mutex::new(HashMap::new()),
+        });
+        let mut c = common;
+        c.set("group.id", &shared.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &shared.kafka.start_from)
+            .set("enable.partition.eof", "false");
+        for (k, v) in [
+            ("fetch.min.bytes", "1048576"),
+            ("fetch.wait.max.ms", "100"),
+            ("max.partition.fetch.bytes", "8388608"),
+            ("partition.assignment.strategy", "range"),
+        ] {
+            if !settings.contains_key(k) {
+                c.set(k, v);
+            }
+        }
+        let consumer: BaseConsumer<PipelineContext> = c
+            .create_with_context(PipelineContext {
+                shared: Arc::clone(&shared),
+            })
+            .map_err(|source| PipelineError::Kafka {
+                what: "creating the consumer",
+                source,
+            })?;
+        let consumer = Arc::new(consumer);
+        let _ = shared.consumer.set(Arc::downgrade(&consumer));
+        let topics: Vec<&str> = shared.kafka.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| PipelineError::Kafka {
+                what: "subscribing",
+                source,
+            })?;
+        Ok(Pipeline { shared, consumer })
+    }
+
+    /// The pipeline's counters.
+    pub fn metrics(&self) -> Arc<PipelineMetrics> {
+        Arc::clone(&self.shared.metrics)
+    }
+
+    /// Polls the consumer until `stop` is set, then drains every partition
+    /// (finish the batch, commit, release) and leaves the group. Blocks: run
+    /// it on its own thread.
+    pub fn run_until(self, stop: &AtomicBool) -> KafkaResult<()> {
+        while !stop.load(Ordering::Acquire) {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                // Every assigned partition's queue is split off before assignment,
+                // so a message here is a bug: say so rather than guess its place.
+                Some(Ok(m)) => {
+                    self.shared
+                        .metrics
+                        .unexpected
+                        .fetch_add(1, Ordering::Relaxed);
+                    eprintln!("keywatch: BUG: a record of {}[{}] at {} reached the main queue and was not processed", m.topic(), m.partition(), m.offset());
+                }
+                Some(Err(e)) => eprintln!("keywatch: consumer: {e}"),
+                None => {}
+            }
+            self.reap_finished();
+        }
+        let all: Vec<(String, i32)> = self
+            .shared
+            .workers
+            .lock()
+            .expect("workers lock")
+            .keys()
+            .cloned()
+            .collect();
+        self.shared.stop_workers(&all);
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Workers that stopped on their own (fenced) are forgotten.
+    fn reap_finished(&self) {
+        let mut w = self.shared.workers.lock().expect("workers lock");
+        let done: Vec<(String, i32)> = w
+            .iter()
+            .filter(|(_, v)| v.thread.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            if let Some(v) = w.remove(&k) {
+                let _ = v.thread.join();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_carry_no_secrets() {
+        let out = redact(
+            br#"{"ts":"bad","api_key":"sk-live-SECRET","prompt":"my secret prompt","user_id":"u"}"#,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains("SECRET") && !text.contains("secret prompt"),
+            "{text}"
+        );
+        assert!(text.contains("\"ts\":\"bad\""));
+        assert_eq!(redact(b"not json at all"), b"not json at all");
+    }
+}

@@ -1,0 +1,134 @@
+//! `keywatch run` (the service) and `keywatch migrate`.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ingest::kafka::Pipeline;
+use storage::Store;
+
+use crate::config::Config;
+use crate::ConfigArg;
+
+/// Arguments of `keywatch run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Seconds between progress lines on stderr (0: none).
+    #[arg(long, default_value_t = 10)]
+    progress_secs: u64,
+}
+
+/// Arguments of `keywatch migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("kw-io")
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn connect(cfg: &Config) -> Result<Store> {
+    let url = cfg.postgres.url()?;
+    let store = Store::connect(&url, cfg.postgres.max_connections)
+        .await
+        .context("connecting to Postgres (postgres.url / DATABASE_URL)")?;
+    store.migrate().await.context("migrating the schema")?;
+    Ok(store)
+}
+
+/// Runs `keywatch migrate`.
+pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    runtime()?.block_on(connect(&cfg))?;
+    eprintln!("keywatch migrate: schema is up to date");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the service until SIGINT or SIGTERM, then drains every partition
+/// (finish the batch, commit, release) and exits.
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    let (key, built_in) = cfg.hash_key()?;
+    if built_in {
+        eprintln!("keywatch run: warning: privacy.hash_key is not set; raw api_key/prompt fields are hashed with the built-in key");
+    }
+    let rt = runtime()?;
+    let store = rt.block_on(connect(&cfg))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        rt.spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("keywatch run: stopping: finishing and committing every partition's batch");
+            stop.store(true, Ordering::Release);
+        });
+    }
+    let pipeline = Pipeline::start(
+        cfg.kafka.clone(),
+        cfg.pipeline.clone(),
+        cfg.engine.clone(),
+        &key,
+        store,
+        rt.handle().clone(),
+    )?;
+    let metrics = pipeline.metrics();
+    eprintln!(
+        "keywatch run: consuming {} from {} as group {}",
+        cfg.kafka.topics.join(", "),
+        cfg.kafka.brokers,
+        cfg.kafka.group_id
+    );
+    let progress = (args.progress_secs > 0).then(|| {
+        let (m, stop, every) = (Arc::clone(&metrics), Arc::clone(&stop), Duration::from_secs(args.progress_secs));
+        std::thread::spawn(move || {
+            let mut last = (Instant::now(), 0u64);
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(every);
+                let r = m.records.load(Ordering::Relaxed);
+                let rate = (r - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                last = (Instant::now(), r);
+                eprintln!(
+                    "keywatch run: {r} records ({rate:.0}/s), {} partitions, {} dead-lettered, {} alerts, {} batches (last commit {} ms), {} retries",
+                    m.partitions.load(Ordering::Relaxed),
+                    m.dead_lettered.load(Ordering::Relaxed),
+                    m.alerts.load(Ordering::Relaxed),
+                    m.batches.load(Ordering::Relaxed),
+                    m.last_commit_ms.load(Ordering::Relaxed),
+                    m.retries.load(Ordering::Relaxed),
+                );
+            }
+        })
+    });
+    pipeline.run_until(&stop).context("consuming")?;
+    stop.store(true, Ordering::Release);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    eprintln!(
+        "keywatch run: stopped after {} records ({} re-read to rebuild state, {} dead-lettered, {} batches, {} offset gaps, {} stalled partitions)",
+        metrics.records.load(Ordering::Relaxed),
+        metrics.caught_up.load(Ordering::Relaxed),
+        metrics.dead_lettered.load(Ordering::Relaxed),
+        metrics.batches.load(Ordering::Relaxed),
+        metrics.gaps.load(Ordering::Relaxed),
+        metrics.stalled.load(Ordering::Relaxed),
+    );
+    Ok(ExitCode::SUCCESS)
+}

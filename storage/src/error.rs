@@ -1,0 +1,114 @@
+//! What can go wrong at the durable edge, and which of it is worth retrying.
+
+use std::path::PathBuf;
+
+/// A failure of the Postgres store or of the Parquet writer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The pool could not be opened: a bad URL, an unreachable server or a refused login.
+    #[error("cannot connect to Postgres")]
+    Connect(#[source] sqlx::Error),
+    /// A migration failed, or the database holds migrations this build does not know
+    /// (or whose text changed since they were applied).
+    #[error("cannot migrate the database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A statement failed; `what` names the step (`"begin"`, `"insert alerts"`, ...).
+    #[error("Postgres failed to {what}")]
+    Query {
+        /// The step that failed.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Another consumer moved this partition's offset since this one loaded it:
+    /// this consumer no longer owns the partition, and nothing of the batch was stored.
+    #[error("{topic}[{partition}] is fenced: the batch starts at offset {expected} but the stored offset is {stored}")]
+    Fenced {
+        /// The Kafka topic.
+        topic: String,
+        /// The Kafka partition.
+        partition: i32,
+        /// The batch's start offset.
+        expected: i64,
+        /// The offset found in `consumer_offsets` (-1 if the row vanished meanwhile).
+        stored: i64,
+    },
+    /// The batch's offsets go backwards (`next_offset < start_offset`): a caller bug.
+    #[error("{topic}[{partition}]: batch offsets go backwards ({start_offset} to {next_offset})")]
+    OffsetsBackwards {
+        /// The Kafka topic.
+        topic: String,
+        /// The Kafka partition.
+        partition: i32,
+        /// The batch's start offset.
+        start_offset: i64,
+        /// The batch's next offset.
+        next_offset: i64,
+    },
+    /// An alert could not be rendered as JSON.
+    #[error("cannot encode alert {alert_id} as JSON")]
+    Encode {
+        /// The alert's id.
+        alert_id: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Parquet (or Arrow) refused to encode or write a file.
+    #[error("cannot write Parquet file {}", path.display())]
+    Parquet {
+        /// The file being written.
+        path: PathBuf,
+        /// The encoder's error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// A file system operation failed.
+    #[error("file system error at {}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether the same call may succeed if tried again after a pause: lost or
+    /// refused connections, pool timeouts, serialization failures and deadlocks,
+    /// a server shutting down or starting up, and file system errors (a full disk
+    /// may be freed). Not retryable: [`StorageError::Fenced`] (the partition is
+    /// gone: stop its task and reload), schema, constraint and data errors (the
+    /// same batch fails the same way).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Connect(e) | StorageError::Query { source: e, .. } => transient_sqlx(e),
+            StorageError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => transient_sqlx(e),
+            StorageError::Io { .. } => true,
+            StorageError::Parquet { source, .. } => {
+                matches!(source, parquet::errors::ParquetError::External(e) if e.is::<std::io::Error>())
+            }
+            StorageError::Migrate(_)
+            | StorageError::Fenced { .. }
+            | StorageError::OffsetsBackwards { .. }
+            | StorageError::Encode { .. } => false,
+        }
+    }
+}
+
+fn transient_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // SQLSTATE classes: 08 connection exception, 40001 serialization
+            // failure, 40P01 deadlock, 53 insufficient resources, 57P0x shutdown
+            // or not yet accepting connections.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}

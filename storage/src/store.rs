@@ -1,0 +1,503 @@
+//! The Postgres store: migrations, where a partition resumes, and the batch commit.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+
+use detectors::{Action, Alert, Severity};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::error::StorageError;
+
+/// The migrations in `storage/migrations`, compiled in: `(version, description, sql)`.
+/// A test checks that every file of the directory is listed here.
+///
+/// `sqlx::migrate!` would read the directory itself, but it needs sqlx's
+/// `macros` feature, which builds sqlx-core and the Postgres driver a second
+/// time for the proc-macro host: a cold build pays for that twice. The
+/// migrations this source yields are the ones `migrate!` would (same version,
+/// description and checksum), so the two can replace each other.
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+
+/// The compiled-in migrations as a sqlx migration source.
+#[derive(Debug)]
+struct EmbeddedMigrations;
+
+impl MigrationSource<'static> for EmbeddedMigrations {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 'static>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// keywatch's Postgres database: a connection pool and the statements that
+/// move data in and out of it. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// Where a partition resumes, as [`Store::load_partition`] finds it.
+///
+/// The checkpoint, when present, is never ahead of the offset (both are
+/// written by the same transactions): `checkpoint.0 <= next_offset`. To
+/// resume, restore the engine from the checkpoint, feed it the records from
+/// `checkpoint.0` up to `next_offset` *for state only* (their rollups,
+/// alerts and files are already stored), then process from `next_offset` on.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PartitionStart {
+    /// The first offset not yet committed; `None`: the partition was never
+    /// committed (start where the consumer's reset policy says).
+    pub next_offset: Option<i64>,
+    /// The latest engine checkpoint: the offset it is valid at (the next record
+    /// it has not seen) and its bytes.
+    pub checkpoint: Option<(i64, Vec<u8>)>,
+}
+
+/// One batch of a partition's work, stored by [`Store::commit_batch`] in one transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchCommit<'a> {
+    /// The Kafka topic.
+    pub topic: &'a str,
+    /// The Kafka partition.
+    pub partition: i32,
+    /// The first offset of the batch: must equal the stored offset (or no
+    /// offset may be stored yet), else the commit is fenced.
+    pub start_offset: i64,
+    /// The offset after the batch's last record: where the partition resumes
+    /// once this batch is committed.
+    pub next_offset: i64,
+    /// The batch's rollups, at most one row per (user, key, minute); they are
+    /// added to what is stored.
+    pub rollups: &'a [RollupRow],
+    /// The batch's alerts; ones already stored (same id) are skipped.
+    pub alerts: &'a [Alert],
+    /// Engine snapshot valid at `next_offset` (taken every few minutes, not every batch).
+    pub checkpoint: Option<&'a [u8]>,
+}
+
+/// Traffic of one user and key in one minute, as a batch adds it to `rollup_minute`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RollupRow {
+    /// The account.
+    pub user_id: String,
+    /// The key id.
+    pub key_id: String,
+    /// Start of the minute, Unix milliseconds (a multiple of 60,000).
+    pub minute_ms: i64,
+    /// Requests counted.
+    pub requests: i64,
+    /// Input tokens.
+    pub prompt_tokens: i64,
+    /// Output tokens.
+    pub completion_tokens: i64,
+    /// Spend in millionths of a US dollar.
+    pub cost_micros: i64,
+    /// Responses with an error status.
+    pub errors: i64,
+    /// Sum of response latencies, milliseconds.
+    pub latency_sum_ms: i64,
+    /// Largest response latency, milliseconds.
+    pub latency_max_ms: i64,
+}
+
+fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
+    move |source| StorageError::Query { what, source }
+}
+
+/// The contract's name of a severity.
+fn severity_str(s: Severity) -> &'static str {
+    match s {
+        Severity::Info => "info",
+        Severity::Warning => "warning",
+        Severity::Critical => "critical",
+    }
+}
+
+impl Store {
+    /// Connects (pool of `max_connections`). `url` is a libpq-style URL, e.g.
+    /// `postgres://user:password@host:5432/keywatch` (the `DATABASE_URL`
+    /// convention); connections are opened now, so a wrong URL fails here.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StorageError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect(url)
+            .await
+            .map_err(StorageError::Connect)?;
+        Ok(Store { pool })
+    }
+
+    /// Runs the migrations in storage/migrations, idempotent: applied ones are
+    /// skipped, and concurrent callers wait on sqlx's advisory lock.
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        let migrator = Migrator::new(EmbeddedMigrations)
+            .await
+            .map_err(StorageError::Migrate)?;
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(StorageError::Migrate)
+    }
+
+    /// Where a partition resumes: its stored next offset (None: never
+    /// committed) and the latest engine checkpoint (offset it was taken at,
+    /// bytes), read in one statement so the two are consistent.
+    pub async fn load_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<PartitionStart, StorageError> {
+        let row = sqlx::query(
+            "SELECT o.next_offset, c.at_offset, c.state
+             FROM (SELECT $1::text AS topic, $2::int AS partition) p
+             LEFT JOIN consumer_offsets o USING (topic, partition)
+             LEFT JOIN engine_checkpoints c USING (topic, partition)",
+        )
+        .bind(topic)
+        .bind(partition)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_error("load the partition's offset and checkpoint"))?;
+        let get = |e| StorageError::Query {
+            what: "read the partition's offset and checkpoint",
+            source: e,
+        };
+        let next_offset: Option<i64> = row.try_get(0).map_err(get)?;
+        let at_offset: Option<i64> = row.try_get(1).map_err(get)?;
+        let state: Option<Vec<u8>> = row.try_get(2).map_err(get)?;
+        Ok(PartitionStart {
+            next_offset,
+            checkpoint: at_offset.zip(state),
+        })
+    }
+
+    /// One transaction: rollups (additive upsert), alerts (ON CONFLICT (id) DO
+    /// NOTHING), revocation actions for the new alerts whose action is
+    /// throttle/block, outbox rows (one per new alert), the engine checkpoint
+    /// if given, and the offset row moved from `start_offset` to
+    /// `next_offset`, guarded: if the stored offset is not `start_offset`
+    /// (another consumer took over and committed), the whole transaction rolls
+    /// back and `Err(StorageError::Fenced{..})` is returned. When no row exists
+    /// yet, the row is created, and a concurrent creator is fenced the same way.
+    ///
+    /// The offset row is locked first, so two committers of one partition
+    /// queue on it and the loser writes nothing. Each table gets one
+    /// statement per batch (UNNEST over array binds).
+    pub async fn commit_batch(&self, batch: &BatchCommit<'_>) -> Result<(), StorageError> {
+        if batch.next_offset < batch.start_offset {
+            return Err(StorageError::OffsetsBackwards {
+                topic: batch.topic.to_owned(),
+                partition: batch.partition,
+                start_offset: batch.start_offset,
+                next_offset: batch.next_offset,
+            });
+        }
+        // Encode before taking any lock.
+        let alert_columns = AlertColumns::new(batch.alerts)?;
+
+        let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
+        if let Err(e) = advance_offset(&mut tx, batch).await {
+            // Release the offset row lock now rather than when the pool gets to it.
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+        if !batch.rollups.is_empty() {
+            upsert_rollups(&mut tx, batch.rollups).await?;
+        }
+        if !batch.alerts.is_empty() {
+            alert_columns.insert(&mut tx).await?;
+        }
+        if let Some(state) = batch.checkpoint {
+            sqlx::query(
+                "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (topic, partition) DO UPDATE
+                 SET at_offset = excluded.at_offset, state = excluded.state, taken_at = now()",
+            )
+            .bind(batch.topic)
+            .bind(batch.partition)
+            .bind(batch.next_offset)
+            .bind(state)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("store the engine checkpoint"))?;
+        }
+        tx.commit().await.map_err(query_error("commit"))
+    }
+
+    /// The pool, for tests and later issues.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Moves the partition's offset from `start_offset` to `next_offset`, or
+/// creates it when the partition was never committed; `Fenced` otherwise.
+async fn advance_offset(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchCommit<'_>,
+) -> Result<(), StorageError> {
+    // Under READ COMMITTED a second committer blocks on the row lock here and,
+    // once the first commits, re-checks `next_offset = $3` against the new
+    // row: it updates nothing and falls through to the fence.
+    let moved = sqlx::query(
+        "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()
+         WHERE topic = $1 AND partition = $2 AND next_offset = $3",
+    )
+    .bind(batch.topic)
+    .bind(batch.partition)
+    .bind(batch.start_offset)
+    .bind(batch.next_offset)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("move the partition's offset"))?
+    .rows_affected();
+    if moved == 1 {
+        return Ok(());
+    }
+    // No row with our start offset: either none at all (first commit), or the
+    // stored offset differs. A concurrent creator's uncommitted row makes this
+    // insert wait, then do nothing once that row commits.
+    let created = sqlx::query(
+        "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+         ON CONFLICT (topic, partition) DO NOTHING",
+    )
+    .bind(batch.topic)
+    .bind(batch.partition)
+    .bind(batch.next_offset)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("create the partition's offset"))?
+    .rows_affected();
+    if created == 1 {
+        return Ok(());
+    }
+    let stored: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets WHERE topic = $1 AND partition = $2",
+    )
+    .bind(batch.topic)
+    .bind(batch.partition)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(query_error("read the partition's offset"))?;
+    Err(StorageError::Fenced {
+        topic: batch.topic.to_owned(),
+        partition: batch.partition,
+        expected: batch.start_offset,
+        stored: stored.unwrap_or(-1),
+    })
+}
+
+/// Adds the batch's rollups to `rollup_minute` in one statement.
+async fn upsert_rollups(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[RollupRow],
+) -> Result<(), StorageError> {
+    let n = rows.len();
+    let mut user_ids = Vec::with_capacity(n);
+    let mut key_ids = Vec::with_capacity(n);
+    let mut minutes = Vec::with_capacity(n);
+    let mut requests = Vec::with_capacity(n);
+    let mut prompt_tokens = Vec::with_capacity(n);
+    let mut completion_tokens = Vec::with_capacity(n);
+    let mut cost_micros = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut latency_sum_ms = Vec::with_capacity(n);
+    let mut latency_max_ms = Vec::with_capacity(n);
+    for r in rows {
+        user_ids.push(r.user_id.as_str());
+        key_ids.push(r.key_id.as_str());
+        minutes.push(r.minute_ms);
+        requests.push(r.requests);
+        prompt_tokens.push(r.prompt_tokens);
+        completion_tokens.push(r.completion_tokens);
+        cost_micros.push(r.cost_micros);
+        errors.push(r.errors);
+        latency_sum_ms.push(r.latency_sum_ms);
+        latency_max_ms.push(r.latency_max_ms);
+    }
+    // GROUP BY keeps the statement valid even if a caller repeats a (user,
+    // key, minute) within a batch (ON CONFLICT DO UPDATE may touch a row only
+    // once per statement); ORDER BY takes row locks in one order for everyone.
+    sqlx::query(
+        "INSERT INTO rollup_minute AS r (user_id, key_id, minute, requests, prompt_tokens,
+             completion_tokens, cost_micros, errors, latency_sum_ms, latency_max_ms)
+         SELECT u, k, to_timestamp(m / 1000.0), sum(rq), sum(pt), sum(ct), sum(c), sum(e),
+             sum(ls), max(lm)
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+             $7::int8[], $8::int8[], $9::int8[], $10::int8[])
+             AS b(u, k, m, rq, pt, ct, c, e, ls, lm)
+         GROUP BY u, k, m
+         ORDER BY u, k, m
+         ON CONFLICT (user_id, key_id, minute) DO UPDATE SET
+             requests = r.requests + excluded.requests,
+             prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = r.completion_tokens + excluded.completion_tokens,
+             cost_micros = r.cost_micros + excluded.cost_micros,
+             errors = r.errors + excluded.errors,
+             latency_sum_ms = r.latency_sum_ms + excluded.latency_sum_ms,
+             latency_max_ms = GREATEST(r.latency_max_ms, excluded.latency_max_ms)",
+    )
+    .bind(user_ids)
+    .bind(key_ids)
+    .bind(minutes)
+    .bind(requests)
+    .bind(prompt_tokens)
+    .bind(completion_tokens)
+    .bind(cost_micros)
+    .bind(errors)
+    .bind(latency_sum_ms)
+    .bind(latency_max_ms)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("upsert rollups"))?;
+    Ok(())
+}
+
+/// A batch's alerts as one array per column, ready to bind.
+struct AlertColumns<'a> {
+    ids: Vec<&'a str>,
+    kinds: Vec<&'static str>,
+    severities: Vec<&'static str>,
+    actions: Vec<&'static str>,
+    user_ids: Vec<&'a str>,
+    key_ids: Vec<Option<&'a str>>,
+    ips: Vec<Option<&'a str>>,
+    ts_ms: Vec<i64>,
+    observed: Vec<Option<f64>>,
+    baseline: Vec<Option<f64>>,
+    threshold: Vec<Option<f64>>,
+    budgets: Vec<Option<String>>,
+    expires_ms: Vec<Option<i64>>,
+    reasons: Vec<&'a str>,
+    documents: Vec<String>,
+}
+
+impl<'a> AlertColumns<'a> {
+    fn new(alerts: &'a [Alert]) -> Result<Self, StorageError> {
+        let n = alerts.len();
+        let mut c = AlertColumns {
+            ids: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            severities: Vec::with_capacity(n),
+            actions: Vec::with_capacity(n),
+            user_ids: Vec::with_capacity(n),
+            key_ids: Vec::with_capacity(n),
+            ips: Vec::with_capacity(n),
+            ts_ms: Vec::with_capacity(n),
+            observed: Vec::with_capacity(n),
+            baseline: Vec::with_capacity(n),
+            threshold: Vec::with_capacity(n),
+            budgets: Vec::with_capacity(n),
+            expires_ms: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+            documents: Vec::with_capacity(n),
+        };
+        for a in alerts {
+            let encode = |source| StorageError::Encode {
+                alert_id: a.id.clone(),
+                source,
+            };
+            c.ids.push(a.id.as_str());
+            c.kinds.push(a.kind.as_str());
+            c.severities.push(severity_str(a.severity));
+            c.actions.push(a.action.as_str());
+            c.user_ids.push(a.user_id.as_str());
+            c.key_ids.push(a.key_id.as_deref());
+            c.ips.push(a.ip.as_deref());
+            c.ts_ms.push(a.ts);
+            c.observed.push(a.observed);
+            c.baseline.push(a.baseline);
+            c.threshold.push(a.threshold);
+            c.budgets.push(
+                a.budget
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(encode)?,
+            );
+            c.expires_ms.push(a.expires_at);
+            c.reasons.push(a.reason.as_str());
+            c.documents.push(serde_json::to_string(a).map_err(encode)?);
+        }
+        Ok(c)
+    }
+
+    /// Inserts the alerts and, for the ones not stored before, their
+    /// revocation actions and outbox rows: one statement, one INSERT per table.
+    async fn insert(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), StorageError> {
+        // Only alerts this statement inserted (RETURNING) get actions and
+        // outbox rows: a replay must not requeue an alert the dispatcher has
+        // already delivered, or revive an action someone lifted.
+        sqlx::query(
+            "WITH new_alerts AS (
+                 INSERT INTO alerts (id, kind, severity, action, user_id, key_id, ip, ts,
+                     observed, baseline, threshold, budget, expires_at, reason, alert)
+                 SELECT id, kind, severity, action, user_id, key_id, ip,
+                     to_timestamp(ts_ms / 1000.0), observed, baseline, threshold, budget::jsonb,
+                     to_timestamp(expires_ms / 1000.0), reason, alert::jsonb
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::int8[], $9::float8[], $10::float8[],
+                     $11::float8[], $12::text[], $13::int8[], $14::text[], $15::text[])
+                     AS b(id, kind, severity, action, user_id, key_id, ip, ts_ms, observed,
+                         baseline, threshold, budget, expires_ms, reason, alert)
+                 ORDER BY id
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id, action, user_id, key_id, reason, ts, expires_at
+             ),
+             new_actions AS (
+                 INSERT INTO revocation_actions (key_id, user_id, action, reason, alert_id,
+                     issued_at, expires_at)
+                 SELECT key_id, user_id, action, reason, id, ts, expires_at
+                 FROM new_alerts
+                 WHERE action IN ($16, $17)
+                 ORDER BY ts, id
+                 ON CONFLICT (alert_id) DO NOTHING
+             )
+             INSERT INTO alert_outbox (alert_id)
+             SELECT id FROM new_alerts ORDER BY id
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(self.ids)
+        .bind(self.kinds)
+        .bind(self.severities)
+        .bind(self.actions)
+        .bind(self.user_ids)
+        .bind(self.key_ids)
+        .bind(self.ips)
+        .bind(self.ts_ms)
+        .bind(self.observed)
+        .bind(self.baseline)
+        .bind(self.threshold)
+        .bind(self.budgets)
+        .bind(self.expires_ms)
+        .bind(self.reasons)
+        .bind(self.documents)
+        .bind(Action::Throttle.as_str())
+        .bind(Action::Block.as_str())
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error(
+            "insert alerts, revocation actions and outbox rows",
+        ))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,837 @@
+//! The store against a real Postgres. Each test creates its own database
+//! (`kw_test_<pid>_<n>_<nanos>`) through the server named by `DATABASE_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`), so tests run in
+//! parallel without colliding, and drops it when done, even on failure.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use detectors::time::PeriodKind;
+use detectors::{Action, Alert, AlertKind, BudgetInfo, Severity};
+use sqlx::{Connection, PgConnection};
+use storage::{BatchCommit, PartitionStart, RollupRow, StorageError, Store};
+
+const MINUTE: i64 = 60_000;
+/// 2026-11-23T00:00:00Z
+const DAY0: i64 = 1_795_392_000_000;
+
+/// An `alerts` row: the JSON document, kind, severity, action, key, address,
+/// ts and expiry (ms), observed, budget JSON.
+type StoredAlert = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<f64>,
+    Option<String>,
+);
+
+/// A `revocation_actions` row: alert id, key, user, action, reason, issued
+/// and expiry (ms).
+type ActionRow = (
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+);
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database replaced by `db` (query parameters kept).
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| i + authority);
+    format!("{}/{db}{query}", &base[..path])
+}
+
+/// A fresh, migrated database, dropped with this value.
+struct TestDb {
+    admin: String,
+    name: String,
+    store: Store,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "kw_test_{}_{}_{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin_url();
+        let mut conn = PgConnection::connect(&admin).await.unwrap();
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let store = Store::connect(&with_database(&admin, &name), 4)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        TestDb { admin, name, store }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop cannot await; a thread with its own runtime can, even while
+        // the test's runtime is unwinding from a failed assertion.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::raw_sql(&sql).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn count(store: &Store, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+fn rollup(user: &str, key: &str, minute_ms: i64, requests: i64, cost_micros: i64) -> RollupRow {
+    RollupRow {
+        user_id: user.into(),
+        key_id: key.into(),
+        minute_ms,
+        requests,
+        prompt_tokens: requests * 100,
+        completion_tokens: requests * 50,
+        cost_micros,
+        errors: 1,
+        latency_sum_ms: requests * 300,
+        latency_max_ms: 400 + requests,
+    }
+}
+
+fn alert(id: &str, kind: AlertKind, action: Action, key: Option<&str>, ts: i64) -> Alert {
+    Alert {
+        id: id.into(),
+        kind,
+        severity: Severity::Warning,
+        action,
+        user_id: "acct_42".into(),
+        key_id: key.map(Into::into),
+        ip: None,
+        ts,
+        observed: Some(123.4),
+        baseline: Some(7.25),
+        threshold: Some(40.0),
+        budget: None,
+        expires_at: None,
+        reason: format!("reason of {id}"),
+    }
+}
+
+/// One alert of each action, with every optional field used somewhere.
+fn sample_alerts() -> Vec<Alert> {
+    let mut budget = alert(
+        "a-budget",
+        AlertKind::BudgetThreshold,
+        Action::Block,
+        None,
+        DAY0 + 5 * MINUTE + 120,
+    );
+    budget.severity = Severity::Critical;
+    budget.observed = Some(50.000001);
+    budget.baseline = None;
+    budget.expires_at = Some(DAY0 + 86_400_000);
+    budget.budget = Some(BudgetInfo {
+        period: PeriodKind::Day,
+        period_start: DAY0,
+        limit_usd: 50.0,
+        spent_usd: 50.000001,
+        percent: 100,
+    });
+    let mut spike = alert(
+        "a-spike",
+        AlertKind::RequestSpike,
+        Action::Throttle,
+        Some("kh_1"),
+        DAY0 + 3 * MINUTE + 7,
+    );
+    spike.expires_at = Some(DAY0 + 3 * MINUTE + 7 + 900_000);
+    let mut leak = alert(
+        "a-leak",
+        AlertKind::LeakedKey,
+        Action::Notify,
+        Some("kh_2"),
+        DAY0 + 4 * MINUTE,
+    );
+    leak.severity = Severity::Info;
+    leak.ip = Some("2001:db8::1".into());
+    leak.observed = None;
+    leak.threshold = Some(0.1 + 0.2);
+    vec![budget, spike, leak]
+}
+
+fn batch<'a>(
+    start_offset: i64,
+    next_offset: i64,
+    rollups: &'a [RollupRow],
+    alerts: &'a [Alert],
+    checkpoint: Option<&'a [u8]>,
+) -> BatchCommit<'a> {
+    BatchCommit {
+        topic: "gateway-logs",
+        partition: 3,
+        start_offset,
+        next_offset,
+        rollups,
+        alerts,
+        checkpoint,
+    }
+}
+
+/// (requests, prompt, completion, cost_micros, errors, latency_sum, latency_max) of one rollup row.
+async fn rollup_row(
+    store: &Store,
+    user: &str,
+    key: &str,
+    minute_ms: i64,
+) -> (i64, i64, i64, i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT requests, prompt_tokens, completion_tokens, cost_micros, errors, latency_sum_ms,
+             latency_max_ms
+         FROM rollup_minute
+         WHERE user_id = $1 AND key_id = $2 AND minute = to_timestamp($3 / 1000.0)",
+    )
+    .bind(user)
+    .bind(key)
+    .bind(minute_ms)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn migrating_twice_is_fine_and_everything_is_documented() {
+    let db = TestDb::new().await;
+    db.store.migrate().await.unwrap();
+    db.store.migrate().await.unwrap();
+
+    let relations: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relkind::text FROM pg_class c
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v')
+           AND c.relname NOT LIKE '\\_sqlx%'
+         ORDER BY c.relname",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    let expected = [
+        ("alert_outbox", "r"),
+        ("alerts", "r"),
+        ("consumer_offsets", "r"),
+        ("engine_checkpoints", "r"),
+        ("revocation_actions", "r"),
+        ("rollup_day", "v"),
+        ("rollup_hour", "v"),
+        ("rollup_minute", "r"),
+        ("spend_day", "v"),
+        ("spend_month", "v"),
+    ];
+    let got: Vec<(&str, &str)> = relations
+        .iter()
+        .map(|(n, k)| (n.as_str(), k.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+
+    let undocumented: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || coalesce('.' || a.attname, '')
+         FROM pg_class c
+         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v')
+           AND c.relname NOT LIKE '\\_sqlx%'
+           AND (obj_description(c.oid, 'pg_class') IS NULL
+                OR col_description(c.oid, a.attnum) IS NULL)",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    assert!(undocumented.is_empty(), "without COMMENT: {undocumented:?}");
+}
+
+#[tokio::test]
+async fn batches_add_up_and_a_replayed_batch_is_fenced() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    assert_eq!(
+        store.load_partition("gateway-logs", 3).await.unwrap(),
+        PartitionStart::default()
+    );
+
+    let alerts = sample_alerts();
+    let rollups1 = [
+        rollup("acct_42", "kh_1", DAY0 + 3 * MINUTE, 2, 1_500),
+        rollup("acct_7", "kh_9", DAY0 + 3 * MINUTE, 1, 10),
+    ];
+    store
+        .commit_batch(&batch(0, 10, &rollups1, &alerts, Some(b"state@10")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_partition("gateway-logs", 3).await.unwrap(),
+        PartitionStart {
+            next_offset: Some(10),
+            checkpoint: Some((10, b"state@10".to_vec())),
+        }
+    );
+    // Other partitions and topics are separate.
+    assert_eq!(
+        store.load_partition("gateway-logs", 4).await.unwrap(),
+        PartitionStart::default()
+    );
+
+    // The same batch again: fenced, and nothing changes.
+    let err = store
+        .commit_batch(&batch(0, 10, &rollups1, &alerts, Some(b"other")))
+        .await
+        .unwrap_err();
+    match &err {
+        StorageError::Fenced {
+            topic,
+            partition,
+            expected,
+            stored,
+        } => {
+            assert_eq!(
+                (topic.as_str(), *partition, *expected, *stored),
+                ("gateway-logs", 3, 0, 10)
+            );
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(!err.is_transient());
+    assert_eq!(
+        rollup_row(store, "acct_42", "kh_1", DAY0 + 3 * MINUTE).await,
+        (2, 200, 100, 1_500, 1, 600, 402)
+    );
+    assert_eq!(
+        store
+            .load_partition("gateway-logs", 3)
+            .await
+            .unwrap()
+            .checkpoint,
+        Some((10, b"state@10".to_vec()))
+    );
+
+    // The next batch adds to the same minute and repeats one alert.
+    let rollups2 = [
+        rollup("acct_42", "kh_1", DAY0 + 3 * MINUTE, 1, 250),
+        rollup("acct_42", "kh_1", DAY0 + 4 * MINUTE, 5, 5),
+    ];
+    let mut alerts2 = vec![alerts[1].clone()];
+    alerts2.push(alert(
+        "a-quota",
+        AlertKind::TokenQuota,
+        Action::Throttle,
+        None,
+        DAY0 + 6 * MINUTE,
+    ));
+    store
+        .commit_batch(&batch(10, 20, &rollups2, &alerts2, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        rollup_row(store, "acct_42", "kh_1", DAY0 + 3 * MINUTE).await,
+        (3, 300, 150, 1_750, 2, 900, 402),
+        "additive, latency max is the greater"
+    );
+    assert_eq!(
+        rollup_row(store, "acct_42", "kh_1", DAY0 + 4 * MINUTE).await,
+        (5, 500, 250, 5, 1, 1500, 405)
+    );
+    assert_eq!(count(store, "rollup_minute").await, 3);
+    assert_eq!(
+        store.load_partition("gateway-logs", 3).await.unwrap(),
+        PartitionStart {
+            next_offset: Some(20),
+            checkpoint: Some((10, b"state@10".to_vec())),
+        },
+        "a batch without a checkpoint keeps the last one"
+    );
+
+    // Alerts: stored once each, as the contract JSON.
+    let mut all = alerts.clone();
+    all.push(alerts2[1].clone());
+    assert_eq!(count(store, "alerts").await, 4);
+    for a in &all {
+        let (doc, kind, severity, action, key, ip, ts, expires, observed, budget): StoredAlert =
+            sqlx::query_as(
+                "SELECT alert::text, kind, severity, action, key_id, ip,
+                 (extract(epoch FROM ts) * 1000)::int8,
+                 (extract(epoch FROM expires_at) * 1000)::int8, observed, budget::text
+             FROM alerts WHERE id = $1",
+            )
+            .bind(&a.id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc, serde_json::to_value(a).unwrap(), "{}", a.id);
+        assert_eq!(kind, a.kind.as_str());
+        assert_eq!(
+            severity,
+            serde_json::to_value(a.severity).unwrap().as_str().unwrap()
+        );
+        assert_eq!(action, a.action.as_str());
+        assert_eq!((key, ip), (a.key_id.clone(), a.ip.clone()));
+        assert_eq!((ts, expires, observed), (a.ts, a.expires_at, a.observed));
+        let budget: Option<serde_json::Value> = budget.map(|b| serde_json::from_str(&b).unwrap());
+        assert_eq!(
+            budget,
+            a.budget.as_ref().map(|b| serde_json::to_value(b).unwrap())
+        );
+    }
+
+    // Revocation actions: one per throttle/block alert, none for notify.
+    let actions: Vec<ActionRow> = sqlx::query_as(
+        "SELECT alert_id, key_id, user_id, action, reason,
+                 (extract(epoch FROM issued_at) * 1000)::int8,
+                 (extract(epoch FROM expires_at) * 1000)::int8
+             FROM revocation_actions ORDER BY alert_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let mut expected: Vec<_> = all
+        .iter()
+        .filter(|a| a.action != Action::Notify)
+        .map(|a| {
+            (
+                a.id.clone(),
+                a.key_id.clone(),
+                a.user_id.clone(),
+                a.action.as_str().to_owned(),
+                a.reason.clone(),
+                a.ts,
+                a.expires_at,
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(actions, expected);
+    assert!(
+        actions.iter().any(|a| a.0 == "a-budget" && a.1.is_none()),
+        "user-level block"
+    );
+
+    // Outbox: one row per alert, pending.
+    let outbox: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT alert_id, attempts FROM alert_outbox
+         WHERE claimed_at IS NULL AND delivered_at IS NULL ORDER BY alert_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let mut ids: Vec<(String, i32)> = all.iter().map(|a| (a.id.clone(), 0)).collect();
+    ids.sort();
+    assert_eq!(outbox, ids);
+
+    // A delivered (and cleaned up) or lifted alert seen again in a later
+    // batch is neither queued nor enforced again.
+    sqlx::query("DELETE FROM alert_outbox WHERE alert_id = 'a-spike'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM revocation_actions WHERE alert_id = 'a-spike'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    store
+        .commit_batch(&batch(20, 21, &[], &alerts[1..2], Some(b"state@21")))
+        .await
+        .unwrap();
+    assert_eq!(count(store, "alert_outbox").await, 3);
+    assert_eq!(count(store, "revocation_actions").await, 2);
+    assert_eq!(
+        store.load_partition("gateway-logs", 3).await.unwrap(),
+        PartitionStart {
+            next_offset: Some(21),
+            checkpoint: Some((21, b"state@21".to_vec())),
+        },
+        "only the latest checkpoint is kept"
+    );
+    assert_eq!(count(store, "engine_checkpoints").await, 1);
+
+    // An empty batch still moves the offset (a batch of only bad records).
+    store
+        .commit_batch(&batch(21, 30, &[], &[], None))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .load_partition("gateway-logs", 3)
+            .await
+            .unwrap()
+            .next_offset,
+        Some(30)
+    );
+}
+
+#[tokio::test]
+async fn two_committers_from_one_offset_exactly_one_wins() {
+    let db = TestDb::new().await;
+    let store = db.store.clone();
+
+    // Two tasks released together commit the same range of one partition.
+    let race = |partition: i32, start: i64, round: i64| {
+        let store = store.clone();
+        async move {
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let tasks: Vec<_> = (0..2i64)
+                .map(|who| {
+                    let store = store.clone();
+                    let barrier = barrier.clone();
+                    tokio::spawn(async move {
+                        let rollups = [rollup("acct_1", "kh_1", DAY0 + round * MINUTE, 1 + who, 1)];
+                        let alerts = [alert(
+                            &format!("round-{round}"),
+                            AlertKind::RequestSpike,
+                            Action::Throttle,
+                            Some("kh_1"),
+                            DAY0,
+                        )];
+                        let batch = BatchCommit {
+                            partition,
+                            ..batch(start, start + 10, &rollups, &alerts, Some(b"s"))
+                        };
+                        barrier.wait().await;
+                        store.commit_batch(&batch).await
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for t in tasks {
+                results.push(t.await.unwrap());
+            }
+            results
+        }
+    };
+
+    // Rounds 0-7 race to create a partition's offset row (each a new
+    // partition), rounds 8-15 to move partition 3's row.
+    for round in 0..16i64 {
+        let (partition, start) = if round < 8 {
+            (100 + round as i32, 1000)
+        } else {
+            (3, (round - 8) * 10)
+        };
+        let results = race(partition, start, round).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e, StorageError::Fenced { expected, stored, .. } if *expected == start && *stored == start + 10),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+        // Only the winner's rollup is there: requests is 1 or 2, never 3.
+        let requests: i64 = sqlx::query_scalar(
+            "SELECT requests FROM rollup_minute WHERE minute = to_timestamp($1 / 1000.0)",
+        )
+        .bind(DAY0 + round * MINUTE)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert!(requests == 1 || requests == 2, "round {round}: {requests}");
+        assert_eq!(
+            store
+                .load_partition("gateway-logs", partition)
+                .await
+                .unwrap()
+                .next_offset,
+            Some(start + 10)
+        );
+    }
+    assert_eq!(count(&store, "alerts").await, 16);
+    assert_eq!(count(&store, "revocation_actions").await, 16);
+    assert_eq!(count(&store, "alert_outbox").await, 16);
+    assert_eq!(count(&store, "engine_checkpoints").await, 9);
+}
+
+/// Both committers are certainly in flight together: the offset row is held
+/// locked until both have sent their statements.
+#[tokio::test]
+async fn a_committer_waiting_on_the_offset_row_is_fenced_once_it_moves() {
+    let db = TestDb::new().await;
+    let store = db.store.clone();
+    store
+        .commit_batch(&batch(0, 10, &[], &[], None))
+        .await
+        .unwrap();
+
+    let mut locker = PgConnection::connect(&with_database(&db.admin, &db.name))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT * FROM consumer_offsets FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..2)
+        .map(|who| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let rollups = [rollup("acct_1", "kh_1", DAY0, 1 + who, 1)];
+                store
+                    .commit_batch(&batch(10, 20, &rollups, &[], None))
+                    .await
+            })
+        })
+        .collect();
+    // Both are now blocked on the row lock.
+    let waiting = async {
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            if n == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("both committers wait on the offset row");
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(results.iter().any(|r| matches!(
+        r,
+        Err(StorageError::Fenced {
+            expected: 10,
+            stored: 20,
+            ..
+        })
+    )));
+    assert_eq!(count(&store, "rollup_minute").await, 1);
+}
+
+#[tokio::test]
+async fn views_sum_per_user_hour_day_and_month() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let day1 = DAY0 + 86_400_000;
+    let rollups = [
+        rollup("acct_42", "kh_1", DAY0 + 10 * MINUTE, 1, 1_250_000),
+        rollup("acct_42", "kh_2", DAY0 + 11 * MINUTE, 2, 250_000),
+        rollup("acct_42", "kh_1", DAY0 + 70 * MINUTE, 3, 1),
+        rollup("acct_42", "kh_1", day1 - MINUTE, 4, 2),
+        rollup("acct_42", "kh_1", day1, 5, 3_000_000),
+        rollup("acct_7", "kh_9", DAY0 + 10 * MINUTE, 6, 999_999),
+    ];
+    store
+        .commit_batch(&batch(0, 6, &rollups, &[], None))
+        .await
+        .unwrap();
+
+    let spend_day: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, day::text, cost_usd::text, tokens, requests FROM spend_day ORDER BY user_id, day",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        spend_day,
+        vec![
+            (
+                "acct_42".into(),
+                "2026-11-23".into(),
+                "1.500003".into(),
+                10 * 150,
+                10
+            ),
+            (
+                "acct_42".into(),
+                "2026-11-24".into(),
+                "3.000000".into(),
+                5 * 150,
+                5
+            ),
+            (
+                "acct_7".into(),
+                "2026-11-23".into(),
+                "0.999999".into(),
+                6 * 150,
+                6
+            ),
+        ]
+    );
+
+    let spend_month: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, month::text, cost_usd::text, prompt_tokens, completion_tokens, requests
+         FROM spend_month ORDER BY user_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        spend_month,
+        vec![
+            (
+                "acct_42".into(),
+                "2026-11-01".into(),
+                "4.500003".into(),
+                1500,
+                750,
+                15
+            ),
+            (
+                "acct_7".into(),
+                "2026-11-01".into(),
+                "0.999999".into(),
+                600,
+                300,
+                6
+            ),
+        ]
+    );
+
+    let day: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT key_id, day::text, requests, cost_micros, latency_max_ms FROM rollup_day
+         WHERE user_id = 'acct_42' ORDER BY key_id, day",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        day,
+        vec![
+            ("kh_1".into(), "2026-11-23".into(), 8, 1_250_003, 404),
+            ("kh_1".into(), "2026-11-24".into(), 5, 3_000_000, 405),
+            ("kh_2".into(), "2026-11-23".into(), 2, 250_000, 402),
+        ]
+    );
+
+    let hours: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM hour) * 1000)::int8, requests FROM rollup_hour
+         WHERE user_id = 'acct_42' AND key_id = 'kh_1' ORDER BY hour",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        hours,
+        vec![
+            (DAY0, 1),
+            (DAY0 + 3_600_000, 3),
+            (day1 - 3_600_000, 4),
+            (day1, 5)
+        ]
+    );
+
+    // The views are UTC whatever the session's time zone.
+    let mut conn = store.pool().acquire().await.unwrap();
+    sqlx::raw_sql("SET TIME ZONE 'America/Los_Angeles'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM spend_day WHERE user_id = 'acct_42'")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    sqlx::raw_sql("RESET TIME ZONE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_batches_store_nothing() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    store
+        .commit_batch(&batch(0, 10, &[], &[], None))
+        .await
+        .unwrap();
+
+    let err = store
+        .commit_batch(&batch(10, 5, &[], &[], None))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StorageError::OffsetsBackwards {
+            start_offset: 10,
+            next_offset: 5,
+            ..
+        }
+    ));
+
+    // Postgres refuses NUL in text: a deterministic failure, rolled back whole.
+    let rollups = [rollup("acct\0evil", "kh_1", DAY0, 1, 1)];
+    let err = store
+        .commit_batch(&batch(10, 20, &rollups, &[], None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::Query {
+                what: "upsert rollups",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(
+        store
+            .load_partition("gateway-logs", 3)
+            .await
+            .unwrap()
+            .next_offset,
+        Some(10)
+    );
+    assert_eq!(count(store, "rollup_minute").await, 0);
+}

@@ -1,0 +1,343 @@
+//! Real services for the integration tests: a tansu broker process on a
+//! free port, a fresh Postgres database, and a `keywatch run` process.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The tansu binary: `KEYWATCH_TANSU`, else on PATH, else cargo's bin dir.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYWATCH_TANSU") {
+        return p.into();
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("tansu");
+        if p.is_file() {
+            return p;
+        }
+    }
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+    let p = Path::new(&home).join("bin/tansu");
+    assert!(
+        p.is_file(),
+        "tansu is not installed: run `bash scripts/install-tansu` (scripts/test does)"
+    );
+    p
+}
+
+/// A tansu broker process with in-memory storage, stopped on drop.
+pub struct Broker {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Broker {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    pub fn start(log: &Path) -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting tansu");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start listening on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, addr }
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = rt
+            .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+            .expect("create_topics");
+        for r in res {
+            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        }
+    }
+
+    /// Produces `lines` to `topic`, keyed by `user_id`, each to the partition
+    /// [`partition_of`] picks; waits until all are acknowledged.
+    pub fn produce(&self, topic: &str, partitions: i32, lines: &[String]) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("linger.ms", "20")
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .unwrap();
+        for line in lines {
+            let key = user_of(line);
+            let p = partition_of(&key, partitions);
+            let mut rec = BaseRecord::to(topic)
+                .payload(line.as_str())
+                .key(key.as_str())
+                .partition(p);
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((e, r)) => {
+                        assert!(
+                            matches!(
+                                e,
+                                rdkafka::error::KafkaError::MessageProduction(
+                                    rdkafka::types::RDKafkaErrorCode::QueueFull
+                                )
+                            ),
+                            "{e}"
+                        );
+                        producer.poll(Duration::from_millis(10));
+                        rec = r;
+                    }
+                }
+            }
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .expect("flushing the producer");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `user_id` of a record line (`""` when it has none: poison records).
+pub fn user_of(line: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| {
+            v.get("user_id")
+                .and_then(|u| u.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// The partition a user's records go to (the tests' own partitioner, so the
+/// expected results can be computed per partition).
+pub fn partition_of(user: &str, partitions: i32) -> i32 {
+    (detectors::hash::stable_hash(99, user.as_bytes()) % partitions as u64) as i32
+}
+
+/// A fresh database, dropped on drop.
+pub struct Database {
+    admin_url: String,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl Database {
+    /// Creates a database named after the test.
+    pub fn create(test: &str) -> Database {
+        let admin_url = std::env::var("KEYWATCH_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("kw_{}_{}_{}", test, std::process::id(), free_port());
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+        Database {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    /// Runs a query and returns its rows, every field as text.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        self.try_query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs a query; the database's error when it fails.
+    pub fn try_query(&self, sql: &str) -> Result<Vec<Vec<String>>, sqlx::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use sqlx::Row;
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url).await?;
+            let rows = sqlx::query(sql).fetch_all(&mut conn).await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| {
+                            r.try_get::<Option<String>, _>(i)
+                                .unwrap()
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect())
+        })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        psql(
+            &self.admin_url,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+            .await
+            .unwrap();
+        sqlx::query(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    });
+}
+
+/// Writes a config file for `keywatch run` and returns its path.
+pub fn run_config(dir: &Path, broker: &Broker, topic: &str, db: &Database, extra: &str) -> PathBuf {
+    let p = dir.join("keywatch.toml");
+    let mut f = std::fs::File::create(&p).unwrap();
+    write!(
+        f,
+        r#"
+[kafka]
+brokers = "{}"
+topics = ["{topic}"]
+group_id = "kw-test"
+dead_letter_topic = "{topic}-dlq"
+
+[pipeline]
+batch_max_records = 5000
+batch_max_ms = 200
+checkpoint_interval_secs = 2
+parquet_dir = "{}"
+
+[postgres]
+url = "{}"
+max_connections = 4
+{extra}
+"#,
+        broker.addr,
+        dir.join("lake").display(),
+        db.url
+    )
+    .unwrap();
+    p
+}
+
+/// Starts `keywatch run` with `config`; its stderr goes to `log`.
+pub fn start_run(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .args(["run", "--progress-secs", "0", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Stops a `keywatch run` gracefully (SIGTERM) and waits for it.
+pub fn stop_run(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "keywatch run exited with {status}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keywatch run did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the committed offsets of `topic` reach `ends` (partition ->
+/// end offset), or panics after `timeout`.
+pub fn wait_committed(db: &Database, topic: &str, ends: &HashMap<i32, i64>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Until `keywatch run` has migrated, the table does not exist yet.
+        let rows = db
+            .try_query(&format!("SELECT partition::text, next_offset::text FROM consumer_offsets WHERE topic = '{topic}'"))
+            .unwrap_or_default();
+        let got: HashMap<i32, i64> = rows
+            .iter()
+            .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
+            .collect();
+        if ends
+            .iter()
+            .all(|(p, e)| *e == 0 || got.get(p).is_some_and(|g| g >= e))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "offsets did not reach {ends:?} (at {got:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
