@@ -152,14 +152,16 @@ impl ConsumerContext for PipelineContext {
                 for (topic, partition, start) in &starts {
                     let offset = match (&start.checkpoint, start.next_offset) {
                         (Some((at, _)), _) => Offset::Offset(*at),
-                        (None, Some(next)) => {
-                            // Committed without a checkpoint cannot happen (the first
-                            // commit writes one); rebuild from the beginning to be safe.
-                            eprintln!("keywatch: {topic}[{partition}]: offset {next} stored without a checkpoint; rebuilding from the beginning");
-                            Offset::Beginning
-                        }
+                        // Committed without a (readable) checkpoint: the first commit
+                        // writes one, so only an unreadable one gets here. Rebuild the
+                        // state by re-reading from offset 0.
+                        (None, Some(_)) => Offset::Offset(0),
                         (None, None) if self.shared.kafka.start_from == "latest" => Offset::End,
-                        (None, None) => Offset::Beginning,
+                        // Offset 0 rather than the logical "beginning": it resolves to
+                        // the log start through auto.offset.reset=earliest when
+                        // retention has moved it, and avoids a lookup that
+                        // librdkafka's mock cluster answers wrongly.
+                        (None, None) => Offset::Offset(0),
                     };
                     let _ = tpl.set_partition_offset(topic, *partition, offset);
                 }
@@ -231,7 +233,15 @@ impl Shared {
                 .rt
                 .block_on(self.store.load_partition(topic, partition))
             {
-                Ok(s) => return s,
+                Ok(mut s) => {
+                    if let Some((at, bytes)) = &s.checkpoint {
+                        if let Err(e) = serde_json::from_slice::<EngineState>(bytes) {
+                            eprintln!("keywatch: {topic}[{partition}]: checkpoint at {at} unreadable ({e}); rebuilding from offset 0");
+                            s.checkpoint = None;
+                        }
+                    }
+                    return s;
+                }
                 Err(e) => {
                     eprintln!("keywatch: {topic}[{partition}]: loading offset and checkpoint: {}; retrying", chain(&e));
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
@@ -341,24 +351,22 @@ impl<'s> PartitionWorker<'s> {
         stop: Arc<AtomicBool>,
     ) -> Self {
         let checkpoint_at = start.checkpoint.as_ref().map(|c| c.0);
+        let fresh = || Engine::new(&shared.engine).expect("engine config was validated");
         let (engine, next_expected) = match start.checkpoint {
             Some((at, bytes)) => match serde_json::from_slice::<EngineState>(&bytes) {
                 Ok(state) => (
                     Engine::restore(&shared.engine, state).expect("engine config was validated"),
                     Some(at),
                 ),
-                Err(e) => {
-                    eprintln!("keywatch: {topic}[{partition}]: checkpoint at {at} unreadable ({e}); rebuilding from the beginning");
-                    (
-                        Engine::new(&shared.engine).expect("engine config was validated"),
-                        None,
-                    )
-                }
+                // The assignment already checked it decodes (see `load_start`).
+                Err(_) => (fresh(), None),
             },
-            None => (
-                Engine::new(&shared.engine).expect("engine config was validated"),
-                None,
-            ),
+            // A fresh start or a rebuild reads from offset 0 (see the assignment):
+            // expect it, so records a broker no longer has show up as a gap.
+            None if start.next_offset.is_some() || shared.kafka.start_from == "earliest" => {
+                (fresh(), Some(0))
+            }
+            None => (fresh(), None),
         };
         PartitionWorker {
             shared,
