@@ -209,15 +209,7 @@ impl ConsumerContext for PipelineContext {
             }
             other => {
                 eprintln!("keywatch: rebalance error: {other:?}");
-                let all: Vec<(String, i32)> = self
-                    .shared
-                    .workers
-                    .lock()
-                    .expect("workers lock")
-                    .keys()
-                    .cloned()
-                    .collect();
-                self.shared.stop_workers(&all);
+                self.shared.stop_all_workers();
                 let _ = consumer.unassign();
             }
         }
@@ -275,6 +267,18 @@ impl Shared {
             .lock()
             .expect("workers lock")
             .insert((topic, partition), Worker { stop, thread });
+    }
+
+    /// Stops every worker (shutdown, or a rebalance error).
+    fn stop_all_workers(&self) {
+        let all: Vec<(String, i32)> = self
+            .workers
+            .lock()
+            .expect("workers lock")
+            .keys()
+            .cloned()
+            .collect();
+        self.stop_workers(&all);
     }
 
     /// Asks workers to finish their batch, commit and stop; waits for them.
@@ -895,15 +899,7 @@ impl Pipeline {
             }
             self.reap_finished();
         }
-        let all: Vec<(String, i32)> = self
-            .shared
-            .workers
-            .lock()
-            .expect("workers lock")
-            .keys()
-            .cloned()
-            .collect();
-        self.shared.stop_workers(&all);
+        self.shared.stop_all_workers();
         self.consumer.unsubscribe();
         Ok(())
     }
