@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use common::check::*;
@@ -61,7 +60,7 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         x ^= x >> 7;
         x ^= x << 17;
         std::thread::sleep(Duration::from_millis(300 + x % 1700));
-        kill9(&mut run);
+        run.kill9();
     }
     let mut run = start_run(&cfg, &log);
     wait_committed(&db, "gw", &exp.ends, Duration::from_secs(600));
@@ -112,9 +111,4 @@ fn records_read(log: &Path) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }

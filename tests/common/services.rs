@@ -280,24 +280,48 @@ max_connections = 4
     p
 }
 
+/// A `keywatch run` process, killed on drop (a failing test leaves nothing behind).
+pub struct Running(pub Child);
+
+impl Running {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// Starts `keywatch run` with `config`; its stderr goes to `log`.
-pub fn start_run(config: &Path, log: &Path) -> Child {
+pub fn start_run(config: &Path, log: &Path) -> Running {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_keywatch"))
+    let child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
         .args(["run", "--progress-secs", "0", "--config"])
         .arg(config)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
 }
 
 /// Stops a `keywatch run` gracefully (SIGTERM) and waits for it.
-pub fn stop_run(child: &mut Child) {
+pub fn stop_run(run: &mut Running) {
+    let child = &mut run.0;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
