@@ -849,6 +849,10 @@ impl Pipeline {
             ("fetch.wait.max.ms", "100"),
             ("max.partition.fetch.bytes", "8388608"),
             ("partition.assignment.strategy", "range"),
+            // librdkafka pauses fetching for up to this long once its prefetch
+            // queue is full (default 1000 ms), which starves a worker that just
+            // finished a commit; 10 ms keeps the queue topped up.
+            ("fetch.queue.backoff.ms", "10"),
         ] {
             if !settings.contains_key(k) {
                 c.set(k, v);
