@@ -323,6 +323,11 @@ impl Engine {
         &self.state
     }
 
+    /// A user's learned state (its budget ledger, for example).
+    pub fn user(&self, user_id: &str) -> Option<&UserState> {
+        self.state.users.get(user_id)
+    }
+
     /// The run's counters.
     pub fn stats(&self) -> &EngineStats {
         &self.stats

@@ -41,7 +41,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use storage::{BatchCommit, PartitionStart, StorageError, Store};
+use storage::{BatchCommit, BudgetRow, PartitionStart, StorageError, Store};
 
 use crate::batch::{event_row, Rollups};
 use crate::config::{KafkaConfig, PipelineConfig};
@@ -614,6 +614,7 @@ impl<'s> PartitionWorker<'s> {
         } else {
             None
         };
+        let budgets = self.budget_rows();
         let mut backoff = Duration::from_millis(50);
         loop {
             let batch = BatchCommit {
@@ -624,6 +625,7 @@ impl<'s> PartitionWorker<'s> {
                 rollups: self.rollups.rows(),
                 alerts: &self.alerts,
                 checkpoint: checkpoint.as_deref(),
+                budgets: &budgets,
             };
             match self
                 .shared
@@ -682,6 +684,39 @@ impl<'s> PartitionWorker<'s> {
         self.rollups.clear();
         self.alerts.clear();
         self.lake.clear();
+    }
+
+    /// The budget ledger (day, and month when it applies) of every user this
+    /// batch counted, as the engine has it now.
+    fn budget_rows(&self) -> Vec<BudgetRow> {
+        let mut seen = std::collections::HashSet::new();
+        let mut rows = Vec::new();
+        for r in self.rollups.rows() {
+            if !seen.insert(r.user_id.as_str()) {
+                continue;
+            }
+            let Some(u) = self.engine.user(&r.user_id) else {
+                continue;
+            };
+            let months = u.ledger.month.as_deref().map(|m| &m[..]).unwrap_or(&[]);
+            let periods = u
+                .ledger
+                .day
+                .iter()
+                .map(|p| ("day", p))
+                .chain(months.iter().map(|p| ("month", p)));
+            for (period, p) in periods.filter(|(_, p)| p.start_ms != 0) {
+                rows.push(BudgetRow {
+                    user_id: r.user_id.clone(),
+                    period,
+                    period_start_ms: p.start_ms,
+                    limit_micros: p.limit_micros as i64,
+                    spent_micros: p.micros as i64,
+                    tokens: p.tokens as i64,
+                });
+            }
+        }
+        rows
     }
 
     /// Sleeps before a retry; false when a stop was requested instead.

@@ -57,7 +57,7 @@ mod store;
 
 pub use error::StorageError;
 pub use parquet::{existing_batch_end, write_batch, EventRow};
-pub use store::{BatchCommit, PartitionStart, RollupRow, Store};
+pub use store::{BatchCommit, BudgetRow, PartitionStart, RollupRow, Store};
 
 #[cfg(test)]
 mod tests {

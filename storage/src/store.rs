@@ -20,8 +20,14 @@ use crate::error::StorageError;
 /// time for the proc-macro host: a cold build pays for that twice. The
 /// migrations this source yields are the ones `migrate!` would (same version,
 /// description and checksum), so the two can replace each other.
-pub(crate) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "budget periods",
+        include_str!("../migrations/0002_budget_periods.sql"),
+    ),
+];
 
 /// The compiled-in migrations as a sqlx migration source.
 #[derive(Debug)]
@@ -92,6 +98,25 @@ pub struct BatchCommit<'a> {
     pub alerts: &'a [Alert],
     /// Engine snapshot valid at `next_offset` (taken every few minutes, not every batch).
     pub checkpoint: Option<&'a [u8]>,
+    /// The budget ledger of the users the batch touched (absolute values).
+    pub budgets: &'a [BudgetRow],
+}
+
+/// One user's budget and spend in one period, as the detectors' ledger has it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct BudgetRow {
+    /// The account.
+    pub user_id: String,
+    /// `day` or `month`.
+    pub period: &'static str,
+    /// Start of the period, Unix ms.
+    pub period_start_ms: i64,
+    /// The budget in force, micro-dollars.
+    pub limit_micros: i64,
+    /// Spend so far, micro-dollars.
+    pub spent_micros: i64,
+    /// Tokens so far.
+    pub tokens: i64,
 }
 
 /// Traffic of one user and key in one minute, as a batch adds it to `rollup_minute`.
@@ -225,6 +250,9 @@ impl Store {
         if !batch.alerts.is_empty() {
             alert_columns.insert(&mut tx).await?;
         }
+        if !batch.budgets.is_empty() {
+            upsert_budgets(&mut tx, batch.budgets).await?;
+        }
         if let Some(state) = batch.checkpoint {
             sqlx::query(
                 "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
@@ -307,6 +335,42 @@ async fn advance_offset(
 }
 
 /// Adds the batch's rollups to `rollup_minute` in one statement.
+async fn upsert_budgets(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[BudgetRow],
+) -> Result<(), StorageError> {
+    let users: Vec<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
+    let periods: Vec<&str> = rows.iter().map(|r| r.period).collect();
+    let starts: Vec<i64> = rows.iter().map(|r| r.period_start_ms).collect();
+    let limits: Vec<i64> = rows.iter().map(|r| r.limit_micros).collect();
+    let spent: Vec<i64> = rows.iter().map(|r| r.spent_micros).collect();
+    let tokens: Vec<i64> = rows.iter().map(|r| r.tokens).collect();
+    // The ledger's values are absolute: the latest write wins (DISTINCT ON keeps
+    // one row per key if a caller repeats one; ORDER BY fixes the lock order).
+    sqlx::query(
+        "INSERT INTO budget_periods AS b (user_id, period, period_start, limit_micros, spent_micros, tokens)
+         SELECT DISTINCT ON (u, p, s) u, p, to_timestamp(s / 1000.0), l, sp, t
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
+             WITH ORDINALITY AS x(u, p, s, l, sp, t, i)
+         ORDER BY u, p, s, i DESC
+         ON CONFLICT (user_id, period, period_start) DO UPDATE SET
+             limit_micros = excluded.limit_micros,
+             spent_micros = excluded.spent_micros,
+             tokens = excluded.tokens,
+             updated_at = now()",
+    )
+    .bind(&users)
+    .bind(&periods)
+    .bind(&starts)
+    .bind(&limits)
+    .bind(&spent)
+    .bind(&tokens)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("upsert budget periods"))?;
+    Ok(())
+}
+
 async fn upsert_rollups(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[RollupRow],

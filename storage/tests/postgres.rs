@@ -213,6 +213,7 @@ fn batch<'a>(
         rollups,
         alerts,
         checkpoint,
+        budgets: &[],
     }
 }
 
@@ -255,6 +256,8 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
     let expected = [
         ("alert_outbox", "r"),
         ("alerts", "r"),
+        ("budget_periods", "r"),
+        ("budget_status", "v"),
         ("consumer_offsets", "r"),
         ("engine_checkpoints", "r"),
         ("revocation_actions", "r"),

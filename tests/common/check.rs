@@ -52,6 +52,8 @@ pub struct Expected {
     pub decoded: usize,
     pub poison: usize,
     pub ends: HashMap<i32, i64>,
+    /// (user, day start) -> (limit, spent) micro-dollars, from the engines' ledgers.
+    pub budgets: HashMap<(String, i64), (i64, i64)>,
 }
 
 pub fn expected(lines: &[String], partitions: i32) -> Expected {
@@ -62,6 +64,7 @@ pub fn expected(lines: &[String], partitions: i32) -> Expected {
         decoded: 0,
         poison: 0,
         ends: HashMap::new(),
+        budgets: HashMap::new(),
     };
     for p in 0..partitions {
         let mut engine = Engine::new(&EngineConfig::default()).unwrap();
@@ -84,6 +87,14 @@ pub fn expected(lines: &[String], partitions: i32) -> Expected {
             }
         }
         exp.ends.insert(p, n);
+        for (user, state) in &engine.state().users {
+            for d in state.ledger.day.iter().filter(|d| d.start_ms != 0) {
+                exp.budgets.insert(
+                    (user.to_string(), d.start_ms),
+                    (d.limit_micros as i64, d.micros as i64),
+                );
+            }
+        }
         Rollups::merge_into(rollups.rows(), &mut exp.rollups);
         exp.alert_ids.extend(alerts.into_iter().map(|a| a.id));
     }
@@ -122,6 +133,26 @@ pub fn verify(db: &Database, exp: &Expected, dir: &Path, bootstrap: &str, topic:
     for (k, want) in &exp.rollups {
         assert_eq!(got.get(k), Some(want), "rollup {k:?}");
     }
+    let rows = db.query(
+        "SELECT user_id, (extract(epoch from period_start) * 1000)::bigint::text, limit_micros::text, spent_micros::text \
+         FROM budget_periods WHERE period = 'day'",
+    );
+    let got: HashMap<(String, i64), (i64, i64)> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r[0].clone(), r[1].parse().unwrap()),
+                (r[2].parse().unwrap(), r[3].parse().unwrap()),
+            )
+        })
+        .collect();
+    for (k, want) in &exp.budgets {
+        // Users whose every record was a duplicate or dead letter have nothing to write.
+        if want.1 > 0 {
+            assert_eq!(got.get(k), Some(want), "budget period {k:?}");
+        }
+    }
+
     let ids: BTreeSet<String> = db
         .query("SELECT id FROM alerts")
         .into_iter()

@@ -21,6 +21,9 @@ pub struct PeriodSpend {
     pub start_ms: i64,
     /// Spend so far, micro-dollars.
     pub micros: u64,
+    /// The budget in force at the last record, micro-dollars.
+    #[serde(default)]
+    pub limit_micros: u64,
     /// Tokens so far (saturating).
     pub tokens: u32,
     /// Bit `i` set: alert percent `i` has fired.
@@ -193,6 +196,7 @@ impl Ledger {
         let Some(day) = slot(&mut self.day, day_start) else {
             return Posted::Late;
         };
+        day.limit_micros = lim.daily_micros;
         if micros > 0 {
             cross(
                 day,
@@ -217,6 +221,7 @@ impl Ledger {
         if let Some(limit) = lim.monthly_micros {
             let months = self.month.get_or_insert_with(Default::default);
             if let Some(month) = slot(months, month_start) {
+                month.limit_micros = limit;
                 if micros > 0 {
                     cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
                 }
