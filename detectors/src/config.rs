@@ -154,6 +154,10 @@ pub struct TokenSpikeConfig {
     pub min_day_fraction: f64,
     /// Half-life of the learned token rate and size, in active minutes / requests.
     pub half_life: f64,
+    /// With split request/response logs: a request unanswered this many seconds is a long generation…
+    pub in_flight_secs: u32,
+    /// …and this many at once raise the alert before any response arrives (0 turns it off).
+    pub in_flight_count: u32,
     /// After an alert, the user stays in the same incident until this many quiet minutes pass.
     pub cooldown_minutes: u32,
 }
@@ -283,6 +287,8 @@ impl Default for TokenSpikeConfig {
             min_max_outputs_per_minute: 6.0,
             min_day_fraction: 0.25,
             half_life: 60.0,
+            in_flight_secs: 45,
+            in_flight_count: 3,
             cooldown_minutes: 15,
         }
     }

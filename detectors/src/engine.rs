@@ -23,7 +23,7 @@ use crate::detect::repeated_prompt::{PromptFinding, PromptParams, PromptTracker}
 use crate::detect::request_spike::{RateParams, RateState, Spike};
 use crate::detect::runaway_spend::{PaceParams, SpendPace};
 use crate::detect::token_spike::{TokenCause, TokenParams, TokenState, MAX_HUGE_COUNT};
-use crate::event::Event;
+use crate::event::{Event, Phase};
 use crate::hash::{combine, stable_hash};
 use crate::price::PriceTable;
 use crate::time::{PeriodKind, MINUTE_MS};
@@ -216,6 +216,8 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
                     alpha_min: 1.0 / ts.half_life,
                     size_prior: (max_out / 10.0, 1.0),
                     cooldown_minutes: ts.cooldown_minutes,
+                    in_flight_secs: ts.in_flight_secs,
+                    in_flight_count: ts.in_flight_count,
                 },
                 daily_micros: micros(t.daily_budget_usd),
                 monthly_micros: t.monthly_budget_usd.map(micros),
@@ -380,10 +382,8 @@ impl Engine {
             self.state.now_ms = ev.ts_ms;
         }
         let now = self.state.now_ms;
-        let rec = combine(
-            stable_hash(1, ev.request_id.as_bytes()),
-            ev.phase as u64 + 1,
-        );
+        let request = stable_hash(1, ev.request_id.as_bytes());
+        let rec = combine(request, ev.phase as u64 + 1);
         if !self
             .state
             .dedup
@@ -498,9 +498,14 @@ impl Engine {
                 }
             }
         }
-        if cfg.token_spike.enabled && tokens > 0 {
+        if cfg.token_spike.enabled && (tokens > 0 || ev.phase != Phase::Exchange) {
             let completion = counts_response.then_some(ev.completion_tokens);
-            if let Some(ts) = user.tokens.on_tokens(t, tokens, completion, &tier.tokens) {
+            let in_flight = user.tokens.on_phase(t, ev.phase, request, &tier.tokens);
+            let spike = match tokens {
+                0 => None,
+                _ => user.tokens.on_tokens(t, tokens, completion, &tier.tokens),
+            };
+            if let Some(ts) = in_flight.or(spike) {
                 let id = Alert::make_id(
                     AlertKind::TokenSpike,
                     &format!("user:{}", ev.user_id),
@@ -514,6 +519,15 @@ impl Engine {
                         format!(
                             "{} received {} completions of {}+ tokens within {} minutes (usually ~{} tokens; the {} tier allows {}): likely token-exhaustion prompts, so keywatch asks gateways to throttle key {}.",
                             ev.user_id, count, thousands(threshold), cfg.token_spike.window_minutes, thousands(baseline), tier.name, thousands(tier.limits.max_output_tokens as f64), ev.key_id
+                        ),
+                    ),
+                    TokenCause::InFlight { count, oldest_secs } => (
+                        count as f64,
+                        0.0,
+                        cfg.token_spike.in_flight_count as f64,
+                        format!(
+                            "{} has {} requests still generating after {}+ seconds (the oldest {} s; answers usually take seconds): likely token-exhaustion prompts, so keywatch asks gateways to throttle key {}.",
+                            ev.user_id, count, cfg.token_spike.in_flight_secs, oldest_secs, ev.key_id
                         ),
                     ),
                     TokenCause::Burst { observed, baseline, threshold } => (
@@ -849,7 +863,6 @@ fn prompt_alert(ev: &Event<'_>, fp: &str, f: PromptFinding, r: &Resolved, now_s:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Phase;
     use crate::time::{parse_rfc3339, HOUR_MS};
     use std::borrow::Cow;
 

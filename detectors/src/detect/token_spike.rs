@@ -25,6 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::{LogBaseline, SlidingMinute, Tick};
+use crate::event::Phase;
 
 /// The tier priors weigh as much as this many observations.
 const PRIOR_WEIGHT: f64 = 8.0;
@@ -63,10 +64,27 @@ pub struct TokenParams {
     pub size_prior: (f64, f64),
     /// Incident cooldown, minutes.
     pub cooldown_minutes: u32,
+    /// A request still unanswered after this many seconds is a long generation…
+    pub in_flight_secs: u32,
+    /// …and this many at once is a token spike (0: off).
+    pub in_flight_count: u32,
 }
 
-/// A user's token state (64 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Requests of a split-logging user still waiting for their response
+/// record: (request hash, start second), oldest first, at most 16.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    entries: Vec<(u32, u32)>,
+}
+
+/// Requests older than this are forgotten (their response was lost).
+const IN_FLIGHT_FORGET_SECS: u32 = 600;
+/// Most requests tracked in flight per user.
+const IN_FLIGHT_MAX: usize = 16;
+
+/// A user's token state (about 70 bytes; in-flight requests of
+/// split-logging users on the heap, only while they have some).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenState {
     window: SlidingMinute,
     /// Tokens per active minute (`n == 0`: not started, the prior applies).
@@ -77,6 +95,8 @@ pub struct TokenState {
     huge: [u32; MAX_HUGE_COUNT as usize],
     huge_len: u8,
     incident_until: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<Box<InFlight>>,
 }
 
 /// What made the token spike.
@@ -92,6 +112,13 @@ pub enum TokenCause {
         threshold: f64,
         /// The user's learned median completion.
         baseline: f64,
+    },
+    /// `count` requests still generating after `oldest_secs` (split logs).
+    InFlight {
+        /// Requests unanswered for at least the bar.
+        count: u32,
+        /// Age of the oldest of them, seconds.
+        oldest_secs: u32,
     },
     /// Tokens in the sliding minute.
     Burst {
@@ -183,7 +210,11 @@ impl TokenState {
                 }
             }
         }
-        let cause = cause?;
+        self.incident(t, cause?, p)
+    }
+
+    /// One alert per incident: a spike while one is open only extends it.
+    fn incident(&mut self, t: Tick, cause: TokenCause, p: &TokenParams) -> Option<TokenSpike> {
         let m = t.minute;
         let open = self.incident_until != 0 && m <= self.incident_until;
         self.incident_until = m + p.cooldown_minutes;
@@ -191,6 +222,61 @@ impl TokenState {
             cause,
             onset_minute: m,
         })
+    }
+
+    /// Tracks requests in flight for gateways that log `request` and
+    /// `response` records separately. A completion's size is known only
+    /// from its response, stamped when generation ends, which for a prompt
+    /// built to exhaust the output cap is a minute or two later; but such
+    /// requests pile up unanswered long before. `in_flight_count` requests
+    /// still open after `in_flight_secs` (normal answers take seconds) raise
+    /// the token spike early. `request` is the record's request hash.
+    pub fn on_phase(
+        &mut self,
+        t: Tick,
+        phase: Phase,
+        request: u64,
+        p: &TokenParams,
+    ) -> Option<TokenSpike> {
+        if p.in_flight_count == 0 {
+            return None;
+        }
+        let key = request as u32;
+        match phase {
+            Phase::Exchange => return None,
+            Phase::Request => {
+                let pend = self.pending.get_or_insert_with(Default::default);
+                pend.entries
+                    .retain(|e| t.secs.saturating_sub(e.1) < IN_FLIGHT_FORGET_SECS);
+                if pend.entries.len() >= IN_FLIGHT_MAX {
+                    pend.entries.remove(0);
+                }
+                pend.entries.push((key, t.secs));
+            }
+            Phase::Response => {
+                let pend = self.pending.as_mut()?;
+                if let Some(i) = pend.entries.iter().position(|e| e.0 == key) {
+                    pend.entries.remove(i);
+                }
+                if pend.entries.is_empty() {
+                    self.pending = None;
+                    return None;
+                }
+            }
+        }
+        let pend = self.pending.as_ref()?;
+        let ages = pend.entries.iter().map(|e| t.secs.saturating_sub(e.1));
+        let long: Vec<u32> = ages
+            .filter(|&a| a >= p.in_flight_secs && a < IN_FLIGHT_FORGET_SECS)
+            .collect();
+        if (long.len() as u32) < p.in_flight_count {
+            return None;
+        }
+        let cause = TokenCause::InFlight {
+            count: long.len() as u32,
+            oldest_secs: long.iter().copied().max().unwrap_or(0),
+        };
+        self.incident(t, cause, p)
     }
 
     /// Remembers a huge completion; returns how many fall in the window.
@@ -237,7 +323,37 @@ mod tests {
             alpha_min: 1.0 / 60.0,
             size_prior: (400.0, 1.0),
             cooldown_minutes: 15,
+            in_flight_secs: 45,
+            in_flight_count: 3,
         }
+    }
+
+    #[test]
+    fn long_generations_piling_up_are_caught_before_their_responses() {
+        let p = params();
+        let mut s = TokenState::default();
+        // Normal split traffic: each request answered within seconds.
+        for i in 0..200u64 {
+            let t0 = i as i64 * 30_000;
+            assert_eq!(s.on_phase(Tick::at(t0), Phase::Request, i, &p), None);
+            assert_eq!(
+                s.on_phase(Tick::at(t0 + 4_000), Phase::Response, i, &p),
+                None
+            );
+        }
+        assert!(s.pending.is_none(), "answered requests are forgotten");
+        // An attack: a request every 10 s, none answered for 100 s.
+        let onset = 200 * 30_000;
+        let mut first = None;
+        for i in 0..12u64 {
+            let t = onset + i as i64 * 10_000;
+            if let Some(sp) = s.on_phase(Tick::at(t), Phase::Request, 1000 + i, &p) {
+                first.get_or_insert((t, sp));
+            }
+        }
+        let (t, sp) = first.expect("caught");
+        assert!(t - onset <= 70_000, "caught after {} ms", t - onset);
+        assert!(matches!(sp.cause, TokenCause::InFlight { count: 3, .. }));
     }
 
     #[test]
