@@ -266,16 +266,14 @@ impl TokenState {
         }
         let pend = self.pending.as_ref()?;
         let ages = pend.entries.iter().map(|e| t.secs.saturating_sub(e.1));
-        let long: Vec<u32> = ages
+        // Count and oldest age in one pass: no allocation on the hot path.
+        let (count, oldest_secs) = ages
             .filter(|&a| a >= p.in_flight_secs && a < IN_FLIGHT_FORGET_SECS)
-            .collect();
-        if (long.len() as u32) < p.in_flight_count {
+            .fold((0u32, 0u32), |(n, oldest), a| (n + 1, oldest.max(a)));
+        if count < p.in_flight_count {
             return None;
         }
-        let cause = TokenCause::InFlight {
-            count: long.len() as u32,
-            oldest_secs: long.iter().copied().max().unwrap_or(0),
-        };
+        let cause = TokenCause::InFlight { count, oldest_secs };
         self.incident(t, cause, p)
     }
 
