@@ -51,6 +51,31 @@ impl Tick {
     }
 }
 
+/// One alert per incident: the rule every detector shares. A detection
+/// while the incident is open only extends it; one after it lapsed opens a
+/// new one. Times are in the detector's unit (minutes or seconds); 0 is
+/// "never".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Incident(u32);
+
+impl Incident {
+    /// Records a detection at `now` that keeps the incident open `lasts`
+    /// more units; true when it opens a new incident (and should alert).
+    #[inline]
+    pub fn begins(&mut self, now: u32, lasts: u32) -> bool {
+        let open = self.0 != 0 && now <= self.0;
+        self.0 = now + lasts;
+        !open
+    }
+
+    /// Whether the incident is still open at `now`.
+    #[inline]
+    pub fn is_open(&self, now: u32) -> bool {
+        self.0 != 0 && now <= self.0
+    }
+}
+
 /// Decay per step for a half-life of `half_life` steps.
 pub fn decay_for_half_life(half_life: f64) -> f64 {
     0.5f64.powf(1.0 / half_life)

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::baseline::Incident;
 use crate::hash::combine;
 use crate::StableBuild;
 
@@ -43,7 +44,7 @@ pub struct Sightings {
     /// Newer sightings, oldest first (empty, and unallocated, for one-offs).
     newer: Vec<u32>,
     /// End of the open incident, Unix seconds (0: none).
-    incident_until: u32,
+    incident_until: Incident,
 }
 
 /// Users repeating one fingerprint.
@@ -99,7 +100,7 @@ impl PromptTracker {
                 v.insert(Sightings {
                     oldest: now_s,
                     newer: Vec::new(),
-                    incident_until: 0,
+                    incident_until: Incident::default(),
                 });
                 return;
             }
@@ -116,12 +117,8 @@ impl PromptTracker {
             e.oldest = e.newer.remove(0);
         }
         let count = e.newer.len() as u32 + 1;
-        if count > p.max_repeats {
-            let open = e.incident_until != 0 && now_s <= e.incident_until;
-            e.incident_until = now_s + p.window_secs;
-            if !open {
-                out.push(PromptFinding::Repeated { count });
-            }
+        if count > p.max_repeats && e.incident_until.begins(now_s, p.window_secs) {
+            out.push(PromptFinding::Repeated { count });
         }
         if count == 2 && p.farming_min_users > 0 {
             let crowd = self.crowds.entry(fp).or_insert_with(|| Crowd {
@@ -152,7 +149,7 @@ impl PromptTracker {
     pub fn expire(&mut self, now_s: u32, p: &PromptParams) {
         let cutoff = now_s.saturating_sub(p.window_secs);
         self.sightings.retain(|_, e| {
-            e.newer.last().copied().unwrap_or(e.oldest) >= cutoff || e.incident_until >= now_s
+            e.newer.last().copied().unwrap_or(e.oldest) >= cutoff || e.incident_until.is_open(now_s)
         });
         self.crowds.retain(|_, c| c.since >= cutoff);
         // A burst of traffic leaves a big table behind; give the memory back.

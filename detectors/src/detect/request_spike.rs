@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{RateBaseline, RatePrior, SlidingMinute, Tick};
+use crate::baseline::{Incident, RateBaseline, RatePrior, SlidingMinute, Tick};
 
 /// Settings resolved for one tier.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +52,7 @@ pub struct RateState {
     /// was below them and counts as evidence of normal).
     bar: f32,
     /// Last minute of the open incident (0: none).
-    incident_until: u32,
+    incident_until: Incident,
 }
 
 /// A detected spike.
@@ -99,9 +99,7 @@ impl RateState {
             return None;
         }
         let m = t.minute;
-        let open = self.incident_until != 0 && m <= self.incident_until;
-        self.incident_until = m + p.cooldown_minutes;
-        if open {
+        if !self.incident_until.begins(m, p.cooldown_minutes) {
             return None;
         }
         Some(Spike {

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{RateBaseline, RatePrior, SlidingMinute, Tick};
+use crate::baseline::{Incident, RateBaseline, RatePrior, SlidingMinute, Tick};
 
 /// Settings resolved for one user's budget.
 #[derive(Clone, Copy, Debug)]
@@ -36,7 +36,7 @@ pub struct SpendPace {
     window: SlidingMinute,
     rate: RateBaseline,
     bar: f32,
-    incident_until: u32,
+    incident_until: Incident,
 }
 
 /// A detected runaway.
@@ -76,9 +76,8 @@ impl SpendPace {
             return None;
         }
         let m = t.minute;
-        let open = self.incident_until != 0 && m <= self.incident_until;
-        self.incident_until = m + p.cooldown_minutes;
-        (!open).then(|| Runaway {
+        let new = self.incident_until.begins(m, p.cooldown_minutes);
+        new.then(|| Runaway {
             observed_micros: est,
             baseline_micros: self.rate.mean(p.prior),
             threshold_micros: self.bar as f64,

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{LogBaseline, SlidingMinute, Tick};
+use crate::baseline::{Incident, LogBaseline, SlidingMinute, Tick};
 use crate::event::Phase;
 
 /// The tier priors weigh as much as this many observations.
@@ -94,7 +94,7 @@ pub struct TokenState {
     bar: f32,
     huge: [u32; MAX_HUGE_COUNT as usize],
     huge_len: u8,
-    incident_until: u32,
+    incident_until: Incident,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending: Option<Box<InFlight>>,
 }
@@ -216,9 +216,8 @@ impl TokenState {
     /// One alert per incident: a spike while one is open only extends it.
     fn incident(&mut self, t: Tick, cause: TokenCause, p: &TokenParams) -> Option<TokenSpike> {
         let m = t.minute;
-        let open = self.incident_until != 0 && m <= self.incident_until;
-        self.incident_until = m + p.cooldown_minutes;
-        (!open).then_some(TokenSpike {
+        let new = self.incident_until.begins(m, p.cooldown_minutes);
+        new.then_some(TokenSpike {
             cause,
             onset_minute: m,
         })
