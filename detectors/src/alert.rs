@@ -154,6 +154,10 @@ pub struct Alert {
     /// contract; budget blocks end with their period). Absent: until lifted.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_rfc3339")]
     pub expires_at: Option<i64>,
+    /// The user's tier when the alert fired (an extension of the contract:
+    /// receivers route on it). Absent when the subject is not one user's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     /// One sentence for the person on call.
     pub reason: String,
 }

@@ -632,8 +632,11 @@ impl Engine {
             }
         }
 
-        for a in &out[before..] {
+        for a in &mut out[before..] {
             *self.stats.alerts.entry(a.kind).or_default() += 1;
+            if a.user_id == *ev.user_id {
+                a.tier = Some(self.r.tiers[tier_idx].name.clone());
+            }
         }
         Outcome::Counted { cost_micros }
     }
@@ -695,6 +698,7 @@ fn alert(kind: AlertKind, id: String, ev: &Event<'_>, with_key: bool) -> Alert {
         threshold: None,
         budget: None,
         expires_at: None,
+        tier: None,
         reason: String::new(),
     }
 }
@@ -773,6 +777,7 @@ fn budget_alert(ev: &Event<'_>, c: Crossing, utc_offset_min: i32) -> Alert {
             percent: c.percent,
         }),
         expires_at: blocking.then(|| c.period.bounds(c.period_start, utc_offset_min).1),
+        tier: None,
         reason: format!(
             "{} has spent ${:.2} of its ${:.2} {period_word} budget ({}%).{tail}",
             ev.user_id,
@@ -796,6 +801,7 @@ fn quota_alert(ev: &Event<'_>, q: TokenQuotaCrossing, tier: &str, utc_offset_min
         observed: Some(q.tokens as f64),
         threshold: Some(q.limit as f64),
         expires_at: Some(PeriodKind::Day.bounds(q.period_start, utc_offset_min).1),
+        tier: None,
         reason: format!(
             "{} has used {} tokens today, over the {} tier's {} a day; keywatch asks gateways to throttle it until the day ends.",
             ev.user_id,

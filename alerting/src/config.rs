@@ -1,0 +1,291 @@
+//! The `[alerting]` and `[feed]` sections of the config file.
+//!
+//! Receiver secrets (Slack webhook URLs, webhook signing secrets, SMTP
+//! passwords) may be written inline but are better read from the
+//! environment or a file (`*_env`, `*_file`); they are held in [`Secret`],
+//! whose `Debug` never shows the value.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Outbound alert delivery.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// Where alerts go; each receiver has its own routing filter.
+    pub receivers: Vec<ReceiverConfig>,
+    /// Seconds between retries of a failed delivery: attempt `n + 1` waits
+    /// `retry_schedule_secs[n]` (with ±20% jitter) after attempt `n` failed.
+    /// When the list runs out the delivery is given up (state `failed`).
+    /// The default is Svix's schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Lower-severity (info, warning) alerts for Slack and email receivers
+    /// wait this long so that alerts arriving together go out as one
+    /// message. Critical alerts go at once; webhooks get every alert at once.
+    pub group_wait_secs: u64,
+    /// The same condition (kind, user, key or address, budget period and
+    /// percent) is not sent to a receiver again within this many seconds;
+    /// the repeat is recorded as `suppressed`.
+    pub repeat_interval_secs: u64,
+    /// Per-request timeout of a delivery (HTTP or SMTP), in seconds.
+    pub timeout_secs: u64,
+    /// A `Retry-After` longer than this (seconds) is capped to it.
+    pub max_retry_after_secs: u64,
+    /// Allow webhook and Slack URLs that resolve to loopback, private,
+    /// link-local or cloud-metadata addresses. Off by default (SSRF
+    /// protection); turn on for local receivers and tests only.
+    pub allow_private_addresses: bool,
+    /// Link to a user's dashboard in Slack and email messages; `{user_id}`
+    /// is replaced by the (URL-encoded) user id. Empty: no link.
+    pub dashboard_url: String,
+    /// Seconds between outbox polls when the dispatcher found nothing to do
+    /// (it is also woken at once when a batch commits new alerts).
+    pub poll_interval_secs: f64,
+    /// A claimed delivery not marked within this many seconds (its
+    /// dispatcher died) may be taken by another dispatcher.
+    pub lease_secs: u64,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        AlertingConfig {
+            receivers: vec![],
+            retry_schedule_secs: vec![5, 300, 1800, 7200, 18000, 36000, 36000],
+            group_wait_secs: 30,
+            repeat_interval_secs: 4 * 3600,
+            timeout_secs: 10,
+            max_retry_after_secs: 3600,
+            allow_private_addresses: false,
+            dashboard_url: String::new(),
+            poll_interval_secs: 1.0,
+            lease_secs: 120,
+        }
+    }
+}
+
+/// One destination of alerts. Which fields apply depends on `type`:
+/// `slack` needs the webhook URL (`url`, `url_env` or `url_file`: it is a
+/// secret); `webhook` needs `url` and signing secrets (`secret`,
+/// `secret_env` or `secret_file`); `email` needs `smtp_host`, `from`, `to`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverConfig {
+    /// Unique name; deliveries are recorded under it, so keep it stable.
+    pub name: String,
+    /// `slack`, `email` or `webhook`.
+    #[serde(rename = "type")]
+    pub kind: ReceiverKind,
+    /// Routing: alert kinds sent here (empty: every kind).
+    pub kinds: Vec<String>,
+    /// Routing: the lowest severity sent here (`info`, `warning`, `critical`).
+    pub min_severity: String,
+    /// Routing: user tiers sent here (empty: every tier, and alerts without one).
+    pub tiers: Vec<String>,
+    /// Overrides `alerting.group_wait_secs` for this receiver.
+    pub group_wait_secs: Option<u64>,
+    /// Overrides `alerting.repeat_interval_secs` for this receiver.
+    pub repeat_interval_secs: Option<u64>,
+
+    /// Slack and webhook: the URL (for Slack, prefer `url_env`/`url_file`).
+    pub url: Option<String>,
+    /// Slack: environment variable holding the webhook URL.
+    pub url_env: Option<String>,
+    /// Slack: file holding the webhook URL.
+    pub url_file: Option<PathBuf>,
+    /// Webhook: signing secrets (`whsec_` + base64), separated by spaces or
+    /// commas; each one signs, so a receiver can rotate without a gap.
+    pub secret: Option<String>,
+    /// Webhook: environment variable holding the secrets.
+    pub secret_env: Option<String>,
+    /// Webhook: file holding the secrets.
+    pub secret_file: Option<PathBuf>,
+
+    /// Email: SMTP server host.
+    pub smtp_host: Option<String>,
+    /// Email: SMTP port (default 25 for `none`, 587 for `starttls`, 465 for `tls`).
+    pub smtp_port: Option<u16>,
+    /// Email: `none` (plain, local catchers only), `starttls` or `tls` (default `starttls`).
+    pub tls: Option<String>,
+    /// Email: SMTP user (no authentication when absent).
+    pub username: Option<String>,
+    /// Email: environment variable holding the SMTP password.
+    pub password_env: Option<String>,
+    /// Email: file holding the SMTP password.
+    pub password_file: Option<PathBuf>,
+    /// Email: sender (`keywatch <alerts@example.com>`).
+    pub from: Option<String>,
+    /// Email: recipients.
+    pub to: Vec<String>,
+}
+
+impl fmt::Debug for ReceiverConfig {
+    /// Shows everything but inline secrets (a Slack URL is one).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        let url = match self.kind {
+            ReceiverKind::Webhook => self.url.as_deref(),
+            _ => redacted(&self.url),
+        };
+        f.debug_struct("ReceiverConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("kinds", &self.kinds)
+            .field("min_severity", &self.min_severity)
+            .field("tiers", &self.tiers)
+            .field("url", &url)
+            .field("url_env", &self.url_env)
+            .field("secret", &redacted(&self.secret))
+            .field("secret_env", &self.secret_env)
+            .field("smtp_host", &self.smtp_host)
+            .field("to", &self.to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverConfig {
+    /// Slack: where the webhook URL comes from.
+    pub fn slack_url(&self) -> SecretSource {
+        SecretSource {
+            value: self.url.clone(),
+            env: self.url_env.clone(),
+            file: self.url_file.clone(),
+        }
+    }
+
+    /// Webhook: where the signing secrets come from.
+    pub fn signing_secrets(&self) -> SecretSource {
+        SecretSource {
+            value: self.secret.clone(),
+            env: self.secret_env.clone(),
+            file: self.secret_file.clone(),
+        }
+    }
+}
+
+/// What kind of receiver.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiverKind {
+    /// A Slack incoming webhook.
+    #[default]
+    Slack,
+    /// Email over SMTP.
+    Email,
+    /// A generic endpoint, signed per the Standard Webhooks spec.
+    Webhook,
+}
+
+/// A secret given inline (`secret`/`url`), by environment variable
+/// (`*_env`) or by file (`*_file`): exactly one of them.
+#[derive(Clone, Default, PartialEq)]
+pub struct SecretSource {
+    /// The value itself (discouraged: config files get shared).
+    pub value: Option<String>,
+    /// Environment variable holding the value.
+    pub env: Option<String>,
+    /// File holding the value (trailing whitespace ignored).
+    pub file: Option<PathBuf>,
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretSource")
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret; `what` names the field in errors.
+    pub fn resolve(&self, what: &str) -> Result<Secret, String> {
+        let given = [self.value.is_some(), self.env.is_some(), self.file.is_some()];
+        match given.iter().filter(|g| **g).count() {
+            0 => return Err(format!("{what}: not set (give it inline, by _env or by _file)")),
+            1 => {}
+            _ => return Err(format!("{what}: give only one of the value, _env and _file")),
+        }
+        let value = if let Some(v) = &self.value {
+            v.clone()
+        } else if let Some(var) = &self.env {
+            std::env::var(var)
+                .map_err(|_| format!("{what}: environment variable {var} is not set"))?
+        } else {
+            let path = self.file.as_ref().expect("counted above");
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("{what}: reading {}: {e}", path.display()))?
+                .trim_end()
+                .to_string()
+        };
+        if value.trim().is_empty() {
+            return Err(format!("{what}: is empty"));
+        }
+        Ok(Secret(value))
+    }
+}
+
+/// A secret value: `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The revocation feed and metrics HTTP server.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// Address to listen on (`127.0.0.1:8787`); empty: no HTTP server.
+    pub listen: String,
+    /// Gateways allowed to poll, each with the SHA-256 of its bearer token
+    /// (`keywatch token NAME` makes a token and prints this line).
+    pub clients: Vec<FeedClient>,
+    /// Requests per minute a client may make (a token bucket, burst of the same
+    /// size); past it: `429` with `Retry-After`. Failed authentications are
+    /// limited the same way per remote address.
+    pub requests_per_minute: u32,
+    /// The longest long poll a client may ask for (`wait`, seconds).
+    pub max_wait_secs: u64,
+    /// Most actions in one `/v1/revocations` answer.
+    pub max_actions: u32,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            listen: "127.0.0.1:8787".into(),
+            clients: vec![],
+            requests_per_minute: 600,
+            max_wait_secs: 60,
+            max_actions: 1000,
+        }
+    }
+}
+
+/// A gateway allowed to read the feed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedClient {
+    /// The gateway's name (in logs and metrics).
+    pub name: String,
+    /// Lower-case hex SHA-256 of the bearer token; the token itself is never stored.
+    pub token_sha256: String,
+}
