@@ -28,6 +28,10 @@ pub struct Config {
     pub pipeline: ingest::config::PipelineConfig,
     /// The database (`keywatch run`, `keywatch migrate`).
     pub postgres: PostgresConfig,
+    /// Alert delivery: receivers, routing, retries and grouping (`keywatch run`, `keywatch serve`).
+    pub alerting: alerting::AlertingConfig,
+    /// The revocation feed and metrics HTTP server (`keywatch run`, `keywatch serve`).
+    pub feed: alerting::FeedConfig,
 }
 
 /// The database.
@@ -123,6 +127,8 @@ impl Config {
         cfg.engine.validate().context("invalid config (engine)")?;
         cfg.kafka.validate()?;
         cfg.pipeline.validate()?;
+        cfg.alerting.validate().map_err(anyhow::Error::msg)?;
+        alerting::feed::validate(&cfg.feed).map_err(anyhow::Error::msg)?;
         if cfg.postgres.max_connections == 0 {
             bail!("postgres.max_connections: must be at least 1");
         }

@@ -4,6 +4,7 @@ mod alloc;
 mod config;
 mod replay;
 mod run;
+mod serve;
 mod simulate;
 
 use std::path::PathBuf;
@@ -30,6 +31,15 @@ enum Command {
     /// and commit rollups, alerts, actions, state and offsets to Postgres in
     /// one transaction per batch (plus Parquet files for the lake).
     Run(run::RunArgs),
+    /// The alert dispatcher and the revocation feed without the Kafka
+    /// pipeline (`run` includes both).
+    Serve(serve::ServeArgs),
+    /// Block or unblock a key (or every key of a user) by hand, or list what is blocked.
+    Keys(serve::KeysArgs),
+    /// Make a bearer token for a gateway polling the feed, and its config lines.
+    Token(serve::TokenArgs),
+    /// List receivers and their deliveries, or re-enable one disabled by a 410.
+    Receivers(serve::ReceiversArgs),
     /// Create or update the Postgres schema (also done by `run` at start-up).
     Migrate(run::MigrateArgs),
     /// Run the detectors over NDJSON gateway records, in file order on event
@@ -54,6 +64,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Migrate(args) => run::migrate(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Keys(args) => serve::keys(args),
+        Command::Token(args) => serve::token(args),
+        Command::Receivers(args) => serve::receivers(args),
         Command::Replay(args) => replay::run(args),
         Command::Simulate(args) => simulate::run(args),
     };

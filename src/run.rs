@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ingest::kafka::Pipeline;
+use alerting::metrics::{Exposition, Render};
+use ingest::kafka::{Pipeline, PipelineMetrics};
 use storage::Store;
 
 use crate::config::Config;
+use crate::serve::Outward;
 use crate::ConfigArg;
 
 /// Arguments of `keywatch run`.
@@ -29,7 +31,7 @@ pub struct MigrateArgs {
     config: ConfigArg,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -38,7 +40,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn connect(cfg: &Config) -> Result<Store> {
+pub(crate) async fn connect(cfg: &Config) -> Result<Store> {
     let url = cfg.postgres.url()?;
     let store = Store::connect(&url, cfg.postgres.max_connections)
         .await
@@ -69,17 +71,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     {
         let stop = Arc::clone(&stop);
         rt.spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            shutdown_signal().await;
             eprintln!("keywatch run: stopping: finishing and committing every partition's batch");
             stop.store(true, Ordering::Release);
         });
     }
+    let pool = store.pool().clone();
     let pipeline = Pipeline::start(
         cfg.kafka.clone(),
         cfg.pipeline.clone(),
@@ -89,6 +86,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         rt.handle().clone(),
     )?;
     let metrics = pipeline.metrics();
+    let outward = Outward::start(
+        &rt,
+        &cfg,
+        pool,
+        Some(pipeline_metrics(Arc::clone(&metrics))),
+    )?;
+    if let Some(a) = outward.addr {
+        eprintln!("keywatch run: feed and /metrics on http://{a}");
+    }
     eprintln!(
         "keywatch run: consuming {} from {} as group {}",
         cfg.kafka.topics.join(", "),
@@ -121,6 +127,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(p) = progress {
         let _ = p.join();
     }
+    outward.stop(&rt);
     eprintln!(
         "keywatch run: stopped after {} records ({} re-read to rebuild state, {} dead-lettered, {} batches, {} offset gaps, {} stalled partitions)",
         metrics.records.load(Ordering::Relaxed),
@@ -131,4 +138,84 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         metrics.stalled.load(Ordering::Relaxed),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The pipeline's part of `/metrics`.
+fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
+    Arc::new(move |out: &mut Exposition| {
+        let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        out.counter(
+            "keywatch_events_total",
+            "Gateway records read from Kafka (including re-reads after a restart).",
+            &[],
+            c(&m.records),
+        );
+        out.counter(
+            "keywatch_events_decoded_total",
+            "Records decoded and run through the detectors.",
+            &[],
+            c(&m.decoded),
+        );
+        out.counter(
+            "keywatch_decode_errors_total",
+            "Records that could not be decoded (dead-lettered).",
+            &[],
+            c(&m.dead_lettered),
+        );
+        for (kind, n) in m.alerts_by_kind.lock().expect("metrics lock").iter() {
+            out.counter(
+                "keywatch_alerts_total",
+                "Alerts committed, by kind (a replayed batch counts again; the alerts table has each once).",
+                &[("kind", kind)],
+                *n as f64,
+            );
+        }
+        out.counter("keywatch_batches_total", "Batches committed.", &[], c(&m.batches));
+        out.counter(
+            "keywatch_commit_retries_total",
+            "Commit or dead-letter attempts that failed and were retried.",
+            &[],
+            c(&m.retries),
+        );
+        out.counter(
+            "keywatch_fenced_total",
+            "Commits refused because another consumer owns the partition now.",
+            &[],
+            c(&m.fenced),
+        );
+        out.gauge(
+            "keywatch_partitions",
+            "Partitions this instance is working.",
+            &[],
+            c(&m.partitions),
+        );
+        for ((topic, partition), o) in m.offsets.lock().expect("metrics lock").iter() {
+            if let Some(lag) = o.lag() {
+                out.gauge(
+                    "keywatch_consumer_lag",
+                    "Records on the broker not yet committed to Postgres, per partition.",
+                    &[("topic", topic), ("partition", &partition.to_string())],
+                    lag as f64,
+                );
+            }
+        }
+        let (buckets, sum, count) = m.commit_seconds.snapshot();
+        out.histogram(
+            "keywatch_batch_commit_seconds",
+            "Time to commit a batch: dead letters, Parquet and the Postgres transaction.",
+            &buckets,
+            sum,
+            count,
+        );
+    })
 }

@@ -65,6 +65,37 @@ impl Default for AlertingConfig {
     }
 }
 
+impl AlertingConfig {
+    /// Checks what can be checked without resolving secrets or addresses
+    /// (those are checked when the receivers are built, at start-up).
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, r) in self.receivers.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                return Err(format!("alerting.receivers[{i}].name: must not be empty"));
+            }
+            if self.receivers[..i].iter().any(|o| o.name == r.name) {
+                return Err(format!(
+                    "alerting.receivers[{i}].name: \"{}\" is used twice (deliveries are recorded by name)",
+                    r.name
+                ));
+            }
+        }
+        if self.timeout_secs == 0 {
+            return Err("alerting.timeout_secs: must be at least 1".into());
+        }
+        if self.lease_secs <= self.timeout_secs {
+            return Err(format!(
+                "alerting.lease_secs: must be longer than alerting.timeout_secs ({}), or a slow send could be taken over while it is still running",
+                self.timeout_secs
+            ));
+        }
+        if !(self.poll_interval_secs > 0.0) {
+            return Err("alerting.poll_interval_secs: must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
 /// One destination of alerts. Which fields apply depends on `type`:
 /// `slack` needs the webhook URL (`url`, `url_env` or `url_file`: it is a
 /// secret); `webhook` needs `url` and signing secrets (`secret`,

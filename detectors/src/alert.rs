@@ -25,6 +25,9 @@ pub enum AlertKind {
     LeakedKey,
     /// Spend at a pace that empties the daily budget within the hour (an extension of the contract).
     RunawaySpend,
+    /// Not a detector's: a receiver answered `410 Gone` and keywatch stopped
+    /// sending to it (an operator alert; its `user_id` is `keywatch`).
+    ReceiverDisabled,
 }
 
 impl AlertKind {
@@ -39,10 +42,11 @@ impl AlertKind {
             AlertKind::PromptFarming => "prompt_farming",
             AlertKind::LeakedKey => "leaked_key",
             AlertKind::RunawaySpend => "runaway_spend",
+            AlertKind::ReceiverDisabled => "receiver_disabled",
         }
     }
 
-    /// Every kind, in a fixed order.
+    /// Every detector's kind, in a fixed order.
     pub const ALL: [AlertKind; 8] = [
         AlertKind::BudgetThreshold,
         AlertKind::TokenQuota,

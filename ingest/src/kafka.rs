@@ -27,7 +27,7 @@
 //! no record ever reaches the main queue), holds one batch, and does not
 //! read on while that batch commits: that is the backpressure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -100,6 +100,72 @@ pub struct PipelineMetrics {
     pub partitions: AtomicU64,
     /// Milliseconds the last batch commit took.
     pub last_commit_ms: AtomicU64,
+    /// Batch commit durations (dead letters, Parquet and the Postgres transaction).
+    pub commit_seconds: Histogram,
+    /// Alerts committed, by kind (before de-duplication by id).
+    pub alerts_by_kind: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per partition: the broker's high watermark (from librdkafka's
+    /// statistics, every 5 s) and the offset committed to Postgres.
+    pub offsets: Mutex<BTreeMap<(String, i32), PartitionOffsets>>,
+}
+
+/// Where a partition stands, for the consumer-lag metric.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PartitionOffsets {
+    /// The broker's high watermark (next offset to be written); -1: not known yet.
+    pub high_watermark: i64,
+    /// The next offset keywatch has yet to commit; -1: nothing committed this run.
+    pub committed: i64,
+}
+
+impl PartitionOffsets {
+    /// Records not yet committed, when both ends are known.
+    pub fn lag(&self) -> Option<i64> {
+        (self.high_watermark >= 0 && self.committed >= 0)
+            .then(|| (self.high_watermark - self.committed).max(0))
+    }
+}
+
+/// A fixed-bucket latency histogram (seconds), lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; Histogram::BOUNDS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Upper bounds of the buckets, in seconds.
+    pub const BOUNDS: [f64; 12] = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, b) in Self::BOUNDS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative `(upper bound, count)` pairs, the sum in seconds and the count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let buckets = Self::BOUNDS
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        (
+            buckets,
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.count.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Everything a partition worker needs, shared.
@@ -127,7 +193,21 @@ struct PipelineContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for PipelineContext {}
+impl ClientContext for PipelineContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut offsets = self.shared.metrics.offsets.lock().expect("metrics lock");
+        for (topic, t) in &statistics.topics {
+            for (p, ps) in &t.partitions {
+                if *p < 0 || ps.hi_offset < 0 {
+                    continue; // librdkafka's internal UA partition, or not fetched yet
+                }
+                if let Some(o) = offsets.get_mut(&(topic.clone(), *p)) {
+                    o.high_watermark = ps.hi_offset;
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for PipelineContext {
     fn rebalance(
@@ -254,6 +334,13 @@ impl Shared {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::clone(self);
         let (t, p, s) = (topic.clone(), partition, Arc::clone(&stop));
+        self.metrics.offsets.lock().expect("metrics lock").insert(
+            (topic.clone(), partition),
+            PartitionOffsets {
+                high_watermark: -1,
+                committed: start.next_offset.unwrap_or(-1),
+            },
+        );
         let thread = std::thread::Builder::new()
             .name(format!("kw-{topic}-{partition}"))
             .spawn(move || {
@@ -261,6 +348,8 @@ impl Shared {
                 let mut w = PartitionWorker::new(&shared, t, p, start, s);
                 w.run(queue);
                 shared.metrics.partitions.fetch_sub(1, Ordering::Relaxed);
+                let key = (w.topic.clone(), w.partition);
+                shared.metrics.offsets.lock().expect("metrics lock").remove(&key);
             })
             .expect("spawning a partition worker");
         self.workers
@@ -674,6 +763,21 @@ impl<'s> PartitionWorker<'s> {
             .fetch_add(self.alerts.len() as u64, Ordering::Relaxed);
         m.last_commit_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        m.commit_seconds.observe(started.elapsed());
+        if !self.alerts.is_empty() {
+            let mut by_kind = m.alerts_by_kind.lock().expect("metrics lock");
+            for a in &self.alerts {
+                *by_kind.entry(a.kind.as_str()).or_default() += 1;
+            }
+        }
+        if let Some(o) = m
+            .offsets
+            .lock()
+            .expect("metrics lock")
+            .get_mut(&(self.topic.clone(), self.partition))
+        {
+            o.committed = next_offset;
+        }
         if checkpoint_due {
             self.last_checkpoint = Instant::now();
             self.checkpoint_at = Some(next_offset);
@@ -888,6 +992,8 @@ impl Pipeline {
             // queue is full (default 1000 ms), which starves a worker that just
             // finished a commit; 10 ms keeps the queue topped up.
             ("fetch.queue.backoff.ms", "10"),
+            // High watermarks for the consumer-lag metric.
+            ("statistics.interval.ms", "5000"),
         ] {
             if !settings.contains_key(k) {
                 c.set(k, v);

@@ -27,6 +27,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "budget periods",
         include_str!("../migrations/0002_budget_periods.sql"),
     ),
+    (
+        3,
+        "delivery and feed order",
+        include_str!("../migrations/0003_delivery.sql"),
+    ),
 ];
 
 /// The compiled-in migrations as a sqlx migration source.
@@ -247,9 +252,6 @@ impl Store {
         if !batch.rollups.is_empty() {
             upsert_rollups(&mut tx, batch.rollups).await?;
         }
-        if !batch.alerts.is_empty() {
-            alert_columns.insert(&mut tx).await?;
-        }
         if !batch.budgets.is_empty() {
             upsert_budgets(&mut tx, batch.budgets).await?;
         }
@@ -267,6 +269,11 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_error("store the engine checkpoint"))?;
+        }
+        // Last: new block/throttle actions take the feed's ordering lock
+        // (see migration 0003), held until the commit just below.
+        if !batch.alerts.is_empty() {
+            alert_columns.insert(&mut tx).await?;
         }
         tx.commit().await.map_err(query_error("commit"))
     }

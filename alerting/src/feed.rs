@@ -1,0 +1,587 @@
+//! The HTTP side: the revocation feed gateways poll, the blocklist, health
+//! and Prometheus metrics (contracts/alerts-and-feed.md).
+//!
+//! - `GET /v1/revocations?after=SEQ&wait=SECONDS`: actions with `seq > SEQ`,
+//!   oldest first; with `wait`, held open until one exists (long poll). A
+//!   Postgres `NOTIFY` at the writing transaction's commit wakes waiting
+//!   polls, so a gateway hears of a block milliseconds after it commits.
+//!   Sequence numbers become visible in order (migration 0003), so a
+//!   cursor never skips an action committed late.
+//! - `GET /v1/blocklist`: every key blocked or throttled now, with an
+//!   `ETag` (`If-None-Match` gets `304`).
+//! - `GET /healthz` (no token): `200 ok` when Postgres answers, else `503`.
+//! - `GET /metrics` (no token; bind the server to an internal address).
+//!
+//! Gateways authenticate with bearer tokens stored as SHA-256 hashes and
+//! compared in constant time; every authentication failure gets the same
+//! `401`. Each client (and, for failures, each remote address) has a token
+//! bucket; past it, `429` with `Retry-After`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use detectors::time::format_rfc3339;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+use crate::config::FeedConfig;
+use crate::metrics::{Exposition, Sources};
+
+/// The body of every `401`, whatever was wrong.
+const UNAUTHORIZED: &str = "{\"error\":\"unauthorized\"}";
+/// A waiting poll re-reads at least this often, even without a notification.
+const SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// Lower-case hex SHA-256 of a bearer token: what `feed.clients` stores.
+pub fn hash_token(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Checks `[feed]`: unique client names and well-formed token hashes.
+pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
+    for (i, c) in cfg.clients.iter().enumerate() {
+        if c.name.is_empty() {
+            return Err(format!("feed.clients[{i}].name: must not be empty"));
+        }
+        if cfg.clients[..i].iter().any(|o| o.name == c.name) {
+            return Err(format!("feed.clients[{i}].name: \"{}\" is used twice", c.name));
+        }
+        let h = &c.token_sha256;
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "feed.clients[{i}].token_sha256: must be 64 hex digits (the SHA-256 of the token; `keywatch token {}` makes one)",
+                c.name
+            ));
+        }
+    }
+    if cfg.requests_per_minute == 0 {
+        return Err("feed.requests_per_minute: must be at least 1".into());
+    }
+    if cfg.max_actions == 0 {
+        return Err("feed.max_actions: must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Requests served, by endpoint and status (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct FeedMetrics {
+    requests: Mutex<HashMap<(&'static str, u16), u64>>,
+}
+
+impl FeedMetrics {
+    fn count(&self, endpoint: &'static str, status: StatusCode) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((endpoint, status.as_u16()))
+            .or_default() += 1;
+    }
+
+    /// `(endpoint, status) -> requests`.
+    pub fn snapshot(&self) -> Vec<((&'static str, u16), u64)> {
+        let mut v: Vec<_> = self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets by client name (or remote address for failed authentications).
+struct Limiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl Limiter {
+    fn new(per_minute: u32) -> Limiter {
+        Limiter {
+            per_sec: f64::from(per_minute) / 60.0,
+            burst: f64::from(per_minute),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&self, who: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().expect("limiter lock");
+        if map.len() > 100_000 {
+            // Addresses of failed attempts could grow without end: forget full buckets.
+            let (burst, per_sec) = (self.burst, self.per_sec);
+            map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst);
+        }
+        let b = map.entry(who.to_owned()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_sec))
+        }
+    }
+}
+
+struct AppState {
+    pool: PgPool,
+    cfg: FeedConfig,
+    clients: Vec<(String, [u8; 32])>,
+    limiter: Limiter,
+    latest: watch::Receiver<i64>,
+    metrics: Arc<FeedMetrics>,
+    sources: Sources,
+}
+
+/// Serves until `stop` turns true. `listener` is bound by the caller (so
+/// tests can use port 0). A background task LISTENs for new actions.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    pool: PgPool,
+    cfg: FeedConfig,
+    sources: Sources,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let clients = cfg
+        .clients
+        .iter()
+        .map(|c| {
+            let mut h = [0u8; 32];
+            for (i, b) in h.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&c.token_sha256[2 * i..2 * i + 2], 16).unwrap_or(0);
+            }
+            (c.name.clone(), h)
+        })
+        .collect();
+    let (tx, latest) = watch::channel(0i64);
+    let watcher = tokio::spawn(watch_feed(pool.clone(), tx, stop.clone()));
+    let metrics = Arc::new(FeedMetrics::default());
+    let state = Arc::new(AppState {
+        limiter: Limiter::new(cfg.requests_per_minute),
+        pool,
+        cfg,
+        clients,
+        latest,
+        metrics: Arc::clone(&metrics),
+        sources: Sources {
+            feed: Some(metrics),
+            ..sources
+        },
+    });
+    let app = Router::new()
+        .route("/v1/revocations", get(revocations))
+        .route("/v1/blocklist", get(blocklist))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_page))
+        .with_state(state);
+    let r = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    watcher.abort();
+    r
+}
+
+/// Keeps `tx` at the newest committed sequence number: LISTEN for the
+/// trigger's notifications, and read the maximum after every (re)connect.
+async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<bool>) {
+    let max = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
+            .fetch_one(&pool)
+            .await
+            .map(|m| m.unwrap_or(0))
+    };
+    while !*stop.borrow() {
+        let mut l = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("keywatch feed: LISTEN connection failed ({e}); polls fall back to re-reading every second");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if l.listen("keywatch_feed").await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if let Ok(m) = max(pool.clone()).await {
+            tx.send_if_modified(|v| std::mem::replace(v, (*v).max(m)) < m);
+        }
+        loop {
+            match l.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Ok(seq) = n.payload().parse::<i64>() {
+                        tx.send_if_modified(|v| std::mem::replace(v, (*v).max(seq)) < seq);
+                    }
+                }
+                // Connection lost: reconnect and re-read the maximum.
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}
+
+/// One action as the feed shows it.
+#[derive(Serialize)]
+struct FeedAction {
+    seq: i64,
+    key_id: Option<String>,
+    user_id: String,
+    action: String,
+    reason: String,
+    alert_id: Option<String>,
+    issued_at: String,
+    expires_at: Option<String>,
+}
+
+/// A `/v1/revocations` answer.
+#[derive(Serialize)]
+struct Page {
+    actions: Vec<FeedAction>,
+    next_after: i64,
+}
+
+/// A `/v1/blocklist` answer.
+#[derive(Serialize)]
+struct Blocklist {
+    entries: Vec<FeedAction>,
+}
+
+fn action_of(row: &sqlx::postgres::PgRow) -> FeedAction {
+    FeedAction {
+        seq: row.get("seq"),
+        key_id: row.get("key_id"),
+        user_id: row.get("user_id"),
+        action: row.get("action"),
+        reason: row.get("reason"),
+        alert_id: row.get("alert_id"),
+        issued_at: format_rfc3339(row.get("issued_ms")),
+        expires_at: row.get::<Option<i64>, _>("expires_ms").map(format_rfc3339),
+    }
+}
+
+const ACTION_COLUMNS: &str = "seq, key_id, user_id, action, reason, alert_id,
+    (extract(epoch FROM issued_at) * 1000)::int8 AS issued_ms,
+    (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms";
+
+/// Authenticates and rate-limits; the client's name, or the answer to send.
+fn admit(
+    st: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    endpoint: &'static str,
+) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let client = token.and_then(|t| {
+        let h: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+        // Compare with every client, so the time taken says nothing about which matched.
+        let mut found = None;
+        for (name, want) in &st.clients {
+            if bool::from(h.ct_eq(want)) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    });
+    let bucket = match &client {
+        Some(name) => format!("client:{name}"),
+        None => format!("addr:{}", peer_ip(peer)),
+    };
+    if let Err(wait) = st.limiter.take(&bucket) {
+        st.metrics.count(endpoint, StatusCode::TOO_MANY_REQUESTS);
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::RETRY_AFTER, HeaderValue::from(secs)),
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            ],
+            "{\"error\":\"rate limited\"}",
+        )
+            .into_response());
+    }
+    match client {
+        Some(name) => Ok(name),
+        None => {
+            st.metrics.count(endpoint, StatusCode::UNAUTHORIZED);
+            Err((
+                StatusCode::UNAUTHORIZED,
+                [
+                    (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
+                    (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                ],
+                UNAUTHORIZED,
+            )
+                .into_response())
+        }
+    }
+}
+
+fn peer_ip(peer: SocketAddr) -> IpAddr {
+    peer.ip()
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+fn bad_request(msg: String) -> Response {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({ "error": msg }).to_string(),
+    )
+}
+
+fn unavailable(e: sqlx::Error) -> Response {
+    eprintln!("keywatch feed: Postgres: {e}");
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{\"error\":\"the feed's database is unavailable; retry\"}".into(),
+    )
+}
+
+fn param<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, Response> {
+    match q.get(name) {
+        None => Ok(None),
+        Some(v) => v.parse::<T>().map(Some).map_err(|_| {
+            bad_request(format!("query parameter {name}: expected a non-negative integer, got {v:?}"))
+        }),
+    }
+}
+
+async fn revocations(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    const EP: &str = "revocations";
+    if let Err(r) = admit(&st, &headers, peer, EP) {
+        return r;
+    }
+    let (after, wait, limit) = match (
+        param::<u64>(&q, "after"),
+        param::<u64>(&q, "wait"),
+        param::<u32>(&q, "limit"),
+    ) {
+        (Ok(a), Ok(w), Ok(l)) => (
+            a.unwrap_or(0).min(i64::MAX as u64) as i64,
+            w.unwrap_or(0).min(st.cfg.max_wait_secs),
+            l.unwrap_or(st.cfg.max_actions).clamp(1, st.cfg.max_actions),
+        ),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => {
+            st.metrics.count(EP, StatusCode::BAD_REQUEST);
+            return r;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut latest = st.latest.clone();
+    loop {
+        latest.mark_unchanged();
+        let rows = sqlx::query(&format!(
+            "SELECT {ACTION_COLUMNS} FROM revocation_actions WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&st.pool)
+        .await;
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
+                return unavailable(e);
+            }
+        };
+        let now = tokio::time::Instant::now();
+        if !rows.is_empty() || now >= deadline {
+            let actions: Vec<FeedAction> = rows.iter().map(action_of).collect();
+            let next_after = actions.last().map_or(after, |a| a.seq);
+            st.metrics.count(EP, StatusCode::OK);
+            let page = Page {
+                actions,
+                next_after,
+            };
+            return json_response(
+                StatusCode::OK,
+                serde_json::to_string(&page).expect("a page serializes"),
+            );
+        }
+        let nap = (deadline - now).min(SAFETY_POLL);
+        let _ = tokio::time::timeout(nap, latest.changed()).await;
+    }
+}
+
+async fn blocklist(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    const EP: &str = "blocklist";
+    if let Err(r) = admit(&st, &headers, peer, EP) {
+        return r;
+    }
+    // Active: a block or throttle not expired and not lifted by a later
+    // unblock of the same key, or of the whole user (key_id null).
+    let rows = sqlx::query(&format!(
+        "SELECT {ACTION_COLUMNS} FROM revocation_actions a
+         WHERE a.action IN ('block', 'throttle')
+           AND (a.expires_at IS NULL OR a.expires_at > now())
+           AND NOT EXISTS (
+               SELECT 1 FROM revocation_actions u
+               WHERE u.action = 'unblock' AND u.user_id = a.user_id AND u.seq > a.seq
+                 AND (u.key_id IS NULL OR u.key_id = a.key_id))
+         ORDER BY a.seq"
+    ))
+    .fetch_all(&st.pool)
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
+            return unavailable(e);
+        }
+    };
+    let entries: Vec<FeedAction> = rows.iter().map(action_of).collect();
+    let body = serde_json::to_string(&Blocklist { entries }).expect("a blocklist serializes");
+    let etag = format!("\"{}\"", &hex(&Sha256::digest(body.as_bytes()))[..32]);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag_value = HeaderValue::from_str(&etag).expect("hex is a valid header");
+    if matches {
+        st.metrics.count(EP, StatusCode::NOT_MODIFIED);
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response();
+    }
+    st.metrics.count(EP, StatusCode::OK);
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, etag_value),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    match sqlx::query("SELECT 1").execute(&st.pool).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            eprintln!("keywatch feed: health check: Postgres: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, "postgres unavailable\n").into_response()
+        }
+    }
+}
+
+async fn metrics_page(State(st): State<Arc<AppState>>) -> Response {
+    let mut out = Exposition::default();
+    st.sources.render(&mut out);
+    out.gauge(
+        "keywatch_feed_latest_seq",
+        "Newest revocation-feed sequence number this instance has seen.",
+        &[],
+        *st.latest.borrow() as f64,
+    );
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        out.finish(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn limiter_refills_and_says_when() {
+        let l = Limiter::new(60);
+        for _ in 0..60 {
+            l.take("a").unwrap();
+        }
+        let wait = l.take("a").unwrap_err();
+        assert!(wait > Duration::from_millis(500) && wait <= Duration::from_secs(1), "{wait:?}");
+        l.take("b").unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut cfg = FeedConfig::default();
+        cfg.clients.push(crate::config::FeedClient {
+            name: "gw".into(),
+            token_sha256: "xyz".into(),
+        });
+        let e = validate(&cfg).unwrap_err();
+        assert!(e.contains("feed.clients[0].token_sha256"), "{e}");
+        cfg.clients[0].token_sha256 = hash_token("t");
+        validate(&cfg).unwrap();
+        cfg.clients.push(cfg.clients[0].clone());
+        assert!(validate(&cfg).unwrap_err().contains("used twice"));
+    }
+}

@@ -1,0 +1,402 @@
+//! keywatch's outward side, as the binary wires it: the dispatcher and the
+//! feed server (inside `keywatch run`, or alone in `keywatch serve`), and the
+//! operator commands `keys`, `token` and `receivers`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use alerting::dispatch::Dispatcher;
+use alerting::metrics::{Render, Sources};
+use alerting::Receiver;
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::run::{connect, runtime};
+use crate::ConfigArg;
+
+/// The dispatcher and the feed server, running on a runtime.
+pub struct Outward {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Where the feed server listens, when it runs.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Outward {
+    /// Builds the receivers (checking their secrets and addresses), binds the
+    /// feed's address and starts both. `extra` adds the pipeline's metrics.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        cfg: &Config,
+        pool: PgPool,
+        extra: Option<Render>,
+    ) -> Result<Outward> {
+        let receivers = cfg
+            .alerting
+            .receivers
+            .iter()
+            .map(|r| Receiver::build(r, &cfg.alerting).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()
+            .context("invalid config (alerting.receivers)")?;
+        let (stop, stopped) = watch::channel(false);
+        let dispatcher = Dispatcher::new(pool.clone(), receivers, cfg.alerting.clone());
+        let sources = Sources {
+            delivery: Some(dispatcher.metrics()),
+            feed: None,
+            extra,
+        };
+        let mut tasks = vec![rt.spawn(dispatcher.run(stopped.clone()))];
+        let mut addr = None;
+        if !cfg.feed.listen.is_empty() {
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(&cfg.feed.listen))
+                .with_context(|| format!("feed.listen: binding {}", cfg.feed.listen))?;
+            addr = Some(listener.local_addr()?);
+            let feed = cfg.feed.clone();
+            tasks.push(rt.spawn(async move {
+                if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await {
+                    eprintln!("keywatch feed: server stopped: {e}");
+                }
+            }));
+        }
+        Ok(Outward { stop, tasks, addr })
+    }
+
+    /// Stops both and waits (a send in flight is abandoned after 5 s; its
+    /// lease runs out and it is sent again).
+    pub fn stop(self, rt: &tokio::runtime::Runtime) {
+        let _ = self.stop.send(true);
+        rt.block_on(async {
+            for t in self.tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            }
+        });
+    }
+}
+
+/// Arguments of `keywatch serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+/// `keywatch serve`: the dispatcher and the feed without the Kafka pipeline
+/// (for running more feed servers than pipeline instances).
+pub fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    let rt = runtime()?;
+    let store = rt.block_on(connect(&cfg))?;
+    let outward = Outward::start(&rt, &cfg, store.pool().clone(), None)?;
+    match outward.addr {
+        Some(a) => eprintln!("keywatch serve: feed on http://{a}, dispatching alerts"),
+        None => eprintln!("keywatch serve: dispatching alerts (feed.listen is empty: no HTTP server)"),
+    }
+    rt.block_on(crate::run::shutdown_signal());
+    eprintln!("keywatch serve: stopping");
+    outward.stop(&rt);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `keywatch keys`.
+#[derive(clap::Args, Debug)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum KeysCommand {
+    /// Block a key (or, with --user and no key, every key of a user) by hand.
+    /// Gateways polling the feed see it at once.
+    Block {
+        /// The key id (the gateway's public key id, never the secret).
+        key_id: Option<String>,
+        /// The key's user (looked up from recent traffic when omitted).
+        #[arg(long)]
+        user: Option<String>,
+        /// Why, for the gateway's logs and the audit trail.
+        #[arg(long)]
+        reason: String,
+        /// Lift the block on its own after this many hours (default: until unblocked).
+        #[arg(long)]
+        hours: Option<f64>,
+        /// Throttle instead of block.
+        #[arg(long)]
+        throttle: bool,
+        /// Who is acting (recorded as operator:NAME).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        operator: String,
+    },
+    /// Lift the blocks and throttles of a key (or, with --user and no key,
+    /// of every key of the user, including budget blocks).
+    Unblock {
+        /// The key id.
+        key_id: Option<String>,
+        /// The user (looked up from recent traffic when omitted).
+        #[arg(long)]
+        user: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Who is acting (recorded as operator:NAME).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        operator: String,
+    },
+    /// Print what is blocked or throttled now (as /v1/blocklist has it).
+    List,
+}
+
+/// `keywatch keys ...`.
+pub fn keys(args: KeysArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    let rt = runtime()?;
+    let store = rt.block_on(connect(&cfg))?;
+    let pool = store.pool();
+    rt.block_on(async {
+        match args.command {
+            KeysCommand::Block {
+                key_id,
+                user,
+                reason,
+                hours,
+                throttle,
+                operator,
+            } => {
+                let user = subject(pool, key_id.as_deref(), user).await?;
+                if let Some(h) = hours {
+                    if !(h > 0.0) {
+                        bail!("--hours: must be above 0");
+                    }
+                }
+                let action = if throttle { "throttle" } else { "block" };
+                let seq = record(pool, key_id.as_deref(), &user, action, &reason, hours, &operator).await?;
+                println!("{action} recorded as feed seq {seq}: user {user}, {}", describe(key_id.as_deref()));
+            }
+            KeysCommand::Unblock {
+                key_id,
+                user,
+                reason,
+                operator,
+            } => {
+                let user = subject(pool, key_id.as_deref(), user).await?;
+                let seq = record(pool, key_id.as_deref(), &user, "unblock", &reason, None, &operator).await?;
+                println!("unblock recorded as feed seq {seq}: user {user}, {}", describe(key_id.as_deref()));
+            }
+            KeysCommand::List => {
+                let rows = sqlx::query(
+                    "SELECT a.seq, a.user_id, a.key_id, a.action, a.reason, a.expires_at::text AS expires
+                     FROM revocation_actions a
+                     WHERE a.action IN ('block', 'throttle')
+                       AND (a.expires_at IS NULL OR a.expires_at > now())
+                       AND NOT EXISTS (
+                           SELECT 1 FROM revocation_actions u
+                           WHERE u.action = 'unblock' AND u.user_id = a.user_id AND u.seq > a.seq
+                             AND (u.key_id IS NULL OR u.key_id = a.key_id))
+                     ORDER BY a.seq",
+                )
+                .fetch_all(pool)
+                .await?;
+                println!("seq\tuser\tkey\taction\texpires\treason");
+                for r in rows {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        r.get::<i64, _>("seq"),
+                        r.get::<String, _>("user_id"),
+                        r.get::<Option<String>, _>("key_id").unwrap_or_else(|| "(all keys)".into()),
+                        r.get::<String, _>("action"),
+                        r.get::<Option<String>, _>("expires").unwrap_or_else(|| "never".into()),
+                        r.get::<String, _>("reason"),
+                    );
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn describe(key_id: Option<&str>) -> String {
+    match key_id {
+        Some(k) => format!("key {k}"),
+        None => "every key".into(),
+    }
+}
+
+/// The user a manual action is about: given, or the key's user from its
+/// latest alert or traffic of the last 30 days.
+async fn subject(pool: &PgPool, key_id: Option<&str>, user: Option<String>) -> Result<String> {
+    if let Some(u) = user {
+        if u.is_empty() {
+            bail!("--user: must not be empty");
+        }
+        return Ok(u);
+    }
+    let Some(key) = key_id else {
+        bail!("give a KEY_ID, or --user USER for every key of a user");
+    };
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT user_id FROM (
+             (SELECT user_id, 1 AS pref FROM alerts WHERE key_id = $1 ORDER BY ts DESC LIMIT 1)
+             UNION ALL
+             (SELECT user_id, 2 FROM rollup_minute
+              WHERE key_id = $1 AND minute > now() - interval '30 days'
+              ORDER BY minute DESC LIMIT 1)) s
+         ORDER BY pref LIMIT 1",
+    )
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    found.with_context(|| format!("key {key}: no alert or traffic in the last 30 days names its user; give --user"))
+}
+
+/// Records a manual action in the feed (same table, order and notification
+/// as the detectors' actions); returns its sequence number.
+async fn record(
+    pool: &PgPool,
+    key_id: Option<&str>,
+    user: &str,
+    action: &str,
+    reason: &str,
+    hours: Option<f64>,
+    operator: &str,
+) -> Result<i64> {
+    if reason.trim().is_empty() {
+        bail!("--reason: must not be empty");
+    }
+    let seq = sqlx::query_scalar(
+        "INSERT INTO revocation_actions (key_id, user_id, action, reason, issued_at, expires_at, actor)
+         VALUES ($1, $2, $3, $4, now(), now() + $5 * interval '1 hour', $6)
+         RETURNING seq",
+    )
+    .bind(key_id)
+    .bind(user)
+    .bind(action)
+    .bind(reason)
+    .bind(hours)
+    .bind(format!("operator:{operator}"))
+    .fetch_one(pool)
+    .await
+    .context("recording the action")?;
+    Ok(seq)
+}
+
+/// Arguments of `keywatch token`.
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    /// The gateway's name.
+    name: String,
+}
+
+/// `keywatch token NAME`: a new random bearer token for a gateway, and the
+/// config lines that admit it (only its hash goes in the config).
+pub fn token(args: TokenArgs) -> Result<ExitCode> {
+    let mut bytes = [0u8; 32];
+    getrandom(&mut bytes)?;
+    let token = format!(
+        "kwf_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    println!("# Give this token to the gateway (it is shown once; keywatch keeps only its hash):");
+    println!("#   Authorization: Bearer {token}");
+    println!("[[feed.clients]]");
+    println!("name = {:?}", args.name);
+    println!("token_sha256 = \"{}\"", alerting::feed::hash_token(&token));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .context("reading /dev/urandom")
+}
+
+/// Arguments of `keywatch receivers`.
+#[derive(clap::Args, Debug)]
+pub struct ReceiversArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(subcommand)]
+    command: ReceiversCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ReceiversCommand {
+    /// Each configured receiver: enabled or not, and its deliveries by state.
+    List,
+    /// Re-enable a receiver disabled by a 410 Gone; its held deliveries go out.
+    Enable {
+        /// The receiver's name.
+        name: String,
+    },
+}
+
+/// `keywatch receivers ...`.
+pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
+    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
+    let rt = runtime()?;
+    let store = rt.block_on(connect(&cfg))?;
+    let pool = store.pool();
+    rt.block_on(async {
+        match args.command {
+            ReceiversCommand::List => {
+                println!("receiver\ttype\tstatus\tpending\tdelivered\tfailed\tsuppressed");
+                for r in &cfg.alerting.receivers {
+                    let row = sqlx::query(
+                        "SELECT
+                             (SELECT disabled_reason FROM receiver_status
+                              WHERE receiver = $1 AND disabled_at IS NOT NULL) AS disabled,
+                             count(*) FILTER (WHERE state = 'pending') AS pending,
+                             count(*) FILTER (WHERE state = 'delivered') AS delivered,
+                             count(*) FILTER (WHERE state = 'failed') AS failed,
+                             count(*) FILTER (WHERE state = 'suppressed') AS suppressed
+                         FROM alert_deliveries WHERE receiver = $1",
+                    )
+                    .bind(&r.name)
+                    .fetch_one(pool)
+                    .await?;
+                    let status = match row.get::<Option<String>, _>("disabled") {
+                        Some(why) => format!("DISABLED ({why})"),
+                        None => "enabled".into(),
+                    };
+                    println!(
+                        "{}\t{:?}\t{status}\t{}\t{}\t{}\t{}",
+                        r.name,
+                        r.kind,
+                        row.get::<i64, _>("pending"),
+                        row.get::<i64, _>("delivered"),
+                        row.get::<i64, _>("failed"),
+                        row.get::<i64, _>("suppressed"),
+                    );
+                }
+            }
+            ReceiversCommand::Enable { name } => {
+                if !cfg.alerting.receivers.iter().any(|r| r.name == name) {
+                    bail!("no receiver named {name:?} in alerting.receivers");
+                }
+                let n = sqlx::query(
+                    "UPDATE receiver_status SET disabled_at = NULL, disabled_reason = NULL
+                     WHERE receiver = $1 AND disabled_at IS NOT NULL",
+                )
+                .bind(&name)
+                .execute(pool)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    println!("receiver {name} was not disabled");
+                } else {
+                    println!("receiver {name} enabled: its held deliveries go out on the next round");
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
