@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod check;
+pub mod receivers;
 pub mod services;
 
 use std::path::{Path, PathBuf};

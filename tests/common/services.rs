@@ -270,11 +270,13 @@ parquet_dir = "{}"
 [postgres]
 url = "{}"
 max_connections = 4
-{extra}
+{}{extra}
 "#,
         broker.addr,
         dir.join("lake").display(),
-        db.url
+        db.url,
+        // Several keywatch processes run at once: no feed server unless asked for.
+        if extra.contains("[feed]") { "" } else { "[feed]\nlisten = \"\"\n" },
     )
     .unwrap();
     p
@@ -364,4 +366,35 @@ pub fn wait_committed(db: &Database, topic: &str, ends: &HashMap<i32, i64>, time
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Starts `keywatch serve` (dispatcher and feed) with `config`; its stderr
+/// goes to `log`. When `feed_port` is given, waits until the feed answers.
+pub fn start_serve(config: &Path, log: &Path, feed_port: Option<u16>) -> Running {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    if let Some(port) = feed_port {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "keywatch serve exited with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "keywatch serve did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Running(child)
 }

@@ -1,0 +1,290 @@
+//! The revocation feed as a gateway sees it: a real `keywatch serve` over a
+//! real Postgres, spoken to over HTTP.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::receivers::{http, HttpResponse};
+use common::services::{free_port, start_serve, Database};
+use serde_json::Value;
+
+const TOKEN: &str = "kwf_test-token-for-the-feed";
+const OTHER_TOKEN: &str = "kwf_second-gateway";
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn config(dir: &Path, db: &Database, port: u16, per_minute: u32) -> std::path::PathBuf {
+    let p = dir.join("keywatch.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[postgres]
+url = "{}"
+max_connections = 4
+
+[feed]
+listen = "127.0.0.1:{port}"
+requests_per_minute = {per_minute}
+max_wait_secs = 5
+
+[[feed.clients]]
+name = "gw-a"
+token_sha256 = "{}"
+
+[[feed.clients]]
+name = "gw-b"
+token_sha256 = "{}"
+"#,
+            db.url,
+            sha256_hex(TOKEN),
+            sha256_hex(OTHER_TOKEN)
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn get(port: u16, path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = extra.to_vec();
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    http(port, "GET", path, &headers, b"").unwrap()
+}
+
+fn keys(config: &Path, args: &[&str]) -> String {
+    let o = common::keywatch()
+        .arg("keys")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("USER", "tester")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "keys {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn feed_contract() {
+    let dir = common::scratch("feed-contract");
+    let db = Database::create("feed_contract");
+    let port = free_port();
+    let cfg = config(&dir, &db, port, 600);
+    let _serve = start_serve(&cfg, &dir.join("serve.log"), Some(port));
+
+    // Health needs no token; everything else does, with one 401 for every failure.
+    assert_eq!(get(port, "/healthz", None, &[]).status, 200);
+    let bodies: BTreeSet<String> = [
+        get(port, "/v1/revocations", None, &[]),
+        get(port, "/v1/revocations", Some("wrong"), &[]),
+        get(port, "/v1/blocklist", Some(&TOKEN[..TOKEN.len() - 1]), &[]),
+        get(port, "/v1/blocklist", None, &[("Authorization", "Basic Zm9vOmJhcg==")]),
+    ]
+    .into_iter()
+    .map(|r| {
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        r.text()
+    })
+    .collect();
+    assert_eq!(bodies.len(), 1, "401 bodies differ: {bodies:?}");
+
+    let empty = get(port, "/v1/revocations", Some(TOKEN), &[]).json();
+    assert_eq!(empty, serde_json::json!({"actions": [], "next_after": 0}));
+    let bad = get(port, "/v1/revocations?after=-1", Some(TOKEN), &[]);
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("after"), "{}", bad.text());
+
+    // Manual actions land in the feed in order, with every contract field.
+    keys(&cfg, &["block", "key_1", "--user", "acct_1", "--reason", "leaked in a repo"]);
+    keys(&cfg, &["block", "key_2", "--user", "acct_1", "--reason", "trial", "--hours", "1", "--throttle"]);
+    keys(&cfg, &["block", "--user", "acct_2", "--reason", "fraud"]);
+    let page = get(port, "/v1/revocations?after=0", Some(TOKEN), &[]).json();
+    let actions = page["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 3);
+    let seqs: Vec<i64> = actions.iter().map(|a| a["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(page["next_after"].as_i64(), seqs.last().copied());
+    for field in ["seq", "key_id", "user_id", "action", "reason", "alert_id", "issued_at", "expires_at"] {
+        assert!(actions[0].get(field).is_some(), "action lacks {field}: {}", actions[0]);
+    }
+    assert_eq!(actions[0]["action"], "block");
+    assert_eq!(actions[1]["action"], "throttle");
+    assert!(actions[1]["expires_at"].is_string());
+    assert!(actions[2]["key_id"].is_null(), "a user-level block has key_id null");
+    let after_two = get(port, &format!("/v1/revocations?after={}", seqs[1]), Some(TOKEN), &[]).json();
+    assert_eq!(after_two["actions"].as_array().unwrap().len(), 1);
+
+    // Blocklist: ETag, 304, and an unblock (key-level, then user-level) lifts.
+    let list = get(port, "/v1/blocklist", Some(TOKEN), &[]);
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json()["entries"].as_array().unwrap().len(), 3);
+    let etag = list.header("etag").unwrap().to_string();
+    let same = get(port, "/v1/blocklist", Some(OTHER_TOKEN), &[("If-None-Match", &etag)]);
+    assert_eq!(same.status, 304);
+    assert!(same.body.is_empty());
+    keys(&cfg, &["unblock", "key_1", "--user", "acct_1", "--reason", "rotated"]);
+    let list = get(port, "/v1/blocklist", Some(TOKEN), &[("If-None-Match", &etag)]);
+    assert_eq!(list.status, 200, "the ETag must change when the list does");
+    let left: Vec<Value> = list.json()["entries"].as_array().unwrap().clone();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|e| e["key_id"] != "key_1"));
+    keys(&cfg, &["unblock", "--user", "acct_1", "--reason", "paid"]);
+    keys(&cfg, &["unblock", "--user", "acct_2", "--reason", "cleared"]);
+    assert_eq!(
+        get(port, "/v1/blocklist", Some(TOKEN), &[]).json()["entries"],
+        serde_json::json!([])
+    );
+    // An expired block is not on the list (but stays in the feed's history).
+    db.query(
+        "INSERT INTO revocation_actions (key_id, user_id, action, reason, issued_at, expires_at)
+         VALUES ('key_9', 'acct_9', 'block', 'old', now() - interval '2 days', now() - interval '1 day')",
+    );
+    assert_eq!(
+        get(port, "/v1/blocklist", Some(TOKEN), &[]).json()["entries"],
+        serde_json::json!([])
+    );
+
+    // Long poll: held open, answered as soon as a new action commits.
+    let last = get(port, "/v1/revocations?after=0", Some(TOKEN), &[]).json()["next_after"]
+        .as_i64()
+        .unwrap();
+    let started = Instant::now();
+    let cfg2 = cfg.clone();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        keys(&cfg2, &["block", "key_7", "--user", "acct_7", "--reason", "late"]);
+    });
+    let waited = get(port, &format!("/v1/revocations?after={last}&wait=5"), Some(TOKEN), &[]).json();
+    writer.join().unwrap();
+    let took = started.elapsed();
+    assert_eq!(waited["actions"][0]["key_id"], "key_7", "{waited}");
+    assert!(took >= Duration::from_millis(600), "answered before the action existed: {took:?}");
+    // A wait that sees nothing ends empty at its deadline.
+    let next = waited["next_after"].as_i64().unwrap();
+    let quiet = get(port, &format!("/v1/revocations?after={next}&wait=1"), Some(TOKEN), &[]).json();
+    assert_eq!(quiet, serde_json::json!({"actions": [], "next_after": next}));
+
+    let metrics = get(port, "/metrics", None, &[]).text();
+    assert!(metrics.contains("keywatch_feed_requests_total{endpoint=\"revocations\",status=\"401\"} 2"), "{metrics}");
+    assert!(metrics.contains("# TYPE keywatch_deliveries_total") || metrics.contains("keywatch_alerts_routed_total"));
+}
+
+#[test]
+fn rate_limit_answers_429_with_retry_after() {
+    let dir = common::scratch("feed-limit");
+    let db = Database::create("feed_limit");
+    let port = free_port();
+    let cfg = config(&dir, &db, port, 10);
+    let _serve = start_serve(&cfg, &dir.join("serve.log"), Some(port));
+    let answers: Vec<HttpResponse> = (0..12)
+        .map(|_| get(port, "/v1/revocations", Some(TOKEN), &[]))
+        .collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&HttpResponse> = answers.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok, 10, "the bucket holds requests_per_minute");
+    assert_eq!(limited.len(), 2);
+    let after: u64 = limited[0].header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=6).contains(&after), "Retry-After {after}");
+    // Another client has its own bucket.
+    assert_eq!(get(port, "/v1/revocations", Some(OTHER_TOKEN), &[]).status, 200);
+    // Wrong tokens are limited per address: a guesser is slowed down too.
+    let guesses: Vec<u16> = (0..12)
+        .map(|i| get(port, "/v1/revocations", Some(&format!("guess{i}")), &[]).status)
+        .collect();
+    assert!(guesses.contains(&429) && guesses.contains(&401), "{guesses:?}");
+}
+
+/// Writers commit out of order (the later sequence number first) while a
+/// gateway polls; the gateway's cursor must never step over an action.
+#[test]
+fn a_cursor_never_skips_an_action_committed_late() {
+    let dir = common::scratch("feed-order");
+    let db = Database::create("feed_order");
+    let port = free_port();
+    let cfg = config(&dir, &db, port, 100_000);
+    let _serve = start_serve(&cfg, &dir.join("serve.log"), Some(port));
+
+    const WRITERS: usize = 6;
+    const PER_WRITER: usize = 40;
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let page = get(port, &format!("/v1/revocations?after={after}&wait=1"), Some(TOKEN), &[]).json();
+                for a in page["actions"].as_array().unwrap() {
+                    seen.push(a["seq"].as_i64().unwrap());
+                }
+                after = page["next_after"].as_i64().unwrap();
+                if finished && page["actions"].as_array().unwrap().is_empty() {
+                    return seen;
+                }
+            }
+        })
+    };
+    let url = db.url.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(WRITERS as u32)
+            .connect(&url)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..PER_WRITER {
+                    let mut tx = pool.begin().await.unwrap();
+                    sqlx::query(
+                        "INSERT INTO revocation_actions (key_id, user_id, action, reason, issued_at)
+                         VALUES ($1, $2, 'block', 'order test', now())",
+                    )
+                    .bind(format!("k{w}-{i}"))
+                    .bind(format!("u{w}"))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    // Hold the transaction open for a varying while, so commits
+                    // would interleave out of sequence order without the feed lock.
+                    tokio::time::sleep(Duration::from_millis(((w * 7 + i * 13) % 9) as u64)).await;
+                    tx.commit().await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    done.store(true, Ordering::Release);
+    let seen = poller.join().unwrap();
+    let all: Vec<i64> = db
+        .query("SELECT seq::text FROM revocation_actions ORDER BY revocation_actions.seq")
+        .into_iter()
+        .map(|r| r[0].parse().unwrap())
+        .collect();
+    assert_eq!(all.len(), WRITERS * PER_WRITER);
+    assert_eq!(seen, all, "the poller saw a different sequence than was committed");
+}
