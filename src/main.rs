@@ -55,7 +55,7 @@ enum Command {
 pub struct ConfigArg {
     /// Config file (TOML; see keywatch.example.toml). Without it, the
     /// defaults apply. `KEYWATCH__SECTION__FIELD` environment variables override it.
-    #[arg(long, short = 'c', env = "KEYWATCH_CONFIG")]
+    #[arg(long, short = 'c', env = "KEYWATCH_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
 

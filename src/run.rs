@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use alerting::metrics::{Exposition, Render};
+use anyhow::{Context, Result};
 use ingest::kafka::{Pipeline, PipelineMetrics};
 use storage::Store;
 
@@ -180,7 +180,12 @@ fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
                 *n as f64,
             );
         }
-        out.counter("keywatch_batches_total", "Batches committed.", &[], c(&m.batches));
+        out.counter(
+            "keywatch_batches_total",
+            "Batches committed.",
+            &[],
+            c(&m.batches),
+        );
         out.counter(
             "keywatch_commit_retries_total",
             "Commit or dead-letter attempts that failed and were retried.",

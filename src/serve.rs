@@ -60,7 +60,8 @@ impl Outward {
             addr = Some(listener.local_addr()?);
             let feed = cfg.feed.clone();
             tasks.push(rt.spawn(async move {
-                if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await {
+                if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await
+                {
                     eprintln!("keywatch feed: server stopped: {e}");
                 }
             }));
@@ -96,7 +97,9 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     let outward = Outward::start(&rt, &cfg, store.pool().clone(), None)?;
     match outward.addr {
         Some(a) => eprintln!("keywatch serve: feed on http://{a}, dispatching alerts"),
-        None => eprintln!("keywatch serve: dispatching alerts (feed.listen is empty: no HTTP server)"),
+        None => {
+            eprintln!("keywatch serve: dispatching alerts (feed.listen is empty: no HTTP server)")
+        }
     }
     rt.block_on(crate::run::shutdown_signal());
     eprintln!("keywatch serve: stopping");
@@ -173,7 +176,7 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
             } => {
                 let user = subject(pool, key_id.as_deref(), user).await?;
                 if let Some(h) = hours {
-                    if !(h > 0.0) {
+                    if h.is_nan() || h <= 0.0 {
                         bail!("--hours: must be above 0");
                     }
                 }
@@ -254,7 +257,9 @@ async fn subject(pool: &PgPool, key_id: Option<&str>, user: Option<String>) -> R
     .bind(key)
     .fetch_optional(pool)
     .await?;
-    found.with_context(|| format!("key {key}: no alert or traffic in the last 30 days names its user; give --user"))
+    found.with_context(|| {
+        format!("key {key}: no alert or traffic in the last 30 days names its user; give --user")
+    })
 }
 
 /// Records a manual action in the feed (same table, order and notification
@@ -393,7 +398,9 @@ pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
                 if n == 0 {
                     println!("receiver {name} was not disabled");
                 } else {
-                    println!("receiver {name} enabled: its held deliveries go out on the next round");
+                    println!(
+                        "receiver {name} enabled: its held deliveries go out on the next round"
+                    );
                 }
             }
         }

@@ -74,7 +74,11 @@ fn keys(config: &Path, args: &[&str]) -> String {
         .env("USER", "tester")
         .output()
         .unwrap();
-    assert!(o.status.success(), "keys {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "keys {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -92,7 +96,12 @@ fn feed_contract() {
         get(port, "/v1/revocations", None, &[]),
         get(port, "/v1/revocations", Some("wrong"), &[]),
         get(port, "/v1/blocklist", Some(&TOKEN[..TOKEN.len() - 1]), &[]),
-        get(port, "/v1/blocklist", None, &[("Authorization", "Basic Zm9vOmJhcg==")]),
+        get(
+            port,
+            "/v1/blocklist",
+            None,
+            &[("Authorization", "Basic Zm9vOmJhcg==")],
+        ),
     ]
     .into_iter()
     .map(|r| {
@@ -110,8 +119,31 @@ fn feed_contract() {
     assert!(bad.text().contains("after"), "{}", bad.text());
 
     // Manual actions land in the feed in order, with every contract field.
-    keys(&cfg, &["block", "key_1", "--user", "acct_1", "--reason", "leaked in a repo"]);
-    keys(&cfg, &["block", "key_2", "--user", "acct_1", "--reason", "trial", "--hours", "1", "--throttle"]);
+    keys(
+        &cfg,
+        &[
+            "block",
+            "key_1",
+            "--user",
+            "acct_1",
+            "--reason",
+            "leaked in a repo",
+        ],
+    );
+    keys(
+        &cfg,
+        &[
+            "block",
+            "key_2",
+            "--user",
+            "acct_1",
+            "--reason",
+            "trial",
+            "--hours",
+            "1",
+            "--throttle",
+        ],
+    );
     keys(&cfg, &["block", "--user", "acct_2", "--reason", "fraud"]);
     let page = get(port, "/v1/revocations?after=0", Some(TOKEN), &[]).json();
     let actions = page["actions"].as_array().unwrap();
@@ -119,14 +151,36 @@ fn feed_contract() {
     let seqs: Vec<i64> = actions.iter().map(|a| a["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(page["next_after"].as_i64(), seqs.last().copied());
-    for field in ["seq", "key_id", "user_id", "action", "reason", "alert_id", "issued_at", "expires_at"] {
-        assert!(actions[0].get(field).is_some(), "action lacks {field}: {}", actions[0]);
+    for field in [
+        "seq",
+        "key_id",
+        "user_id",
+        "action",
+        "reason",
+        "alert_id",
+        "issued_at",
+        "expires_at",
+    ] {
+        assert!(
+            actions[0].get(field).is_some(),
+            "action lacks {field}: {}",
+            actions[0]
+        );
     }
     assert_eq!(actions[0]["action"], "block");
     assert_eq!(actions[1]["action"], "throttle");
     assert!(actions[1]["expires_at"].is_string());
-    assert!(actions[2]["key_id"].is_null(), "a user-level block has key_id null");
-    let after_two = get(port, &format!("/v1/revocations?after={}", seqs[1]), Some(TOKEN), &[]).json();
+    assert!(
+        actions[2]["key_id"].is_null(),
+        "a user-level block has key_id null"
+    );
+    let after_two = get(
+        port,
+        &format!("/v1/revocations?after={}", seqs[1]),
+        Some(TOKEN),
+        &[],
+    )
+    .json();
     assert_eq!(after_two["actions"].as_array().unwrap().len(), 1);
 
     // Blocklist: ETag, 304, and an unblock (key-level, then user-level) lifts.
@@ -134,17 +188,35 @@ fn feed_contract() {
     assert_eq!(list.status, 200);
     assert_eq!(list.json()["entries"].as_array().unwrap().len(), 3);
     let etag = list.header("etag").unwrap().to_string();
-    let same = get(port, "/v1/blocklist", Some(OTHER_TOKEN), &[("If-None-Match", &etag)]);
+    let same = get(
+        port,
+        "/v1/blocklist",
+        Some(OTHER_TOKEN),
+        &[("If-None-Match", &etag)],
+    );
     assert_eq!(same.status, 304);
     assert!(same.body.is_empty());
-    keys(&cfg, &["unblock", "key_1", "--user", "acct_1", "--reason", "rotated"]);
-    let list = get(port, "/v1/blocklist", Some(TOKEN), &[("If-None-Match", &etag)]);
+    keys(
+        &cfg,
+        &[
+            "unblock", "key_1", "--user", "acct_1", "--reason", "rotated",
+        ],
+    );
+    let list = get(
+        port,
+        "/v1/blocklist",
+        Some(TOKEN),
+        &[("If-None-Match", &etag)],
+    );
     assert_eq!(list.status, 200, "the ETag must change when the list does");
     let left: Vec<Value> = list.json()["entries"].as_array().unwrap().clone();
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|e| e["key_id"] != "key_1"));
     keys(&cfg, &["unblock", "--user", "acct_1", "--reason", "paid"]);
-    keys(&cfg, &["unblock", "--user", "acct_2", "--reason", "cleared"]);
+    keys(
+        &cfg,
+        &["unblock", "--user", "acct_2", "--reason", "cleared"],
+    );
     assert_eq!(
         get(port, "/v1/blocklist", Some(TOKEN), &[]).json()["entries"],
         serde_json::json!([])
@@ -167,21 +239,48 @@ fn feed_contract() {
     let cfg2 = cfg.clone();
     let writer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
-        keys(&cfg2, &["block", "key_7", "--user", "acct_7", "--reason", "late"]);
+        keys(
+            &cfg2,
+            &["block", "key_7", "--user", "acct_7", "--reason", "late"],
+        );
     });
-    let waited = get(port, &format!("/v1/revocations?after={last}&wait=5"), Some(TOKEN), &[]).json();
+    let waited = get(
+        port,
+        &format!("/v1/revocations?after={last}&wait=5"),
+        Some(TOKEN),
+        &[],
+    )
+    .json();
     writer.join().unwrap();
     let took = started.elapsed();
     assert_eq!(waited["actions"][0]["key_id"], "key_7", "{waited}");
-    assert!(took >= Duration::from_millis(600), "answered before the action existed: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "answered before the action existed: {took:?}"
+    );
     // A wait that sees nothing ends empty at its deadline.
     let next = waited["next_after"].as_i64().unwrap();
-    let quiet = get(port, &format!("/v1/revocations?after={next}&wait=1"), Some(TOKEN), &[]).json();
-    assert_eq!(quiet, serde_json::json!({"actions": [], "next_after": next}));
+    let quiet = get(
+        port,
+        &format!("/v1/revocations?after={next}&wait=1"),
+        Some(TOKEN),
+        &[],
+    )
+    .json();
+    assert_eq!(
+        quiet,
+        serde_json::json!({"actions": [], "next_after": next})
+    );
 
     let metrics = get(port, "/metrics", None, &[]).text();
-    assert!(metrics.contains("keywatch_feed_requests_total{endpoint=\"revocations\",status=\"401\"} 2"), "{metrics}");
-    assert!(metrics.contains("# TYPE keywatch_deliveries_total") || metrics.contains("keywatch_alerts_routed_total"));
+    assert!(
+        metrics.contains("keywatch_feed_requests_total{endpoint=\"revocations\",status=\"401\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE keywatch_deliveries_total")
+            || metrics.contains("keywatch_alerts_routed_total")
+    );
 }
 
 #[test]
@@ -201,12 +300,18 @@ fn rate_limit_answers_429_with_retry_after() {
     let after: u64 = limited[0].header("retry-after").unwrap().parse().unwrap();
     assert!((1..=6).contains(&after), "Retry-After {after}");
     // Another client has its own bucket.
-    assert_eq!(get(port, "/v1/revocations", Some(OTHER_TOKEN), &[]).status, 200);
+    assert_eq!(
+        get(port, "/v1/revocations", Some(OTHER_TOKEN), &[]).status,
+        200
+    );
     // Wrong tokens are limited per address: a guesser is slowed down too.
     let guesses: Vec<u16> = (0..12)
         .map(|i| get(port, "/v1/revocations", Some(&format!("guess{i}")), &[]).status)
         .collect();
-    assert!(guesses.contains(&429) && guesses.contains(&401), "{guesses:?}");
+    assert!(
+        guesses.contains(&429) && guesses.contains(&401),
+        "{guesses:?}"
+    );
 }
 
 /// Writers commit out of order (the later sequence number first) while a
@@ -229,7 +334,13 @@ fn a_cursor_never_skips_an_action_committed_late() {
             let mut after = 0;
             loop {
                 let finished = done.load(Ordering::Acquire);
-                let page = get(port, &format!("/v1/revocations?after={after}&wait=1"), Some(TOKEN), &[]).json();
+                let page = get(
+                    port,
+                    &format!("/v1/revocations?after={after}&wait=1"),
+                    Some(TOKEN),
+                    &[],
+                )
+                .json();
                 for a in page["actions"].as_array().unwrap() {
                     seen.push(a["seq"].as_i64().unwrap());
                 }
@@ -286,5 +397,8 @@ fn a_cursor_never_skips_an_action_committed_late() {
         .map(|r| r[0].parse().unwrap())
         .collect();
     assert_eq!(all.len(), WRITERS * PER_WRITER);
-    assert_eq!(seen, all, "the poller saw a different sequence than was committed");
+    assert_eq!(
+        seen, all,
+        "the poller saw a different sequence than was committed"
+    );
 }

@@ -112,3 +112,124 @@ fn records_read(log: &Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A gateway long-polls the feed while `keywatch run` works through traffic
+/// in which most users pass their (tiny) daily budgets: it sees every action,
+/// in order, and how long after its batch committed each reached it is
+/// printed (p50/p99/max; `scripts/bench-feed` runs this and reports them).
+#[test]
+fn a_gateway_polling_the_feed_sees_every_budget_block() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let lines = trace(400, 3.0, 55, 0);
+    let dir = scratch("feed-gateway");
+    let broker = Broker::start(&dir.join("tansu.log"));
+    broker.create_topic("gw", 2);
+    broker.create_topic("gw-dlq", 1);
+    let db = Database::create("feed_gateway");
+    let port = free_port();
+    let token = "kwf_gateway-latency-test";
+    let hash: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let extra = format!(
+        "[privacy]\nhash_key = \"{HASH_KEY}\"\n\
+         [engine.tiers.free]\nrequests_per_minute = 10\ntokens_per_day = 10000\nmax_output_tokens = 500\ndaily_budget_usd = 0.002\n\
+         [engine.tiers.pro]\nrequests_per_minute = 60\ntokens_per_day = 100000\nmax_output_tokens = 4000\ndaily_budget_usd = 0.02\n\
+         [engine.tiers.enterprise]\nrequests_per_minute = 300\ntokens_per_day = 1000000\nmax_output_tokens = 8000\ndaily_budget_usd = 0.2\n\
+         [feed]\nlisten = \"127.0.0.1:{port}\"\nrequests_per_minute = 100000\n[[feed.clients]]\nname = \"gateway\"\ntoken_sha256 = \"{hash}\"\n"
+    );
+    let cfg = run_config(&dir, &broker, "gw", &db, &extra);
+    let mut run = start_run(&cfg, &dir.join("run.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the feed did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {token}");
+            let (mut after, mut seen) = (0i64, Vec::<(i64, i64)>::new());
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let page = common::receivers::http(
+                    port,
+                    "GET",
+                    &format!("/v1/revocations?after={after}&wait=2"),
+                    &[("Authorization", &auth)],
+                    b"",
+                )
+                .unwrap()
+                .json();
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64;
+                let actions = page["actions"].as_array().unwrap();
+                for a in actions {
+                    seen.push((a["seq"].as_i64().unwrap(), now_ms));
+                }
+                after = page["next_after"].as_i64().unwrap();
+                if finished && actions.is_empty() {
+                    return seen;
+                }
+            }
+        })
+    };
+    // Produce while it runs: the gateway hears of blocks as traffic flows.
+    for chunk in lines.chunks(lines.len() / 10 + 1) {
+        broker.produce("gw", 2, chunk);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let exp = expected(&lines, 2);
+    wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
+    std::thread::sleep(Duration::from_secs(1));
+    done.store(true, Ordering::Release);
+    let seen = poller.join().unwrap();
+    stop_run(&mut run);
+
+    let stored: Vec<(i64, i64, String)> = db
+        .query(
+            "SELECT seq::text, (extract(epoch FROM recorded_at) * 1000)::int8::text, action
+             FROM revocation_actions ORDER BY revocation_actions.seq",
+        )
+        .into_iter()
+        .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap(), r[2].clone()))
+        .collect();
+    let budget_blocks = db.query(
+        "SELECT count(*)::text FROM alerts a JOIN revocation_actions r ON r.alert_id = a.id
+         WHERE a.kind = 'budget_threshold' AND a.action = 'block'",
+    )[0][0]
+        .parse::<usize>()
+        .unwrap();
+    assert!(
+        budget_blocks >= 100,
+        "only {budget_blocks} budget blocks: the test needs more"
+    );
+    let seqs: Vec<i64> = seen.iter().map(|s| s.0).collect();
+    let want: Vec<i64> = stored.iter().map(|s| s.0).collect();
+    assert_eq!(seqs, want, "the gateway missed or reordered actions");
+    let mut delays: Vec<i64> = seen
+        .iter()
+        .zip(&stored)
+        .map(|((_, got), (_, recorded, _))| got - recorded)
+        .collect();
+    delays.sort_unstable();
+    let pct = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+    eprintln!(
+        "feed latency: {} actions ({budget_blocks} budget blocks) seen by a long-polling gateway; commit to gateway p50 {} ms, p99 {} ms, max {} ms",
+        delays.len(),
+        pct(0.5),
+        pct(0.99),
+        delays[delays.len() - 1]
+    );
+}

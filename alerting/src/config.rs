@@ -89,7 +89,7 @@ impl AlertingConfig {
                 self.timeout_secs
             ));
         }
-        if !(self.poll_interval_secs > 0.0) {
+        if self.poll_interval_secs.is_nan() || self.poll_interval_secs <= 0.0 {
             return Err("alerting.poll_interval_secs: must be above 0".into());
         }
         Ok(())
@@ -233,11 +233,23 @@ impl fmt::Debug for SecretSource {
 impl SecretSource {
     /// Reads the secret; `what` names the field in errors.
     pub fn resolve(&self, what: &str) -> Result<Secret, String> {
-        let given = [self.value.is_some(), self.env.is_some(), self.file.is_some()];
+        let given = [
+            self.value.is_some(),
+            self.env.is_some(),
+            self.file.is_some(),
+        ];
         match given.iter().filter(|g| **g).count() {
-            0 => return Err(format!("{what}: not set (give it inline, by _env or by _file)")),
+            0 => {
+                return Err(format!(
+                    "{what}: not set (give it inline, by _env or by _file)"
+                ))
+            }
             1 => {}
-            _ => return Err(format!("{what}: give only one of the value, _env and _file")),
+            _ => {
+                return Err(format!(
+                    "{what}: give only one of the value, _env and _file"
+                ))
+            }
         }
         let value = if let Some(v) = &self.value {
             v.clone()

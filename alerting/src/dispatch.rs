@@ -158,11 +158,12 @@ impl Dispatcher {
     /// receiver concurrently. Returns the deliveries attempted.
     pub async fn round(&self) -> Result<usize, DispatchError> {
         while self.route().await? == ROUTE_BATCH as usize {}
-        let disabled: Vec<String> =
-            sqlx::query_scalar("SELECT receiver FROM receiver_status WHERE disabled_at IS NOT NULL")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("read disabled receivers"))?;
+        let disabled: Vec<String> = sqlx::query_scalar(
+            "SELECT receiver FROM receiver_status WHERE disabled_at IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("read disabled receivers"))?;
         let mut set = JoinSet::new();
         for r in &self.receivers {
             if disabled.contains(&r.name) {
@@ -205,11 +206,12 @@ impl Dispatcher {
         .fetch_all(&mut *tx)
         .await
         .map_err(db("claim outbox rows"))?;
-        let disabled: Vec<String> =
-            sqlx::query_scalar("SELECT receiver FROM receiver_status WHERE disabled_at IS NOT NULL")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db("read disabled receivers"))?;
+        let disabled: Vec<String> = sqlx::query_scalar(
+            "SELECT receiver FROM receiver_status WHERE disabled_at IS NOT NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("read disabled receivers"))?;
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: String = row.get("alert_id");
@@ -363,10 +365,21 @@ async fn send_user(
     let mut rest = list.into_iter();
     for c in rest.by_ref() {
         let started = Instant::now();
-        let outcome = r.send(std::slice::from_ref(&c.alert), c.attempts as u32).await;
+        let outcome = r
+            .send(std::slice::from_ref(&c.alert), c.attempts as u32)
+            .await;
         let ok = matches!(outcome, Outcome::Delivered { .. });
         let gone = matches!(outcome, Outcome::Gone { .. });
-        mark(pool, r, cfg, m, std::slice::from_ref(&c), started.elapsed(), &outcome).await?;
+        mark(
+            pool,
+            r,
+            cfg,
+            m,
+            std::slice::from_ref(&c),
+            started.elapsed(),
+            &outcome,
+        )
+        .await?;
         if !ok {
             if !gone {
                 let ids: Vec<i64> = rest.map(|c| c.id).collect();
@@ -526,7 +539,8 @@ async fn mark(
             .map_err(db("mark delivered"))?;
             // The receiver is answering: its failed deliveries need not sit out their backoff.
             sqlx::query(
-                "UPDATE alert_deliveries SET next_attempt_at = now()
+                "UPDATE alert_deliveries
+                 SET next_attempt_at = greatest(now(), coalesce(not_before, now()))
                  WHERE receiver = $1 AND state = 'pending' AND attempts > 0
                    AND next_attempt_at > now()
                    AND (lease_until IS NULL OR lease_until < now())",
@@ -542,13 +556,12 @@ async fn mark(
             match cfg.retry_schedule_secs.get(n - 1) {
                 Some(&base) => {
                     let wait = match retry_after {
-                        Some(d) => d
-                            .as_secs_f64()
-                            .min(cfg.max_retry_after_secs as f64),
+                        Some(d) => d.as_secs_f64().min(cfg.max_retry_after_secs as f64),
                         None => base as f64 * rand::thread_rng().gen_range(0.8..1.2),
                     };
                     sqlx::query(
                         "UPDATE alert_deliveries SET next_attempt_at = now() + $2 * interval '1 second',
+                             not_before = CASE WHEN $5 THEN now() + $2 * interval '1 second' END,
                              lease_until = NULL, last_status = $3, last_error = $4
                          WHERE id = ANY($1) AND state = 'pending'",
                     )
@@ -556,15 +569,13 @@ async fn mark(
                     .bind(wait)
                     .bind(status)
                     .bind(error)
+                    .bind(retry_after.is_some())
                     .execute(&mut *tx)
                     .await
                     .map_err(db("schedule a retry"))?;
                 }
                 None => {
-                    let why = format!(
-                        "given up after {n} attempts: {}",
-                        error.unwrap_or_default()
-                    );
+                    let why = format!("given up after {n} attempts: {}", error.unwrap_or_default());
                     finish_failed(&mut tx, &ids, status, &why).await?;
                 }
             }

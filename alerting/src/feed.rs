@@ -64,7 +64,10 @@ pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
             return Err(format!("feed.clients[{i}].name: must not be empty"));
         }
         if cfg.clients[..i].iter().any(|o| o.name == c.name) {
-            return Err(format!("feed.clients[{i}].name: \"{}\" is used twice", c.name));
+            return Err(format!(
+                "feed.clients[{i}].name: \"{}\" is used twice",
+                c.name
+            ));
         }
         let h = &c.token_sha256;
         if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -147,7 +150,8 @@ impl Limiter {
             tokens: self.burst,
             at: now,
         });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec).min(self.burst);
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec).min(self.burst);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -250,15 +254,10 @@ async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<
         if let Ok(m) = max(pool.clone()).await {
             tx.send_if_modified(|v| std::mem::replace(v, (*v).max(m)) < m);
         }
-        loop {
-            match l.try_recv().await {
-                Ok(Some(n)) => {
-                    if let Ok(seq) = n.payload().parse::<i64>() {
-                        tx.send_if_modified(|v| std::mem::replace(v, (*v).max(seq)) < seq);
-                    }
-                }
-                // Connection lost: reconnect and re-read the maximum.
-                Ok(None) | Err(_) => break,
+        // Ok(None) or Err: the connection was lost; reconnect and re-read the maximum.
+        while let Ok(Some(n)) = l.try_recv().await {
+            if let Ok(seq) = n.payload().parse::<i64>() {
+                tx.send_if_modified(|v| std::mem::replace(v, (*v).max(seq)) < seq);
             }
         }
     }
@@ -313,7 +312,7 @@ fn admit(
     headers: &HeaderMap,
     peer: SocketAddr,
     endpoint: &'static str,
-) -> Result<String, Response> {
+) -> Result<String, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -337,29 +336,39 @@ fn admit(
     if let Err(wait) = st.limiter.take(&bucket) {
         st.metrics.count(endpoint, StatusCode::TOO_MANY_REQUESTS);
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return Err((
-            StatusCode::TOO_MANY_REQUESTS,
-            [
-                (header::RETRY_AFTER, HeaderValue::from(secs)),
-                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            ],
-            "{\"error\":\"rate limited\"}",
-        )
-            .into_response());
+        return Err(Box::new(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [
+                    (header::RETRY_AFTER, HeaderValue::from(secs)),
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    ),
+                ],
+                "{\"error\":\"rate limited\"}",
+            )
+                .into_response(),
+        ));
     }
     match client {
         Some(name) => Ok(name),
         None => {
             st.metrics.count(endpoint, StatusCode::UNAUTHORIZED);
-            Err((
-                StatusCode::UNAUTHORIZED,
-                [
-                    (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
-                    (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-                ],
-                UNAUTHORIZED,
-            )
-                .into_response())
+            Err(Box::new(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [
+                        (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
+                        (
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        ),
+                    ],
+                    UNAUTHORIZED,
+                )
+                    .into_response(),
+            ))
         }
     }
 }
@@ -371,7 +380,10 @@ fn peer_ip(peer: SocketAddr) -> IpAddr {
 fn json_response(status: StatusCode, body: String) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()
@@ -392,11 +404,16 @@ fn unavailable(e: sqlx::Error) -> Response {
     )
 }
 
-fn param<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, Response> {
+fn param<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<T>, Box<Response>> {
     match q.get(name) {
         None => Ok(None),
         Some(v) => v.parse::<T>().map(Some).map_err(|_| {
-            bad_request(format!("query parameter {name}: expected a non-negative integer, got {v:?}"))
+            Box::new(bad_request(format!(
+                "query parameter {name}: expected a non-negative integer, got {v:?}"
+            )))
         }),
     }
 }
@@ -409,7 +426,7 @@ async fn revocations(
 ) -> Response {
     const EP: &str = "revocations";
     if let Err(r) = admit(&st, &headers, peer, EP) {
-        return r;
+        return *r;
     }
     let (after, wait, limit) = match (
         param::<u64>(&q, "after"),
@@ -423,7 +440,7 @@ async fn revocations(
         ),
         (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => {
             st.metrics.count(EP, StatusCode::BAD_REQUEST);
-            return r;
+            return *r;
         }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
@@ -470,7 +487,7 @@ async fn blocklist(
 ) -> Response {
     const EP: &str = "blocklist";
     if let Err(r) = admit(&st, &headers, peer, EP) {
-        return r;
+        return *r;
     }
     // Active: a block or throttle not expired and not lifted by a later
     // unblock of the same key, or of the whole user (key_id null).
@@ -510,7 +527,10 @@ async fn blocklist(
         StatusCode::OK,
         [
             (header::ETAG, etag_value),
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
         ],
         body,
     )
@@ -566,7 +586,10 @@ mod tests {
             l.take("a").unwrap();
         }
         let wait = l.take("a").unwrap_err();
-        assert!(wait > Duration::from_millis(500) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(500) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         l.take("b").unwrap();
     }
 

@@ -3,7 +3,14 @@
 //! HTTP server for the revocation feed, blocklist and metrics.
 
 pub mod config;
+pub mod dispatch;
+pub mod email;
+pub mod feed;
+pub mod metrics;
 pub mod notify;
+pub mod sign;
+pub mod slack;
+pub mod ssrf;
 
 pub use config::{AlertingConfig, FeedConfig, ReceiverConfig, ReceiverKind, Secret};
 pub use notify::{Outcome, Receiver};

@@ -60,7 +60,14 @@ impl Exposition {
     }
 
     /// A histogram: cumulative counts per upper bound (seconds), the sum and the count.
-    pub fn histogram(&mut self, name: &str, help: &str, buckets: &[(f64, u64)], sum: f64, count: u64) {
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        buckets: &[(f64, u64)],
+        sum: f64,
+        count: u64,
+    ) {
         self.declare(name, help, "histogram");
         let bucket = format!("{name}_bucket");
         for (le, n) in buckets {

@@ -349,7 +349,12 @@ impl Shared {
                 w.run(queue);
                 shared.metrics.partitions.fetch_sub(1, Ordering::Relaxed);
                 let key = (w.topic.clone(), w.partition);
-                shared.metrics.offsets.lock().expect("metrics lock").remove(&key);
+                shared
+                    .metrics
+                    .offsets
+                    .lock()
+                    .expect("metrics lock")
+                    .remove(&key);
             })
             .expect("spawning a partition worker");
         self.workers

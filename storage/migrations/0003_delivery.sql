@@ -64,6 +64,7 @@ CREATE TABLE alert_deliveries (
     state           text        NOT NULL CHECK (state IN ('pending', 'delivered', 'failed', 'suppressed')),
     attempts        int         NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL,
+    not_before      timestamptz,
     lease_until     timestamptz,
     last_status     int,
     last_error      text,
@@ -86,6 +87,7 @@ COMMENT ON COLUMN alert_deliveries.condition IS 'What the alert is about (kind, 
 COMMENT ON COLUMN alert_deliveries.state IS 'pending; delivered; failed (given up: rejected, receiver gone, or out of retries); suppressed (a repeat within the repeat interval).';
 COMMENT ON COLUMN alert_deliveries.attempts IS 'Attempts so far.';
 COMMENT ON COLUMN alert_deliveries.next_attempt_at IS 'Not before this time (group wait, retry backoff or Retry-After).';
+COMMENT ON COLUMN alert_deliveries.not_before IS 'The receiver''s Retry-After: no attempt before it, even when other deliveries show the receiver answering again.';
 COMMENT ON COLUMN alert_deliveries.lease_until IS 'A dispatcher is sending it until then; past it, another may (at least once).';
 COMMENT ON COLUMN alert_deliveries.last_status IS 'HTTP status of the last answer, when there was one.';
 COMMENT ON COLUMN alert_deliveries.last_error IS 'Why the last attempt failed (never holds a URL or secret).';

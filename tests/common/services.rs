@@ -276,7 +276,11 @@ max_connections = 4
         dir.join("lake").display(),
         db.url,
         // Several keywatch processes run at once: no feed server unless asked for.
-        if extra.contains("[feed]") { "" } else { "[feed]\nlisten = \"\"\n" },
+        if extra.contains("[feed]") {
+            ""
+        } else {
+            "[feed]\nlisten = \"\"\n"
+        },
     )
     .unwrap();
     p
@@ -392,7 +396,10 @@ pub fn start_serve(config: &Path, log: &Path, feed_port: Option<u16>) -> Running
                     std::fs::read_to_string(log).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "keywatch serve did not listen on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "keywatch serve did not listen on {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
