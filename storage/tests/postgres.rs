@@ -152,6 +152,7 @@ fn alert(id: &str, kind: AlertKind, action: Action, key: Option<&str>, ts: i64) 
         threshold: Some(40.0),
         budget: None,
         expires_at: None,
+        tier: None,
         reason: format!("reason of {id}"),
     }
 }
