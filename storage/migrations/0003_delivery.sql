@@ -109,6 +109,7 @@ CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id);
 CREATE INDEX delivery_attempts_started ON delivery_attempts (started_at);
 
 COMMENT ON TABLE delivery_attempts IS 'Every attempt to deliver an alert to a receiver and what came of it.';
+COMMENT ON COLUMN delivery_attempts.id IS 'Order of attempts.';
 COMMENT ON COLUMN delivery_attempts.delivery_id IS 'The delivery (alert and receiver).';
 COMMENT ON COLUMN delivery_attempts.attempt IS 'Its number, from 1.';
 COMMENT ON COLUMN delivery_attempts.started_at IS 'When the attempt started.';

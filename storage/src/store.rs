@@ -29,7 +29,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         3,
-        "delivery and feed order",
+        "delivery",
         include_str!("../migrations/0003_delivery.sql"),
     ),
 ];

@@ -255,12 +255,15 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
     .await
     .unwrap();
     let expected = [
+        ("alert_deliveries", "r"),
         ("alert_outbox", "r"),
         ("alerts", "r"),
         ("budget_periods", "r"),
         ("budget_status", "v"),
         ("consumer_offsets", "r"),
+        ("delivery_attempts", "r"),
         ("engine_checkpoints", "r"),
+        ("receiver_status", "r"),
         ("revocation_actions", "r"),
         ("rollup_day", "v"),
         ("rollup_hour", "v"),
