@@ -76,6 +76,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             stop.store(true, Ordering::Release);
         });
     }
+    // Receivers and the feed's address first: a config error stops start-up
+    // before any partition is taken.
+    let prepared = Outward::prepare(&rt, &cfg)?;
     let pool = store.pool().clone();
     let pipeline = Pipeline::start(
         cfg.kafka.clone(),
@@ -89,6 +92,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let outward = Outward::start(
         &rt,
         &cfg,
+        prepared,
         pool,
         Some(pipeline_metrics(Arc::clone(&metrics))),
     )?;

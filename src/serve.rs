@@ -28,15 +28,17 @@ pub struct Outward {
     pub addr: Option<SocketAddr>,
 }
 
+/// Receivers built and the feed's address bound: everything in the
+/// outward config that can fail, checked before the pipeline starts.
+pub struct Prepared {
+    receivers: Vec<Receiver>,
+    listener: Option<tokio::net::TcpListener>,
+}
+
 impl Outward {
-    /// Builds the receivers (checking their secrets and addresses), binds the
-    /// feed's address and starts both. `extra` adds the pipeline's metrics.
-    pub fn start(
-        rt: &tokio::runtime::Runtime,
-        cfg: &Config,
-        pool: PgPool,
-        extra: Option<Render>,
-    ) -> Result<Outward> {
+    /// Builds the receivers (checking their secrets and addresses) and binds
+    /// the feed's address.
+    pub fn prepare(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<Prepared> {
         let receivers = cfg
             .alerting
             .receivers
@@ -44,8 +46,30 @@ impl Outward {
             .map(|r| Receiver::build(r, &cfg.alerting).map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()
             .context("invalid config (alerting.receivers)")?;
+        let listener = if cfg.feed.listen.is_empty() {
+            None
+        } else {
+            Some(
+                rt.block_on(tokio::net::TcpListener::bind(&cfg.feed.listen))
+                    .with_context(|| format!("feed.listen: binding {}", cfg.feed.listen))?,
+            )
+        };
+        Ok(Prepared {
+            receivers,
+            listener,
+        })
+    }
+
+    /// Starts the dispatcher and the feed server. `extra` adds the pipeline's metrics.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        cfg: &Config,
+        prepared: Prepared,
+        pool: PgPool,
+        extra: Option<Render>,
+    ) -> Result<Outward> {
         let (stop, stopped) = watch::channel(false);
-        let dispatcher = Dispatcher::new(pool.clone(), receivers, cfg.alerting.clone());
+        let dispatcher = Dispatcher::new(pool.clone(), prepared.receivers, cfg.alerting.clone());
         let sources = Sources {
             delivery: Some(dispatcher.metrics()),
             feed: None,
@@ -53,10 +77,7 @@ impl Outward {
         };
         let mut tasks = vec![rt.spawn(dispatcher.run(stopped.clone()))];
         let mut addr = None;
-        if !cfg.feed.listen.is_empty() {
-            let listener = rt
-                .block_on(tokio::net::TcpListener::bind(&cfg.feed.listen))
-                .with_context(|| format!("feed.listen: binding {}", cfg.feed.listen))?;
+        if let Some(listener) = prepared.listener {
             addr = Some(listener.local_addr()?);
             let feed = cfg.feed.clone();
             tasks.push(rt.spawn(async move {
@@ -94,7 +115,8 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
     let rt = runtime()?;
     let store = rt.block_on(connect(&cfg))?;
-    let outward = Outward::start(&rt, &cfg, store.pool().clone(), None)?;
+    let prepared = Outward::prepare(&rt, &cfg)?;
+    let outward = Outward::start(&rt, &cfg, prepared, store.pool().clone(), None)?;
     match outward.addr {
         Some(a) => eprintln!("keywatch serve: feed on http://{a}, dispatching alerts"),
         None => {

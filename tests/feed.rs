@@ -37,7 +37,7 @@ max_connections = 4
 [feed]
 listen = "127.0.0.1:{port}"
 requests_per_minute = {per_minute}
-max_wait_secs = 5
+max_wait_secs = 15
 
 [[feed.clients]]
 name = "gw-a"
@@ -246,7 +246,7 @@ fn feed_contract() {
     });
     let waited = get(
         port,
-        &format!("/v1/revocations?after={last}&wait=5"),
+        &format!("/v1/revocations?after={last}&wait=10"),
         Some(TOKEN),
         &[],
     )

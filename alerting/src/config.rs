@@ -155,10 +155,8 @@ impl fmt::Debug for ReceiverConfig {
     /// Shows everything but inline secrets (a Slack URL is one).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
-        let url = match self.kind {
-            ReceiverKind::Webhook => self.url.as_deref(),
-            _ => redacted(&self.url),
-        };
+        // Webhook URLs often carry a token in their path or query too.
+        let url = redacted(&self.url);
         f.debug_struct("ReceiverConfig")
             .field("name", &self.name)
             .field("kind", &self.kind)

@@ -21,7 +21,7 @@
 //! back rather than on each delivery's own backoff.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,11 +180,25 @@ impl Dispatcher {
         let mut sent = 0;
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
-            match r.expect("a receiver task panicked") {
-                Ok(n) => sent += n,
-                Err(e) => first_err = first_err.or(Some(e)),
+            match r {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                // A bug; the leases run out and the next round sends again.
+                Err(e) => eprintln!("keywatch dispatcher: a receiver's task failed: {e}"),
             }
         }
+        // An outbox row is done when none of its deliveries is pending. Marking
+        // checks that too, but two receivers finishing one alert at once can
+        // each see the other's row still pending: this sweep closes such rows.
+        sqlx::query(
+            "UPDATE alert_outbox o SET delivered_at = now()
+             WHERE o.delivered_at IS NULL AND o.routed_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM alert_deliveries d
+                               WHERE d.alert_id = o.alert_id AND d.state = 'pending')",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(db("close finished outbox rows"))?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(sent),
@@ -194,6 +208,11 @@ impl Dispatcher {
     /// Routes up to [`ROUTE_BATCH`] queued alerts; returns how many.
     async fn route(&self) -> Result<usize, DispatchError> {
         let mut tx = self.pool.begin().await.map_err(db("begin routing"))?;
+        // One router at a time, so delivery ids (per-user order) follow the outbox's order.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keywatch-route'))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("take the routing lock"))?;
         let rows = sqlx::query(
             "SELECT o.alert_id, a.alert::text AS alert
              FROM alert_outbox o JOIN alerts a ON a.id = o.alert_id
@@ -206,12 +225,6 @@ impl Dispatcher {
         .fetch_all(&mut *tx)
         .await
         .map_err(db("claim outbox rows"))?;
-        let disabled: Vec<String> = sqlx::query_scalar(
-            "SELECT receiver FROM receiver_status WHERE disabled_at IS NOT NULL",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db("read disabled receivers"))?;
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: String = row.get("alert_id");
@@ -227,7 +240,8 @@ impl Dispatcher {
             };
             let condition = condition_of(&alert);
             for r in &self.receivers {
-                if !r.wants(&alert) || disabled.contains(&r.name) {
+                // A disabled receiver's deliveries are held (pending) until it is enabled.
+                if !r.wants(&alert) {
                     continue;
                 }
                 let wait = if r.groups() && alert.severity != Severity::Critical {
@@ -244,10 +258,10 @@ impl Dispatcher {
                          CASE WHEN s.state = 'suppressed' THEN now() END
                      FROM (SELECT CASE WHEN EXISTS (
                                SELECT 1 FROM alert_deliveries d
-                               WHERE d.receiver = $2 AND d.condition = $5
-                                 AND (d.state = 'pending'
-                                      OR (d.state = 'delivered'
-                                          AND d.finished_at > now() - $7 * interval '1 second')))
+                               WHERE d.receiver = $2 AND d.condition = $5 AND d.state = 'delivered'
+                                 AND d.finished_at > now() - $7 * interval '1 second'
+                                 AND array_position(ARRAY['info', 'warning', 'critical'], d.severity)
+                                     >= array_position(ARRAY['info', 'warning', 'critical'], $4))
                            THEN 'suppressed' ELSE 'pending' END AS state) s
                      ON CONFLICT (alert_id, receiver) DO NOTHING
                      RETURNING state",
@@ -334,17 +348,27 @@ async fn send_due(
     let mut users = by_user.into_values();
     let mut set = JoinSet::new();
     let mut first_err = None;
+    // Set by the first 410: nothing more is sent to the receiver; the rest is released (held).
+    let gone = Arc::new(AtomicBool::new(false));
     loop {
         while set.len() < USERS_AT_ONCE {
             let Some(list) = users.next() else { break };
-            let (pool, r, cfg, m) = (pool.clone(), Arc::clone(r), cfg.clone(), Arc::clone(m));
-            set.spawn(async move { send_user(&pool, &r, &cfg, &m, list).await });
+            let (pool, r, cfg, m, gone) = (
+                pool.clone(),
+                Arc::clone(r),
+                cfg.clone(),
+                Arc::clone(m),
+                Arc::clone(&gone),
+            );
+            set.spawn(async move { send_user(&pool, &r, &cfg, &m, &gone, list).await });
         }
         let Some(done) = set.join_next().await else {
             break;
         };
-        if let Err(e) = done.expect("a delivery task panicked") {
-            first_err = first_err.or(Some(e));
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(e) => eprintln!("keywatch dispatcher: a delivery task failed: {e}"),
         }
     }
     match first_err {
@@ -353,17 +377,28 @@ async fn send_due(
     }
 }
 
-/// Sends one user's claimed webhook deliveries in order; after a failure the
-/// rest are released untried (they wait behind the failed one).
+/// Sends one user's claimed webhook deliveries in order; after a failure,
+/// or once the receiver has answered 410, the rest are released untried
+/// (they wait behind the failed one, or for the receiver to be enabled).
 async fn send_user(
     pool: &PgPool,
     r: &Receiver,
     cfg: &AlertingConfig,
     m: &DeliveryMetrics,
+    gone_flag: &AtomicBool,
     list: Vec<Claimed>,
 ) -> Result<(), DispatchError> {
-    let mut rest = list.into_iter();
-    for c in rest.by_ref() {
+    let mut rest = list.into_iter().peekable();
+    while let Some(c) = rest.next_if(|_| !gone_flag.load(Ordering::Acquire)) {
+        // Each send gets a full lease: a user's list is sent one by one.
+        sqlx::query(
+            "UPDATE alert_deliveries SET lease_until = now() + $2 * interval '1 second' WHERE id = $1",
+        )
+        .bind(c.id)
+        .bind(cfg.lease_secs as f64)
+        .execute(pool)
+        .await
+        .map_err(db("renew a lease"))?;
         let started = Instant::now();
         let outcome = r
             .send(std::slice::from_ref(&c.alert), c.attempts as u32)
@@ -380,15 +415,15 @@ async fn send_user(
             &outcome,
         )
         .await?;
+        if gone {
+            gone_flag.store(true, Ordering::Release);
+        }
         if !ok {
-            if !gone {
-                let ids: Vec<i64> = rest.map(|c| c.id).collect();
-                release(pool, &ids).await?;
-            }
             break;
         }
     }
-    Ok(())
+    let ids: Vec<i64> = rest.map(|c| c.id).collect();
+    release(pool, &ids).await
 }
 
 /// Leases the receiver's due deliveries, oldest first. A delivery is due
@@ -410,6 +445,14 @@ async fn claim(
     } else {
         0
     };
+    let mut tx = pool.begin().await.map_err(db("begin a claim"))?;
+    // One claimer per receiver at a time: two could otherwise both see a
+    // user's first delivery unclaimed and send that user's alerts out of order.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keywatch-claim:' || $1))")
+        .bind(&r.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("take the claim lock"))?;
     let rows = sqlx::query(
         "WITH due AS (
              SELECT d.id FROM alert_deliveries d
@@ -421,7 +464,12 @@ async fn claim(
                         AND EXISTS (SELECT 1 FROM alert_deliveries x
                                     WHERE x.receiver = $1 AND x.state = 'pending'
                                       AND x.next_attempt_at <= now()
-                                      AND (x.lease_until IS NULL OR x.lease_until < now()))))
+                                      AND (x.lease_until IS NULL OR x.lease_until < now())
+                                      AND NOT EXISTS (
+                                          SELECT 1 FROM alert_deliveries y
+                                          WHERE y.receiver = x.receiver AND y.user_id = x.user_id
+                                            AND y.state = 'pending' AND y.id < x.id
+                                            AND y.attempts > 0))))
                AND NOT EXISTS (
                    SELECT 1 FROM alert_deliveries e
                    WHERE e.receiver = d.receiver AND e.user_id = d.user_id
@@ -440,9 +488,10 @@ async fn claim(
     .bind(CLAIM_BATCH)
     .bind(horizon as f64)
     .bind(cfg.lease_secs as f64)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db("claim deliveries"))?;
+    tx.commit().await.map_err(db("commit a claim"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let id: i64 = row.get("id");
@@ -542,6 +591,7 @@ async fn mark(
                 "UPDATE alert_deliveries
                  SET next_attempt_at = greatest(now(), coalesce(not_before, now()))
                  WHERE receiver = $1 AND state = 'pending' AND attempts > 0
+                   AND last_status IS NULL
                    AND next_attempt_at > now()
                    AND (lease_until IS NULL OR lease_until < now())",
             )
@@ -551,33 +601,42 @@ async fn mark(
             .map_err(db("bring retries forward"))?;
         }
         Outcome::Retry { retry_after, .. } => {
-            // Attempt n failed: wait schedule[n - 1]; past the schedule, give up.
-            let n = carried.iter().map(|c| c.attempts).max().unwrap_or(1) as usize;
-            match cfg.retry_schedule_secs.get(n - 1) {
-                Some(&base) => {
-                    let wait = match retry_after {
-                        Some(d) => d.as_secs_f64().min(cfg.max_retry_after_secs as f64),
-                        None => base as f64 * rand::thread_rng().gen_range(0.8..1.2),
-                    };
-                    sqlx::query(
-                        "UPDATE alert_deliveries SET next_attempt_at = now() + $2 * interval '1 second',
-                             not_before = CASE WHEN $5 THEN now() + $2 * interval '1 second' END,
-                             lease_until = NULL, last_status = $3, last_error = $4
-                         WHERE id = ANY($1) AND state = 'pending'",
-                    )
-                    .bind(&ids)
-                    .bind(wait)
-                    .bind(status)
-                    .bind(error)
-                    .bind(retry_after.is_some())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("schedule a retry"))?;
-                }
-                None => {
-                    let why = format!("given up after {n} attempts: {}", error.unwrap_or_default());
-                    finish_failed(&mut tx, &ids, status, &why).await?;
-                }
+            // Attempt n of a row failed: it waits schedule[n - 1] (its own n:
+            // a message may carry first attempts and retries); past the
+            // schedule it is given up.
+            let mut give_up = Vec::new();
+            for c in carried {
+                let n = c.attempts.max(1) as usize;
+                let Some(&base) = cfg.retry_schedule_secs.get(n - 1) else {
+                    give_up.push(c.id);
+                    continue;
+                };
+                let wait = match retry_after {
+                    Some(d) => d.as_secs_f64().min(cfg.max_retry_after_secs as f64),
+                    None => base as f64 * rand::thread_rng().gen_range(0.8..1.2),
+                };
+                sqlx::query(
+                    "UPDATE alert_deliveries SET next_attempt_at = now() + $2 * interval '1 second',
+                         not_before = CASE WHEN $5 THEN now() + $2 * interval '1 second' END,
+                         lease_until = NULL, last_status = $3, last_error = $4
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(c.id)
+                .bind(wait)
+                .bind(status)
+                .bind(error)
+                .bind(retry_after.is_some())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("schedule a retry"))?;
+            }
+            if !give_up.is_empty() {
+                let why = format!(
+                    "given up after {} attempts: {}",
+                    cfg.retry_schedule_secs.len() + 1,
+                    error.unwrap_or_default()
+                );
+                finish_failed(&mut tx, &give_up, status, &why).await?;
             }
         }
         Outcome::Rejected { .. } => {

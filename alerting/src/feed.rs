@@ -316,8 +316,10 @@ fn admit(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 7235).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let client = token.and_then(|t| {
         let h: [u8; 32] = Sha256::digest(t.as_bytes()).into();
         // Compare with every client, so the time taken says nothing about which matched.

@@ -600,6 +600,15 @@ fn http_client(allow_private: bool, timeout: Duration) -> Result<Client, String>
         .map_err(|e| error_chain(&e.without_url()))
 }
 
+/// Whether an SMTP host is this machine (clear-text logins are allowed only there).
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The SMTP transport of an email receiver.
 fn email_transport(
     cfg: &ReceiverConfig,
@@ -637,6 +646,12 @@ fn email_transport(
     };
     let has_password = password.env.is_some() || password.file.is_some();
     match cfg.username.as_deref().filter(|u| !u.is_empty()) {
+        Some(_) if tls == "none" && !is_loopback_host(host) => {
+            return Err(format!(
+                "{}: a password would travel in clear text with tls = \"none\"; use starttls or tls (none is for local catchers)",
+                field("username")
+            ))
+        }
         Some(user) => {
             let pass: Secret = password.resolve(&field("password"))?;
             builder = builder.credentials(Credentials::new(
