@@ -129,6 +129,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The config, a runtime and the (migrated) database, for the operator commands.
+fn open(arg: &ConfigArg) -> Result<(Config, tokio::runtime::Runtime, storage::Store)> {
+    let cfg = Config::load(arg.config.as_deref(), std::env::vars())?;
+    let rt = runtime()?;
+    let store = rt.block_on(connect(&cfg))?;
+    Ok((cfg, rt, store))
+}
+
 /// Arguments of `keywatch keys`.
 #[derive(clap::Args, Debug)]
 pub struct KeysArgs {
@@ -182,9 +190,7 @@ enum KeysCommand {
 
 /// `keywatch keys ...`.
 pub fn keys(args: KeysArgs) -> Result<ExitCode> {
-    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
-    let rt = runtime()?;
-    let store = rt.block_on(connect(&cfg))?;
+    let (_, rt, store) = open(&args.config)?;
     let pool = store.pool();
     rt.block_on(async {
         match args.command {
@@ -203,8 +209,20 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                     }
                 }
                 let action = if throttle { "throttle" } else { "block" };
-                let seq = record(pool, key_id.as_deref(), &user, action, &reason, hours, &operator).await?;
-                println!("{action} recorded as feed seq {seq}: user {user}, {}", describe(key_id.as_deref()));
+                let seq = record(
+                    pool,
+                    key_id.as_deref(),
+                    &user,
+                    action,
+                    &reason,
+                    hours,
+                    &operator,
+                )
+                .await?;
+                println!(
+                    "{action} recorded as feed seq {seq}: user {user}, {}",
+                    describe(key_id.as_deref())
+                );
             }
             KeysCommand::Unblock {
                 key_id,
@@ -213,20 +231,25 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 operator,
             } => {
                 let user = subject(pool, key_id.as_deref(), user).await?;
-                let seq = record(pool, key_id.as_deref(), &user, "unblock", &reason, None, &operator).await?;
-                println!("unblock recorded as feed seq {seq}: user {user}, {}", describe(key_id.as_deref()));
+                let seq = record(
+                    pool,
+                    key_id.as_deref(),
+                    &user,
+                    "unblock",
+                    &reason,
+                    None,
+                    &operator,
+                )
+                .await?;
+                println!(
+                    "unblock recorded as feed seq {seq}: user {user}, {}",
+                    describe(key_id.as_deref())
+                );
             }
             KeysCommand::List => {
                 let rows = sqlx::query(
-                    "SELECT a.seq, a.user_id, a.key_id, a.action, a.reason, a.expires_at::text AS expires
-                     FROM revocation_actions a
-                     WHERE a.action IN ('block', 'throttle')
-                       AND (a.expires_at IS NULL OR a.expires_at > now())
-                       AND NOT EXISTS (
-                           SELECT 1 FROM revocation_actions u
-                           WHERE u.action = 'unblock' AND u.user_id = a.user_id AND u.seq > a.seq
-                             AND (u.key_id IS NULL OR u.key_id = a.key_id))
-                     ORDER BY a.seq",
+                    "SELECT seq, user_id, key_id, action, reason, expires_at::text AS expires
+                     FROM active_revocations ORDER BY seq",
                 )
                 .fetch_all(pool)
                 .await?;
@@ -236,9 +259,11 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                         "{}\t{}\t{}\t{}\t{}\t{}",
                         r.get::<i64, _>("seq"),
                         r.get::<String, _>("user_id"),
-                        r.get::<Option<String>, _>("key_id").unwrap_or_else(|| "(all keys)".into()),
+                        r.get::<Option<String>, _>("key_id")
+                            .unwrap_or_else(|| "(all keys)".into()),
                         r.get::<String, _>("action"),
-                        r.get::<Option<String>, _>("expires").unwrap_or_else(|| "never".into()),
+                        r.get::<Option<String>, _>("expires")
+                            .unwrap_or_else(|| "never".into()),
                         r.get::<String, _>("reason"),
                     );
                 }
@@ -368,9 +393,7 @@ enum ReceiversCommand {
 
 /// `keywatch receivers ...`.
 pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
-    let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
-    let rt = runtime()?;
-    let store = rt.block_on(connect(&cfg))?;
+    let (cfg, rt, store) = open(&args.config)?;
     let pool = store.pool();
     rt.block_on(async {
         match args.command {

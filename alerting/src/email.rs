@@ -211,13 +211,7 @@ fn one_line(s: &str, max: usize) -> String {
             line.push(c);
         }
     }
-    let line = line.trim();
-    if line.chars().count() <= max {
-        return line.to_string();
-    }
-    let mut out: String = line.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
+    crate::slack::cut(line.trim(), max)
 }
 
 #[cfg(test)]

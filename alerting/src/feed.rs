@@ -491,17 +491,9 @@ async fn blocklist(
     if let Err(r) = admit(&st, &headers, peer, EP) {
         return *r;
     }
-    // Active: a block or throttle not expired and not lifted by a later
-    // unblock of the same key, or of the whole user (key_id null).
+    // The view (migration 0003) defines "in force": not expired, not lifted.
     let rows = sqlx::query(&format!(
-        "SELECT {ACTION_COLUMNS} FROM revocation_actions a
-         WHERE a.action IN ('block', 'throttle')
-           AND (a.expires_at IS NULL OR a.expires_at > now())
-           AND NOT EXISTS (
-               SELECT 1 FROM revocation_actions u
-               WHERE u.action = 'unblock' AND u.user_id = a.user_id AND u.seq > a.seq
-                 AND (u.key_id IS NULL OR u.key_id = a.key_id))
-         ORDER BY a.seq"
+        "SELECT {ACTION_COLUMNS} FROM active_revocations ORDER BY seq"
     ))
     .fetch_all(&st.pool)
     .await;

@@ -207,7 +207,7 @@ fn escape_within(s: &str, max: usize) -> String {
 }
 
 /// Plain text cut to `max` characters, ending in `…` when cut.
-fn cut(s: &str, max: usize) -> String {
+pub(crate) fn cut(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         return s.to_string();
     }

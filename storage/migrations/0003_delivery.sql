@@ -32,6 +32,32 @@ $$;
 CREATE TRIGGER revocation_actions_sequence BEFORE INSERT ON revocation_actions
     FOR EACH ROW EXECUTE FUNCTION keywatch_feed_sequence();
 
+-- What is blocked or throttled now: a block or throttle not expired and
+-- not lifted by a later unblock of the same key, or of the whole user (an
+-- unblock with key_id null). /v1/blocklist and `keywatch keys list` read it.
+CREATE VIEW active_revocations AS
+SELECT a.*
+FROM revocation_actions a
+WHERE a.action IN ('block', 'throttle')
+  AND (a.expires_at IS NULL OR a.expires_at > now())
+  AND NOT EXISTS (
+      SELECT 1 FROM revocation_actions u
+      WHERE u.action = 'unblock' AND u.user_id = a.user_id AND u.seq > a.seq
+        AND (u.key_id IS NULL OR u.key_id = a.key_id));
+
+COMMENT ON VIEW active_revocations IS
+    'Blocks and throttles in force now (not expired, not lifted by a later unblock of the key or of the user): what /v1/blocklist serves.';
+COMMENT ON COLUMN active_revocations.seq IS 'Position in the feed.';
+COMMENT ON COLUMN active_revocations.key_id IS 'The key blocked or throttled; null: every key of the user.';
+COMMENT ON COLUMN active_revocations.user_id IS 'The account.';
+COMMENT ON COLUMN active_revocations.action IS 'block or throttle.';
+COMMENT ON COLUMN active_revocations.reason IS 'Why.';
+COMMENT ON COLUMN active_revocations.alert_id IS 'The alert that issued it; null for manual actions.';
+COMMENT ON COLUMN active_revocations.issued_at IS 'When it started.';
+COMMENT ON COLUMN active_revocations.expires_at IS 'When it lapses on its own; null: until an unblock.';
+COMMENT ON COLUMN active_revocations.recorded_at IS 'When the row was written.';
+COMMENT ON COLUMN active_revocations.actor IS 'Who issued it: detector, or operator:NAME.';
+
 -- The outbox ---------------------------------------------------------------------
 -- A batch that queues alerts wakes the dispatchers at commit.
 

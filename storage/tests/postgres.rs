@@ -255,6 +255,7 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
     .await
     .unwrap();
     let expected = [
+        ("active_revocations", "v"),
         ("alert_deliveries", "r"),
         ("alert_outbox", "r"),
         ("alerts", "r"),
