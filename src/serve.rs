@@ -20,6 +20,9 @@ use crate::config::Config;
 use crate::run::{connect, runtime};
 use crate::ConfigArg;
 
+/// Postgres connections of the feed server (besides `postgres.max_connections`).
+const FEED_CONNECTIONS: u32 = 4;
+
 /// The dispatcher and the feed server, running on a runtime.
 pub struct Outward {
     stop: watch::Sender<bool>,
@@ -80,6 +83,16 @@ impl Outward {
         if let Some(listener) = prepared.listener {
             addr = Some(listener.local_addr()?);
             let feed = cfg.feed.clone();
+            // The feed gets its own few connections: many gateways polling
+            // must not take the ones batch commits and the dispatcher use.
+            let url = cfg.postgres.url()?;
+            let pool = rt
+                .block_on(
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(FEED_CONNECTIONS)
+                        .connect(&url),
+                )
+                .context("connecting the feed to Postgres")?;
             tasks.push(rt.spawn(async move {
                 if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await
                 {

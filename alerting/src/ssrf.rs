@@ -122,6 +122,15 @@ fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
         // NAT64 well-known prefix (RFC 6052): reaches the embedded IPv4 host.
         return classify_v4(embedded(s[6], s[7]));
     }
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        // IPv4-translated (RFC 2765, ::ffff:0:a.b.c.d): judge the IPv4 address.
+        return classify_v4(embedded(s[6], s[7]));
+    }
+    if s[..2] == [0x2001, 0] {
+        // Teredo (RFC 4380): reached through a relay to an IPv4 host whose
+        // address is hidden (obfuscated) in the last 32 bits; refuse it.
+        return Some(Reserved);
+    }
     if s[0] == 0x2002 {
         // 6to4 (RFC 3056): the relay's IPv4 address sits in bits 16..48.
         return classify_v4(embedded(s[1], s[2]));
@@ -303,7 +312,10 @@ mod tests {
             ("::ffff:10.1.2.3", Some(Private)),
             ("64:ff9b::a00:1", Some(Private)), // NAT64 of 10.0.0.1
             ("64:ff9b:1::1", Some(Private)),
-            ("2002:a00:1::1", Some(Private)), // 6to4 via 10.0.0.1
+            ("2002:a00:1::1", Some(Private)),  // 6to4 via 10.0.0.1
+            ("::ffff:0:a00:1", Some(Private)), // IPv4-translated 10.0.0.1
+            ("::ffff:0:808:808", None),        // IPv4-translated 8.8.8.8
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Some(Reserved)), // Teredo
             // Link-local.
             ("169.254.1.1", Some(LinkLocal)),
             ("fe80::1", Some(LinkLocal)),
