@@ -2,6 +2,7 @@
 
 mod alloc;
 mod config;
+mod demo;
 mod replay;
 mod run;
 mod serve;
@@ -31,6 +32,10 @@ enum Command {
     /// and commit rollups, alerts, actions, state and offsets to Postgres in
     /// one transaction per batch (plus Parquet files for the lake).
     Run(run::RunArgs),
+    /// The whole pipeline with nothing installed: an in-process Kafka with
+    /// simulated traffic and attacks in accelerated real time, the real
+    /// consumer and detectors, the Parquet lake, and a live page.
+    Demo(demo::DemoArgs),
     /// The alert dispatcher and the revocation feed without the Kafka
     /// pipeline (`run` includes both).
     Serve(serve::ServeArgs),
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Migrate(args) => run::migrate(args),
+        Command::Demo(args) => demo::demo(args),
         Command::Serve(args) => serve::serve(args),
         Command::Keys(args) => serve::keys(args),
         Command::Token(args) => serve::token(args),

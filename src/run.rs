@@ -155,7 +155,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 /// The pipeline's part of `/metrics`.
-fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
+pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
     Arc::new(move |out: &mut Exposition| {
         let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
         out.counter(

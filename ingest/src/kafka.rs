@@ -41,7 +41,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use storage::{BatchCommit, BudgetRow, PartitionStart, StorageError, Store};
+use storage::{Backend, BatchCommit, BudgetRow, PartitionStart, StorageError};
 
 use crate::batch::{event_row, Rollups};
 use crate::config::{KafkaConfig, PipelineConfig};
@@ -174,7 +174,7 @@ struct Shared {
     pipeline: PipelineConfig,
     engine: EngineConfig,
     decoder: Decoder,
-    store: Store,
+    store: Backend,
     rt: tokio::runtime::Handle,
     producer: FutureProducer,
     metrics: Arc<PipelineMetrics>,
@@ -952,9 +952,10 @@ impl Pipeline {
         pipeline: PipelineConfig,
         engine: EngineConfig,
         hash_key: &[u8],
-        store: Store,
+        store: impl Into<Backend>,
         rt: tokio::runtime::Handle,
     ) -> Result<Pipeline, PipelineError> {
+        let store = store.into();
         Engine::new(&engine)?;
         let settings = kafka.client_settings()?;
         let mut common = ClientConfig::new();

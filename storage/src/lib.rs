@@ -52,10 +52,12 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod memory;
 pub mod parquet;
 mod store;
 
 pub use error::StorageError;
+pub use memory::{Backend, MemoryStore};
 pub use parquet::{existing_batch_end, write_batch, EventRow};
 pub use store::{BatchCommit, BudgetRow, PartitionStart, RollupRow, Store};
 
