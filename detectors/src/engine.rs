@@ -80,10 +80,12 @@ pub struct KeyState {
 pub struct EngineState {
     /// The engine's clock: the largest event time seen, Unix ms.
     pub now_ms: i64,
-    /// Users by id.
-    pub users: HashMap<Box<str>, UserState, StableBuild>,
-    /// Keys by id.
-    pub keys: HashMap<Box<str>, KeyState, StableBuild>,
+    /// Users by id. The state is boxed so that the map's slots stay
+    /// small: a map doubles its slots when it fills, and empty slots then
+    /// cost a pointer each instead of a whole state (`tests/memory.rs`).
+    pub users: HashMap<Box<str>, Box<UserState>, StableBuild>,
+    /// Keys by id, boxed likewise.
+    pub keys: HashMap<Box<str>, Box<KeyState>, StableBuild>,
     /// Prompt sightings and farming crowds.
     pub prompts: PromptTracker,
     /// Recently counted records.
@@ -327,7 +329,7 @@ impl Engine {
 
     /// A user's learned state (its budget ledger, for example).
     pub fn user(&self, user_id: &str) -> Option<&UserState> {
-        self.state.users.get(user_id)
+        self.state.users.get(user_id).map(|u| &**u)
     }
 
     /// The run's counters.
