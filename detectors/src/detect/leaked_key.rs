@@ -11,6 +11,11 @@
 //! quiet because it adds addresses, not networks. The learned count is an
 //! EWMA over past windows that were not suspicious.
 //!
+//! A leak that goes on window after window is one incident: it alerts (and
+//! blocks the key, with no expiry) when it begins, and the windows that
+//! follow while it goes on only extend it. A key quiet for a whole window
+//! and then spread again is a new incident.
+//!
 //! Distinct sets are kept exact but bounded: at most the bar's worth of
 //! address entries, so a key costs at most about a kilobyte even under
 //! attack, and a few dozen bytes at rest.
@@ -19,6 +24,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::baseline::Incident;
 use crate::hash::stable_hash;
 
 /// Most addresses tracked per key and window.
@@ -47,8 +53,11 @@ pub struct LeakState {
     ips: Vec<u64>,
     /// Learned distinct addresses per window.
     learned: f32,
-    /// Whether this window already raised its alert.
+    /// Whether this window was already found suspicious.
     alerted: bool,
+    /// The leak under way, in minutes: suspicious windows extend it.
+    #[serde(default)]
+    incident: Incident,
 }
 
 /// A detected spread.
@@ -133,6 +142,11 @@ impl LeakState {
             return None;
         }
         self.alerted = true;
+        // A window ends at most `window_minutes` after this detection, and
+        // the next one is suspicious within another window if it goes on.
+        if !self.incident.begins(now_min, 2 * p.window_minutes) {
+            return None;
+        }
         Some(Leak {
             ips: self.ips.len() as u32,
             networks: nets.len() as u32,
@@ -187,6 +201,32 @@ mod tests {
         let (i, l) = hit.expect("leak caught");
         assert!(i < 10, "caught after {} addresses", i + 1);
         assert!(l.ips >= 8 && l.networks >= 3);
+    }
+
+    #[test]
+    fn a_leak_going_on_is_one_incident() {
+        let mut s = LeakState::default();
+        let mut alerts = Vec::new();
+        // Twelve addresses in twelve networks every minute for an hour.
+        for m in 0..60u32 {
+            for i in 0..12u8 {
+                let ip = v4(100 + i, (m % 200) as u8, 1, 1);
+                if let Some(l) = s.on_address(2000 + m, ip, Some(1000 + i as u32), &P) {
+                    alerts.push((m, l.since));
+                }
+            }
+        }
+        assert_eq!(alerts, vec![(0, 2000)], "one alert, in the first window");
+        // Quiet for a while, from one address; then spread again: a new one.
+        for m in 60..120u32 {
+            assert_eq!(
+                s.on_address(2000 + m, v4(203, 0, 113, 7), Some(64500), &P),
+                None
+            );
+        }
+        let again = (0..12u8)
+            .find_map(|i| s.on_address(2120, v4(100 + i, 7, 1, 1), Some(1000 + i as u32), &P));
+        assert_eq!(again.map(|l| l.since), Some(2120));
     }
 
     #[test]
