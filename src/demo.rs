@@ -304,7 +304,7 @@ fn console(live: &Live, stop: &AtomicBool, quiet: bool) {
                 eprintln!(
                     "  ! {:<16} {:<8} {}",
                     a.kind.as_str(),
-                    severity(a),
+                    a.severity.as_str(),
                     a.reason
                 );
             }
@@ -313,14 +313,6 @@ fn console(live: &Live, stop: &AtomicBool, quiet: bool) {
             }
             shown = s.alerts_total;
         }
-    }
-}
-
-fn severity(a: &Alert) -> &'static str {
-    match a.severity {
-        detectors::Severity::Info => "info",
-        detectors::Severity::Warning => "warning",
-        detectors::Severity::Critical => "critical",
     }
 }
 

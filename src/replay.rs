@@ -186,9 +186,10 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                 key_id: a.key_id.as_deref(),
                 ts_ms: a.ts,
                 action: a.action.as_str(),
+                severity: a.severity.as_str(),
             })
             .collect();
-        let ev = evaluate(&t.attacks, t.benign_user_days, &refs);
+        let ev = evaluate(&t.attacks, t.benign_user_days, t.start_ms, &refs);
         evaluation_text = Some(ev.to_string());
         s.evaluation = Some(serde_json::to_value(&ev)?);
     }

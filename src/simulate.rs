@@ -91,6 +91,7 @@ pub fn run(a: SimulateArgs) -> Result<ExitCode> {
         let truth = Truth {
             benign_user_days: sim.benign_user_days(),
             attacks: sim.attacks().to_vec(),
+            start_ms: Some(sim.start_ms()),
         };
         let f = File::create(p).with_context(|| format!("creating {}", p.display()))?;
         serde_json::to_writer_pretty(BufWriter::new(f), &truth)?;

@@ -269,7 +269,7 @@ impl Dispatcher {
                 .bind(&id)
                 .bind(&r.name)
                 .bind(&alert.user_id)
-                .bind(severity_str(alert.severity))
+                .bind(alert.severity.as_str())
                 .bind(&condition)
                 .bind(wait as f64)
                 .bind(repeat)
@@ -771,14 +771,6 @@ pub fn condition_of(a: &Alert) -> String {
         c.push_str(&format!("|{:?}|{}|{}", b.period, b.period_start, b.percent));
     }
     c
-}
-
-fn severity_str(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Critical => "critical",
-    }
 }
 
 #[cfg(test)]

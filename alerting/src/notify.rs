@@ -826,19 +826,10 @@ pub(crate) fn severity_upper(s: Severity) -> &'static str {
     }
 }
 
-/// `critical`, `warning`, `info`.
-pub(crate) fn severity_lower(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Critical => "critical",
-    }
-}
-
 /// "1 critical alert", "3 alerts (1 critical)", "2 alerts".
 pub(crate) fn count_title(alerts: &[Alert]) -> String {
     if let [one] = alerts {
-        return format!("1 {} alert", severity_lower(one.severity));
+        return format!("1 {} alert", one.severity.as_str());
     }
     let critical = alerts
         .iter()
@@ -946,7 +937,7 @@ pub(crate) fn facts(alert: &Alert) -> Vec<(&'static str, String)> {
         out.push(("Address", ip.clone()));
     }
     out.push(("Kind", alert.kind.as_str().to_string()));
-    out.push(("Severity", severity_lower(alert.severity).to_string()));
+    out.push(("Severity", alert.severity.as_str().to_string()));
     out.push(("What keywatch did", action_text(alert)));
     if let Some(b) = &alert.budget {
         let period = match b.period.as_str() {

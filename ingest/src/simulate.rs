@@ -56,7 +56,7 @@ mod render;
 mod rng;
 mod tables;
 
-pub use eval::{evaluate, AlertRef, Evaluation};
+pub use eval::{evaluate, AlertRef, BenignScore, Evaluation, KindScore, CORE_KINDS};
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -177,6 +177,11 @@ pub struct Attack {
     pub onset_ms: i64,
     /// Last instant of attack traffic (unix ms).
     pub end_ms: i64,
+    /// Which form of the kind, when a traffic model tells them apart (for
+    /// example `stolen key` or `owner's script` for a flood); reported on
+    /// its own line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 /// What `keywatch simulate --truth` writes and `keywatch replay --truth`
@@ -187,10 +192,16 @@ pub struct Truth {
     pub benign_user_days: f64,
     /// [`Simulator::attacks`] of the run.
     pub attacks: Vec<Attack>,
+    /// The run's first instant (unix ms), for the cold-start figure; truth
+    /// files written before it existed leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<i64>,
 }
 
 /// The kinds of abuse the simulator injects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AttackKind {
     /// A victim's key sends at 10-40 times its tier's usual benign rate and
@@ -300,6 +311,7 @@ impl PartialOrd for Due {
 /// allocation per record.
 pub struct Simulator {
     params: &'static ProfileParams,
+    start_ms: i64,
     run_end_ms: i64,
     benign_user_days: f64,
     duplicate_share: f64,
@@ -367,6 +379,7 @@ impl Simulator {
 
         let mut sim = Self {
             params,
+            start_ms: cfg.start_ms,
             run_end_ms,
             benign_user_days: f64::from(cfg.users) * cfg.hours / 24.0,
             duplicate_share: cfg.duplicate_fraction,
@@ -473,6 +486,11 @@ impl Simulator {
     /// first account, key `None`) followed by one entry per account.
     pub fn attacks(&self) -> &[Attack] {
         &self.attacks
+    }
+
+    /// The run's first instant, unix ms.
+    pub fn start_ms(&self) -> i64 {
+        self.start_ms
     }
 
     /// Benign user-days simulated (accounts times hours / 24), the

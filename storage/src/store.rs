@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
-use detectors::{Action, Alert, Severity};
+use detectors::{Action, Alert};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -151,15 +151,6 @@ pub struct RollupRow {
 
 fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
     move |source| StorageError::Query { what, source }
-}
-
-/// The contract's name of a severity.
-fn severity_str(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Critical => "critical",
-    }
 }
 
 impl Store {
@@ -489,7 +480,7 @@ impl<'a> AlertColumns<'a> {
             };
             c.ids.push(a.id.as_str());
             c.kinds.push(a.kind.as_str());
-            c.severities.push(severity_str(a.severity));
+            c.severities.push(a.severity.as_str());
             c.actions.push(a.action.as_str());
             c.user_ids.push(a.user_id.as_str());
             c.key_ids.push(a.key_id.as_deref());

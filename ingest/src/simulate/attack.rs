@@ -380,6 +380,7 @@ pub(super) fn plan_attacks(
             key_id: Some(key_id_string(victim.key)),
             onset_ms: onset,
             end_ms: end,
+            variant: None,
         });
         plan.attackers.push((onset, attacker));
     }
@@ -463,6 +464,7 @@ pub(super) fn plan_campaign(
                 key_id: None,
                 onset_ms: onset,
                 end_ms: end,
+                variant: None,
             });
         }
         plan.attacks.push(Attack {
@@ -471,6 +473,7 @@ pub(super) fn plan_campaign(
             key_id: Some(key_id_string(key)),
             onset_ms: onset,
             end_ms: end,
+            variant: None,
         });
         let net = network(nets[rng.index(nets.len())]);
         let first = onset + rng.below(first_window as u64 + 1) as i64;

@@ -359,10 +359,11 @@ fn ground_truth_is_deterministic_and_serializable() {
     let truth = Truth {
         benign_user_days: a.benign_user_days(),
         attacks: a.attacks().to_vec(),
+        start_ms: Some(a.start_ms()),
     };
     let back: Truth = serde_json::from_str(&serde_json::to_string(&truth).unwrap()).unwrap();
     assert_eq!(back, truth);
-    let scored = evaluate(&truth.attacks, truth.benign_user_days, &[]);
+    let scored = evaluate(&truth.attacks, truth.benign_user_days, truth.start_ms, &[]);
     let value = serde_json::to_value(&scored).unwrap();
     assert_eq!(value["attacks"], scored.attacks);
 }
@@ -776,9 +777,10 @@ fn evaluating_the_ground_truth_against_itself_detects_everything() {
             key_id: a.key_id.as_deref(),
             ts_ms: a.onset_ms + 30_000,
             action: "notify",
+            severity: "warning",
         })
         .collect();
-    let e = evaluate(sim.attacks(), sim.benign_user_days(), &alerts);
+    let e = evaluate(sim.attacks(), sim.benign_user_days(), None, &alerts);
     assert_eq!(e.detected, e.attacks);
     assert!(e.attacks >= 6);
     assert_eq!(e.max_latency_ms, Some(30_000));
