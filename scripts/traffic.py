@@ -237,6 +237,7 @@ class Account:
         self.tokens_today = 0
         self.spend_today = 0.0
         self.day_share = 1.0
+        self.regen = 0.0
 
     def address(self, rng):
         if self.mobile:
@@ -353,8 +354,9 @@ def benign_request(out, rng, sizes, sp, acct, ts, shape, storm_until):
         return ts
     pt, ct = sized(rng, sizes, acct, shape)
     if acct.ctx is not None:
-        # A chat turn carries the conversation so far.
-        pt = min(pt + acct.ctx, 120_000)
+        # A chat turn carries the conversation so far, as far as the plan
+        # lets it grow (a fifth of its daily tokens; at most 120,000).
+        pt = min(pt + acct.ctx, 120_000, tokens_per_day // 5)
         acct.ctx += pt // 8 + ct
     acct.tokens_today += pt + ct
     acct.spend_today += cost_of(acct.model, pt, ct)
@@ -370,7 +372,7 @@ def benign_request(out, rng, sizes, sp, acct, ts, shape, storm_until):
         emit(out, rng, acct, t, key=key, pt=pt, ct=0, fp=fp, status=rng.choice(ERROR_STATUSES))
         t += int(min(30_000, 500 * 2 ** attempt) * rng.uniform(0.5, 1.5))
         failing = t < storm_until
-    if rng.random() < sp.regen:
+    if rng.random() < acct.regen:
         # Regenerate: the same prompt again a little later.
         for _ in range(rng.randint(1, 2)):
             t += int(rng.uniform(8_000, 90_000))
@@ -430,6 +432,9 @@ def gateway(args):
         shape = rng.choice(["chat", "chat", "code", "long"] if service else ["chat", "chat", "chat", "long"])
         if not service and rng.random() < 0.5:
             a.ctx = 0
+        # People regenerate answers now and then, some never; back ends do not.
+        if not service and rng.random() < 0.5:
+            a.regen = rng.uniform(0.3, 1.7) * sp.regen
         # Prompts on a small plan are small: the plan's daily tokens are.
         a.scale_in *= {"free": 0.15, "pro": 0.5, "enterprise": 1.0}[a.tier]
         # Most accounts stop near their plan's day; a few go past it.
@@ -539,7 +544,9 @@ def plan_attacks(rng, sp, sizes, accounts, traits, start, end, out, per_run):
         cands = [a for a in accounts if a.uid not in used and a.arrival < onset - HOUR]
         if kind == "request_flood":
             cands = [a for a in cands if a.tier != "free"] or cands
-        a = rng.choice(cands)
+        # Keys that are in use are the ones abused: victims are drawn by
+        # activity (its square root: quiet accounts are victims too).
+        a = rng.choices(cands, weights=[math.sqrt(traits[c.uid][1]) for c in cands])[0]
         used.add(a.uid)
         service, rate, shape = traits[a.uid]
         key = a.keys[0]
@@ -687,9 +694,7 @@ def servegen(args):
                 rows.append((int(float(r[0])), float(r[1]), float(r[2]) if r[2] else 0.0))
         per_day = [sum(r[1] * 600 for r in rows[d * windows_per_day:(d + 1) * windows_per_day])
                    for d in range(len(rows) // windows_per_day)]
-        if not per_day or max(per_day) > args.max_per_day or sum(per_day) == 0:
-            continue
-        if client not in pmfs:
+        if not per_day or sum(per_day) / len(per_day) > args.max_per_day or sum(per_day) == 0:
             continue
         clients.append((client, rows))
     start = EPOCH_MONDAY
@@ -698,7 +703,13 @@ def servegen(args):
     user_days = 0.0
     parsed = {}
 
+    # 55 clients' token distributions are missing from the public copy
+    # (MISSING_dataset_files.txt): such a client borrows another's.
+    have = sorted(pmfs)
+    borrowed = {c: rng.choice(have) for c, _ in clients if c not in pmfs}
+
     def sampler(client, window_start_s):
+        client = borrowed.get(client, client)
         d = pmfs[client]
         keys = sorted(int(k) for k in d)
         k = keys[max(0, bisect.bisect_right(keys, window_start_s % (14 * 86400)) - 1)]
@@ -757,7 +768,8 @@ def servegen(args):
                 "[engine]\ndefault_tier = \"api\"\n\n[engine.tiers.api]\n"
                 "requests_per_minute = 600\ntokens_per_day = 100000000000\n"
                 "max_output_tokens = 8192\ndaily_budget_usd = 1000000.0\n")
-    print(f"traffic.py servegen: {n} records from {len(clients)} clients ({args.clients}), {user_days:.0f} user-days",
+    print(f"traffic.py servegen: {n} records from {len(clients)} clients ({args.clients}; {len(borrowed)} with"
+          f" borrowed token distributions), {user_days:.0f} user-days",
           file=sys.stderr)
 
 
@@ -780,7 +792,8 @@ def main():
         else:
             p.add_argument("--clients", choices=["even", "odd", "all"], default="odd")
             p.add_argument("--days", type=int, default=3)
-            p.add_argument("--max-per-day", type=float, default=20_000)
+            p.add_argument("--max-per-day", type=float, default=20_000,
+                           help="clients with more requests a day than this, on average over the 14 days, are left out")
             p.add_argument("--config", required=True)
     args = ap.parse_args()
     if args.model == "gateway":

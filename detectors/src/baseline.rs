@@ -3,9 +3,13 @@
 //! - [`RateBaseline`]: a count per active minute as a Gamma-Poisson model with
 //!   exponential forgetting. The tier gives a Gamma prior worth a few minutes
 //!   of evidence (the cold start); each active minute updates the posterior,
-//!   older minutes fading with a half-life. The posterior predictive of the
+//!   older minutes, and the prior with them, fading with a half-life, so an
+//!   account's own rate replaces its tier's. The posterior predictive of the
 //!   next minute's count is negative binomial, whose upper tail gives a
 //!   significance threshold that is naturally wider while evidence is thin.
+//! - [`ShareBaseline`]: a learned share of trials that are "hits" (answers
+//!   at the output cap, say) as a Beta-Binomial model with forgetting, whose
+//!   upper tail says how surprising k hits in the last n trials are.
 //! - [`LogBaseline`]: exponentially weighted mean and variance of `ln(1+x)`,
 //!   for heavy-tailed sizes such as completion tokens.
 //! - [`SlidingMinute`]: the two-bucket sliding-window estimate (current minute
@@ -100,20 +104,31 @@ pub struct RatePrior {
 }
 
 impl RateBaseline {
-    /// Adds one active minute's count, fading the past by `decay`.
+    /// Adds one active minute's count, fading the past by `decay`. The
+    /// first observation starts from the prior, which then fades like any
+    /// other evidence: after a few half-lives the rate is the subject's own.
     #[inline]
-    pub fn observe(&mut self, count: f64, decay: f64) {
-        self.sum = (self.sum as f64 * decay + count) as f32;
-        self.weight = (self.weight as f64 * decay + 1.0) as f32;
+    pub fn observe(&mut self, count: f64, decay: f64, prior: RatePrior) {
+        let (sum, weight) = self.posterior(prior);
+        self.sum = (sum * decay + count) as f32;
+        self.weight = (weight * decay + 1.0) as f32;
     }
 
-    /// Posterior shape and rate (Gamma(a, b)).
+    /// Posterior shape and rate (Gamma(a, b)): the prior until the first
+    /// observation.
     #[inline]
     pub fn posterior(&self, prior: RatePrior) -> (f64, f64) {
-        (
-            prior.rate * prior.minutes + self.sum as f64,
-            prior.minutes + self.weight as f64,
-        )
+        if self.weight == 0.0 {
+            (prior.rate * prior.minutes, prior.minutes)
+        } else {
+            (self.sum as f64, self.weight as f64)
+        }
+    }
+
+    /// Decayed minutes of evidence behind the rate (0 before the first).
+    #[inline]
+    pub fn evidence(&self) -> f64 {
+        self.weight as f64
     }
 
     /// Posterior mean rate per active minute.
@@ -132,6 +147,209 @@ impl RateBaseline {
             Ok(nb) => nb.inverse_cdf(1.0 - p_value) as f64 + 1.0,
             Err(_) => f64::INFINITY,
         }
+    }
+}
+
+/// Memoized negative-binomial tail quantiles, shared by every subject of an
+/// engine: the quantile is an incomplete beta function (microseconds), and
+/// thousands of subjects have nearly the same posterior. The posterior is
+/// rounded to a 1% grid on the log scale, its shape up and its rate down
+/// (a slightly higher mean: a slightly higher, never lower, bar), so the
+/// result depends only on the posterior, never on what was cached before.
+#[derive(Clone, Debug, Default)]
+pub struct QuantileCache {
+    map: std::collections::HashMap<(i32, i32, u64), f32, crate::StableBuild>,
+}
+
+/// Most quantiles kept before the cache starts over.
+const QUANTILE_CACHE_MAX: usize = 1 << 16;
+
+impl QuantileCache {
+    /// [`RateBaseline::upper_quantile`] of `base`, on the rounded posterior.
+    pub fn upper(&mut self, base: &RateBaseline, prior: RatePrior, p_value: f64) -> f64 {
+        let (a, b) = base.posterior(prior);
+        let ka = (a.max(1e-6).ln() * 100.0).ceil() as i32;
+        let kb = (b.max(1e-6).ln() * 100.0).floor() as i32;
+        let key = (ka, kb, p_value.to_bits());
+        if let Some(&q) = self.map.get(&key) {
+            return q as f64;
+        }
+        if self.map.len() >= QUANTILE_CACHE_MAX {
+            self.map.clear();
+        }
+        let rounded = RateBaseline {
+            sum: (ka as f64 / 100.0).exp() as f32,
+            weight: (kb as f64 / 100.0).exp() as f32,
+        };
+        // `rounded` has weight > 0, so its posterior is itself.
+        let q = rounded.upper_quantile(prior, p_value);
+        self.map.insert(key, q as f32);
+        q
+    }
+}
+
+/// A learned share of hits among trials, with forgetting: Beta-Binomial.
+///
+/// The prior is a share worth a number of trials; unlike a rate's prior it
+/// does not fade, so however long an account has never hit the cap, a few
+/// hits in a row stay merely unlikely rather than impossible (real use
+/// changes; a share of exactly zero would page on the first change).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShareBaseline {
+    /// Decayed hits.
+    pub hits: f32,
+    /// Decayed trials.
+    pub trials: f32,
+}
+
+/// The prior of a [`ShareBaseline`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SharePrior {
+    /// Prior share of hits.
+    pub share: f64,
+    /// Prior weight, in trials.
+    pub trials: f64,
+}
+
+impl ShareBaseline {
+    /// Adds one trial, fading the past by `decay`.
+    #[inline]
+    pub fn observe(&mut self, hit: bool, decay: f64) {
+        self.hits = (self.hits as f64 * decay + hit as u8 as f64) as f32;
+        self.trials = (self.trials as f64 * decay + 1.0) as f32;
+    }
+
+    /// Posterior Beta(α, β).
+    #[inline]
+    pub fn posterior(&self, prior: SharePrior) -> (f64, f64) {
+        let hits = self.hits as f64;
+        let misses = (self.trials as f64 - hits).max(0.0);
+        (
+            prior.share * prior.trials + hits,
+            (1.0 - prior.share) * prior.trials + misses,
+        )
+    }
+
+    /// Posterior mean share.
+    #[inline]
+    pub fn mean(&self, prior: SharePrior) -> f64 {
+        let (a, b) = self.posterior(prior);
+        a / (a + b)
+    }
+
+    /// `P(K >= k)` for `K` hits in `n` new trials under the posterior
+    /// predictive (Beta-Binomial). Costs O(n - k) after one log-gamma
+    /// evaluation: call it only when `k` is already notable.
+    pub fn upper_tail(&self, prior: SharePrior, k: u32, n: u32) -> f64 {
+        if k == 0 {
+            return 1.0;
+        }
+        if k > n {
+            return 0.0;
+        }
+        let (a, b) = self.posterior(prior);
+        let (kf, nf) = (k as f64, n as f64);
+        // log P(K = k) = ln C(n,k) + ln B(k+a, n-k+b) - ln B(a, b)
+        let ln_beta = |x: f64, y: f64| ln_gamma(x) + ln_gamma(y) - ln_gamma(x + y);
+        let ln_choose = ln_gamma(nf + 1.0) - ln_gamma(kf + 1.0) - ln_gamma(nf - kf + 1.0);
+        let mut term = (ln_choose + ln_beta(kf + a, nf - kf + b) - ln_beta(a, b)).exp();
+        let mut sum = term;
+        for j in k..n {
+            let j = j as f64;
+            // P(K = j+1) / P(K = j)
+            term *= (nf - j) / (j + 1.0) * (j + a) / (nf - j - 1.0 + b);
+            sum += term;
+        }
+        sum.min(1.0)
+    }
+}
+
+fn ln_gamma(x: f64) -> f64 {
+    statrs::function::gamma::ln_gamma(x)
+}
+
+/// A sum over a sliding window of any length: the current window plus
+/// the share of the previous one that still overlaps (the two-bucket
+/// estimate [`SlidingMinute`] makes for minutes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlidingSum {
+    /// Start of the current bucket, Unix seconds.
+    pub since: u32,
+    /// Sum in the current bucket.
+    pub cur: u32,
+    /// Sum in the bucket before it.
+    pub prev: u32,
+}
+
+impl SlidingSum {
+    /// Adds `amount` at `now_s` (windows of `len_s` seconds).
+    #[inline]
+    pub fn add(&mut self, now_s: u32, len_s: u32, amount: u32) {
+        self.roll(now_s, len_s);
+        self.cur = self.cur.saturating_add(amount);
+    }
+
+    /// The estimate of the sum in the `len_s` seconds before `now_s`.
+    #[inline]
+    pub fn estimate(&self, now_s: u32, len_s: u32) -> f64 {
+        let mut w = *self;
+        w.roll(now_s, len_s);
+        let into = (now_s.saturating_sub(w.since) as f64 / len_s.max(1) as f64).min(1.0);
+        w.cur as f64 + w.prev as f64 * (1.0 - into)
+    }
+
+    fn roll(&mut self, now_s: u32, len_s: u32) {
+        let len_s = len_s.max(1);
+        if now_s < self.since.saturating_add(len_s) {
+            return;
+        }
+        let steps = (now_s - self.since) / len_s;
+        self.prev = if steps == 1 { self.cur } else { 0 };
+        self.cur = 0;
+        self.since += steps * len_s;
+    }
+}
+
+/// One alert per incident, with escalation: a finding while the incident
+/// is open alerts again only when it is more severe than any so far (an
+/// info-level batch job that turns out to come from a stolen key is news).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Escalation {
+    /// The incident's end (the detector's unit; 0: none).
+    pub until: Incident,
+    /// The highest level alerted in it.
+    pub level: u8,
+}
+
+/// Why a finding alerts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Raise {
+    /// It opens an incident.
+    New,
+    /// It is more severe than anything the open incident alerted.
+    Higher,
+}
+
+impl Escalation {
+    /// Records a finding of `level` at `now` that keeps the incident open
+    /// `lasts` more units; says whether and why it alerts.
+    #[inline]
+    pub fn alerts(&mut self, now: u32, lasts: u32, level: u8) -> Option<Raise> {
+        if self.until.begins(now, lasts) {
+            self.level = level;
+            return Some(Raise::New);
+        }
+        if level > self.level {
+            self.level = level;
+            return Some(Raise::Higher);
+        }
+        None
+    }
+
+    /// Whether the incident is open at `now`.
+    #[inline]
+    pub fn is_open(&self, now: u32) -> bool {
+        self.until.is_open(now)
     }
 }
 
@@ -246,12 +464,11 @@ mod tests {
         assert!((b.mean(PRIOR) - 2.0).abs() < 1e-9);
         let d = decay_for_half_life(60.0);
         for _ in 0..500 {
-            b.observe(20.0, d);
+            b.observe(20.0, d, PRIOR);
         }
-        // With a 60-minute half-life the evidence saturates near 87 minutes,
-        // so the prior's 10 minutes still pull the mean a little.
+        // The prior fades with the evidence: the rate is the subject's own.
         let m = b.mean(PRIOR);
-        assert!((17.5..20.0).contains(&m), "{m}");
+        assert!((19.9..=20.0).contains(&m), "{m}");
     }
 
     #[test]
@@ -259,7 +476,7 @@ mod tests {
         let thin = RateBaseline::default();
         let mut thick = RateBaseline::default();
         for _ in 0..1000 {
-            thick.observe(2.0, 1.0);
+            thick.observe(2.0, 1.0, PRIOR);
         }
         let q_thin = thin.upper_quantile(PRIOR, 1e-6);
         let q_thick = thick.upper_quantile(PRIOR, 1e-6);
@@ -283,13 +500,91 @@ mod tests {
         );
     }
 
+    #[test]
+    fn cached_quantiles_are_never_below_the_exact_ones_and_close() {
+        let mut cache = QuantileCache::default();
+        let d = decay_for_half_life(60.0);
+        for rate in [0.3, 2.0, 7.5, 40.0, 300.0] {
+            let mut b = RateBaseline::default();
+            for i in 0..200 {
+                b.observe(rate * (1.0 + (i % 5) as f64 / 10.0), d, PRIOR);
+                let exact = b.upper_quantile(PRIOR, 1e-6);
+                let cached = cache.upper(&b, PRIOR, 1e-6);
+                assert!(
+                    cached >= exact && cached <= exact * 1.05 + 1.0,
+                    "{rate}: {cached} vs {exact}"
+                );
+                assert_eq!(
+                    cache.upper(&b, PRIOR, 1e-6),
+                    cached,
+                    "the same posterior, the same bar"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn share_tail_matches_a_direct_sum_and_learns() {
+        let prior = SharePrior {
+            share: 0.05,
+            trials: 20.0,
+        };
+        let fresh = ShareBaseline::default();
+        // Beta(1, 19): P(3 of 3) = (1*2*3)/(20*21*22).
+        let p = fresh.upper_tail(prior, 3, 3);
+        assert!((p - 6.0 / 9240.0).abs() < 1e-9, "{p}");
+        assert_eq!(fresh.upper_tail(prior, 0, 5), 1.0);
+        assert_eq!(fresh.upper_tail(prior, 6, 5), 0.0);
+        // Tail over all k from 0 sums to 1.
+        let all: f64 = (0..=10)
+            .map(|k| fresh.upper_tail(prior, k, 10) - fresh.upper_tail(prior, k + 1, 10))
+            .sum();
+        assert!((all - 1.0).abs() < 1e-9, "{all}");
+        // An account whose answers hit the cap a third of the time finds
+        // three in a row ordinary; one that never does finds them rare.
+        let d = decay_for_half_life(200.0);
+        let (mut hitter, mut never) = (ShareBaseline::default(), ShareBaseline::default());
+        for i in 0..1000 {
+            hitter.observe(i % 3 == 0, d);
+            never.observe(false, d);
+        }
+        assert!(hitter.upper_tail(prior, 3, 3) > 0.01);
+        assert!(never.upper_tail(prior, 3, 3) < 1e-5);
+        assert!((hitter.mean(prior) - 0.33).abs() < 0.03);
+    }
+
+    #[test]
+    fn sliding_sum_weights_the_previous_window() {
+        // Buckets are aligned to multiples of the window: 1,000,200 starts one.
+        let mut c = SlidingSum::default();
+        for t in 0..10 {
+            c.add(1_000_200 + t * 59, 600, 1);
+        }
+        assert_eq!(c.since, 1_000_200);
+        assert!((c.estimate(1_000_200 + 599, 600) - 10.0).abs() < 1e-9);
+        // Halfway into the next window half of the last one still counts.
+        let half = c.since + 600 + 300;
+        assert!((c.estimate(half, 600) - 5.0).abs() < 1e-9);
+        assert_eq!(c.estimate(c.since + 5000, 600), 0.0);
+    }
+
+    #[test]
+    fn escalation_alerts_on_a_new_incident_or_a_higher_level() {
+        let mut e = Escalation::default();
+        assert_eq!(e.alerts(100, 15, 0), Some(Raise::New));
+        assert_eq!(e.alerts(101, 15, 0), None, "same incident, same level");
+        assert_eq!(e.alerts(102, 15, 2), Some(Raise::Higher));
+        assert_eq!(e.alerts(103, 15, 1), None, "lower than reached");
+        assert_eq!(e.alerts(200, 15, 0), Some(Raise::New), "after the cooldown");
+    }
+
     proptest! {
         #[test]
         fn rate_mean_stays_within_observed_and_prior(counts in proptest::collection::vec(0u32..500, 1..200), hl in 1.0f64..500.0) {
             let mut b = RateBaseline::default();
             let d = decay_for_half_life(hl);
             for &c in &counts {
-                b.observe(c as f64, d);
+                b.observe(c as f64, d, PRIOR);
             }
             let lo = counts.iter().copied().min().unwrap().min(2) as f64;
             let hi = counts.iter().copied().max().unwrap().max(2) as f64;

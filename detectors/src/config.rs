@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub leaked_key: LeakedKeyConfig,
     /// Spend at a pace that empties the daily budget within the hour.
     pub runaway_spend: RunawaySpendConfig,
+    /// What counts as an account's usual networks and clients.
+    pub context: ContextConfig,
     /// How long state lives.
     pub state: StateConfig,
 }
@@ -117,13 +119,17 @@ pub struct RequestSpikeConfig {
     pub burst_factor: f64,
     /// A minute must also be this improbable under the learned rate (negative-binomial upper tail).
     pub p_value: f64,
-    /// Cold-start prior: rate of a new subject as a fraction of its tier's requests per minute.
+    /// Cold-start prior: rate of a new subject as a fraction of its tier's requests per minute…
     pub prior_fraction: f64,
+    /// …or this many requests per active minute, whichever is more. Low by default: a new
+    /// account's first burst is judged by its context (an info alert when nothing is known of it).
+    pub prior_requests: f64,
     /// Weight of the prior, in active minutes of evidence.
     pub prior_minutes: f64,
     /// Half-life of the learned rate, in active minutes.
     pub half_life_minutes: f64,
-    /// Smallest spike, as a fraction of the tier's requests per minute.
+    /// Smallest spike, as a fraction of the tier's requests per minute (0 by default: a big
+    /// plan's quiet account is judged against its own rate, not its plan's).
     pub min_fraction_of_tier: f64,
     /// Smallest spike in requests per minute, whatever the tier.
     pub min_requests: u32,
@@ -137,13 +143,27 @@ pub struct RequestSpikeConfig {
 pub struct TokenSpikeConfig {
     /// Turns the detector on.
     pub enabled: bool,
-    /// A completion is huge when it is at least this fraction of the tier's max output tokens…
+    /// An answer of at least this fraction of the tier's max output tokens is "at the cap".
     pub huge_fraction_of_max: f64,
-    /// …and this many standard deviations above the user's learned (log) completion size.
-    pub huge_z: f64,
-    /// This many huge completions (1 to 4) within `window_minutes` raise the alert.
-    pub huge_count: u32,
-    /// Window for counting huge completions, in minutes.
+    /// Prior share of answers at the cap for a new account (its own share is learned).
+    pub cap_share_prior: f64,
+    /// Weight of that prior, in answers.
+    pub cap_share_prior_answers: f64,
+    /// Half-life of the learned share of capped answers, in answers.
+    pub cap_share_half_life: f64,
+    /// A jump in that share: capped answers in the window this improbable under the learned share (Beta-Binomial tail)…
+    pub cap_share_p_value: f64,
+    /// …and at least this many of them (1 to 6).
+    pub cap_share_min_hits: u32,
+    /// A big prompt is more than this many standard deviations above the account's learned (log) prompt size…
+    pub prompt_z: f64,
+    /// …at least this many times its learned median…
+    pub prompt_factor: f64,
+    /// …and at least this many tokens.
+    pub prompt_min_tokens: u64,
+    /// This many big prompts answered at the cap (or still generating after `in_flight_secs`) within the window are token exhaustion (1 to 6).
+    pub exhaustion_count: u32,
+    /// Window for counting capped answers, in minutes.
     pub window_minutes: u32,
     /// Tokens in a sliding minute must be this many standard deviations above the
     /// user's learned (log) tokens per active minute…
@@ -152,14 +172,38 @@ pub struct TokenSpikeConfig {
     pub min_max_outputs_per_minute: f64,
     /// …and at least this fraction of the tier's daily token allowance.
     pub min_day_fraction: f64,
-    /// Half-life of the learned token rate and size, in active minutes / requests.
+    /// Half-life of the learned token rate and sizes, in active minutes / requests.
     pub half_life: f64,
-    /// With split request/response logs: a request unanswered this many seconds is a long generation…
+    /// With split request/response logs: a big-prompt request unanswered this many seconds counts as answered at the cap (0 turns it off).
     pub in_flight_secs: u32,
-    /// …and this many at once raise the alert before any response arrives (0 turns it off).
-    pub in_flight_count: u32,
     /// After an alert, the user stays in the same incident until this many quiet minutes pass.
     pub cooldown_minutes: u32,
+    /// No longer used (answers at the cap are judged against the learned share); accepted so older files load.
+    #[serde(skip_serializing)]
+    pub huge_z: Option<f64>,
+    /// No longer used (see `exhaustion_count` and `cap_share_min_hits`); accepted so older files load.
+    #[serde(skip_serializing)]
+    pub huge_count: Option<u32>,
+    /// No longer used (requests in flight count only with a big prompt); accepted so older files load.
+    #[serde(skip_serializing)]
+    pub in_flight_count: Option<u32>,
+}
+
+/// How a record's context is judged (see `detect::context`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// A network or user agent is the account's usual one once first seen this many minutes ago;
+    /// an account first seen more recently has no usual context yet.
+    pub familiar_after_minutes: u32,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            familiar_after_minutes: 30,
+        }
+    }
 }
 
 /// Repeated-prompt detector settings (see `detect::repeated_prompt`).
@@ -176,6 +220,22 @@ pub struct RepeatedPromptConfig {
     pub action: String,
     /// This many distinct users each repeating the same fingerprint in the window is coordinated farming (0 turns it off).
     pub farming_min_users: u32,
+    /// An early warning (notify) when one user sends the same fingerprint this many times within
+    /// `early_window_minutes` (0 turns it off; below `max_repeats`): a warning from a user known to
+    /// rarely repeat a prompt at a script's steady pace, else an info alert (none from a user that
+    /// often repeats)…
+    pub early_count: u32,
+    /// …the early warning's window, in minutes…
+    pub early_window_minutes: u32,
+    /// …spanning at least this many seconds (a quick run of regenerations is not a script)…
+    pub early_min_span_secs: u32,
+    /// …"rarely": a learned share of repeated prompts below this, over 100 or more prompts
+    /// ("often": ten times this).
+    pub early_max_repeat_share: f64,
+    /// A record answered with at most this many tokens (a health check, an embedding), or refused
+    /// (status 400 and above: its retry repeats the prompt), is not a sighting. Request records of
+    /// split logs always are (their answer is not known yet).
+    pub probe_max_tokens: u64,
 }
 
 /// Leaked-key detector settings (see `detect::leaked_key`).
@@ -208,6 +268,9 @@ pub struct RunawaySpendConfig {
     pub half_life_minutes: f64,
     /// After an alert, the user stays in the same incident until this many quiet minutes pass.
     pub cooldown_minutes: u32,
+    /// A runaway pages (warning) only once the pace has held over this many minutes; a single
+    /// fast minute from the account's usual networks and client is an info alert.
+    pub sustain_minutes: u32,
 }
 
 impl Default for RunawaySpendConfig {
@@ -218,6 +281,7 @@ impl Default for RunawaySpendConfig {
             burst_factor: 4.0,
             half_life_minutes: 60.0,
             cooldown_minutes: 30,
+            sustain_minutes: 10,
         }
     }
 }
@@ -245,6 +309,7 @@ impl Default for EngineConfig {
             repeated_prompt: RepeatedPromptConfig::default(),
             leaked_key: LeakedKeyConfig::default(),
             runaway_spend: RunawaySpendConfig::default(),
+            context: ContextConfig::default(),
             state: StateConfig::default(),
         }
     }
@@ -265,11 +330,12 @@ impl Default for RequestSpikeConfig {
             enabled: true,
             burst_factor: 4.0,
             p_value: 1e-6,
-            prior_fraction: 0.25,
+            prior_fraction: 0.0,
+            prior_requests: 2.0,
             prior_minutes: 10.0,
             half_life_minutes: 60.0,
-            min_fraction_of_tier: 0.75,
-            min_requests: 8,
+            min_fraction_of_tier: 0.0,
+            min_requests: 10,
             cooldown_minutes: 15,
         }
     }
@@ -280,16 +346,25 @@ impl Default for TokenSpikeConfig {
         TokenSpikeConfig {
             enabled: true,
             huge_fraction_of_max: 0.75,
-            huge_z: 3.0,
-            huge_count: 2,
+            cap_share_prior: 0.02,
+            cap_share_prior_answers: 50.0,
+            cap_share_half_life: 200.0,
+            cap_share_p_value: 1e-5,
+            cap_share_min_hits: 3,
+            prompt_z: 2.5,
+            prompt_factor: 4.0,
+            prompt_min_tokens: 1000,
+            exhaustion_count: 2,
             window_minutes: 10,
             burst_z: 4.0,
             min_max_outputs_per_minute: 6.0,
             min_day_fraction: 0.25,
             half_life: 60.0,
             in_flight_secs: 45,
-            in_flight_count: 3,
             cooldown_minutes: 15,
+            huge_z: None,
+            huge_count: None,
+            in_flight_count: None,
         }
     }
 }
@@ -302,6 +377,11 @@ impl Default for RepeatedPromptConfig {
             window_minutes: 60,
             action: "block".into(),
             farming_min_users: 10,
+            early_count: 3,
+            early_window_minutes: 10,
+            early_min_span_secs: 90,
+            early_max_repeat_share: 0.01,
+            probe_max_tokens: 16,
         }
     }
 }
@@ -457,9 +537,18 @@ impl EngineConfig {
         if !(rs.p_value > 0.0 && rs.p_value < 0.5) {
             return Err(bad("request_spike.p_value", "must be between 0 and 0.5"));
         }
-        positive("request_spike.prior_fraction", rs.prior_fraction)?;
+        if !(0.0..=1.0).contains(&rs.prior_fraction) {
+            return Err(bad("request_spike.prior_fraction", "must be from 0 to 1"));
+        }
+        positive("request_spike.prior_requests", rs.prior_requests)?;
         positive("request_spike.prior_minutes", rs.prior_minutes)?;
         positive("request_spike.half_life_minutes", rs.half_life_minutes)?;
+        if !(0.0..=1.0).contains(&rs.min_fraction_of_tier) {
+            return Err(bad(
+                "request_spike.min_fraction_of_tier",
+                "must be from 0 to 1",
+            ));
+        }
         let ts = &self.token_spike;
         positive("token_spike.huge_fraction_of_max", ts.huge_fraction_of_max)?;
         positive("token_spike.burst_z", ts.burst_z)?;
@@ -471,9 +560,32 @@ impl EngineConfig {
         if !(0.0..=1.0).contains(&ts.min_day_fraction) {
             return Err(bad("token_spike.min_day_fraction", "must be from 0 to 1"));
         }
-        if ts.huge_count == 0 || ts.huge_count > crate::detect::token_spike::MAX_HUGE_COUNT {
-            return Err(bad("token_spike.huge_count", "must be from 1 to 4"));
+        let max_recent = crate::detect::token_spike::MAX_RECENT;
+        if ts.exhaustion_count == 0 || ts.exhaustion_count > max_recent {
+            return Err(bad("token_spike.exhaustion_count", "must be from 1 to 6"));
         }
+        if ts.cap_share_min_hits == 0 || ts.cap_share_min_hits > max_recent {
+            return Err(bad("token_spike.cap_share_min_hits", "must be from 1 to 6"));
+        }
+        if !(ts.cap_share_prior > 0.0 && ts.cap_share_prior < 1.0) {
+            return Err(bad(
+                "token_spike.cap_share_prior",
+                "must be between 0 and 1",
+            ));
+        }
+        positive(
+            "token_spike.cap_share_prior_answers",
+            ts.cap_share_prior_answers,
+        )?;
+        positive("token_spike.cap_share_half_life", ts.cap_share_half_life)?;
+        if !(ts.cap_share_p_value > 0.0 && ts.cap_share_p_value < 0.5) {
+            return Err(bad(
+                "token_spike.cap_share_p_value",
+                "must be between 0 and 0.5",
+            ));
+        }
+        positive("token_spike.prompt_z", ts.prompt_z)?;
+        positive("token_spike.prompt_factor", ts.prompt_factor)?;
         if ts.window_minutes == 0 {
             return Err(bad("token_spike.window_minutes", "must be at least 1"));
         }
@@ -483,6 +595,24 @@ impl EngineConfig {
         }
         if rp.window_minutes == 0 {
             return Err(bad("repeated_prompt.window_minutes", "must be at least 1"));
+        }
+        if rp.early_count >= rp.max_repeats {
+            return Err(bad(
+                "repeated_prompt.early_count",
+                "must be below max_repeats",
+            ));
+        }
+        if rp.early_count > 0 && rp.early_window_minutes == 0 {
+            return Err(bad(
+                "repeated_prompt.early_window_minutes",
+                "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&rp.early_max_repeat_share) {
+            return Err(bad(
+                "repeated_prompt.early_max_repeat_share",
+                "must be from 0 to 1",
+            ));
         }
         crate::alert::Action::parse(&rp.action).ok_or_else(|| {
             bad(

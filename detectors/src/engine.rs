@@ -11,18 +11,25 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{round_usd, Action, Alert, AlertKind, BudgetInfo, Severity};
-use crate::baseline::{decay_for_half_life, minute_of, RatePrior, Tick};
+use crate::baseline::{
+    decay_for_half_life, minute_of, QuantileCache, Raise, RatePrior, ShareBaseline, SharePrior,
+    Tick,
+};
 use crate::config::{ConfigError, EngineConfig, TierConfig};
 use crate::dedup::Dedup;
 use crate::detect::budget::{
     percent_bar, BudgetEvent, BudgetLimits, Crossing, Ledger, PeriodClock, Posted,
     TokenQuotaCrossing,
 };
+use crate::detect::context::{Context, Familiar, Origin};
 use crate::detect::leaked_key::{LeakParams, LeakState};
-use crate::detect::repeated_prompt::{PromptFinding, PromptParams, PromptTracker};
+use crate::detect::pending::{Pending, Waiting};
+use crate::detect::repeated_prompt::{
+    Early, PromptFinding, PromptParams, PromptTracker, UserPrompts,
+};
 use crate::detect::request_spike::{RateParams, RateState, Spike};
 use crate::detect::runaway_spend::{PaceParams, SpendPace};
-use crate::detect::token_spike::{TokenCause, TokenParams, TokenState, MAX_HUGE_COUNT};
+use crate::detect::token_spike::{TokenCause, TokenParams, TokenState};
 use crate::event::{Event, Phase};
 use crate::hash::{combine, stable_hash};
 use crate::price::PriceTable;
@@ -62,6 +69,18 @@ pub struct UserState {
     pub ledger: Ledger,
     /// Spend pace.
     pub pace: SpendPace,
+    /// Usual networks and clients.
+    #[serde(default)]
+    pub familiar: Familiar,
+    /// Share of the user's prompts that repeat one seen in the window.
+    #[serde(default)]
+    pub repeats: ShareBaseline,
+    /// Prompts seen in the window (none held for a user without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Box<UserPrompts>>,
+    /// Requests waiting for their response record (split logs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Box<Pending>>,
 }
 
 /// Per-key state.
@@ -86,7 +105,7 @@ pub struct EngineState {
     pub users: HashMap<Box<str>, Box<UserState>, StableBuild>,
     /// Keys by id, boxed likewise.
     pub keys: HashMap<Box<str>, Box<KeyState>, StableBuild>,
-    /// Prompt sightings and farming crowds.
+    /// Farming crowds (each user's prompt sightings live with the user).
     pub prompts: PromptTracker,
     /// Recently counted records.
     dedup: Dedup,
@@ -159,11 +178,16 @@ struct Resolved {
     percents: Vec<u8>,
     utc_offset_min: i32,
     prompts: PromptParams,
+    /// Prior of a user's share of prompts that repeat one in the window.
+    repeat_prior: SharePrior,
+    /// Per-sighting decay of that share.
+    repeat_decay: f64,
     leak: LeakParams,
     repeat_action: Action,
     cfg: EngineConfig,
     idle_ttl_min: u32,
     dedup_horizon_ms: i64,
+    pace_decay: f64,
 }
 
 /// The engine for one partition (or one replay).
@@ -175,6 +199,7 @@ pub struct Engine {
     stats: EngineStats,
     findings: Vec<PromptFinding>,
     periods: PeriodClock,
+    quantiles: QuantileCache,
 }
 
 fn micros(usd: f64) -> u64 {
@@ -194,7 +219,7 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
             Tier {
                 rate: RateParams {
                     prior: RatePrior {
-                        rate: rs.prior_fraction * rpm,
+                        rate: (rs.prior_fraction * rpm).max(rs.prior_requests),
                         minutes: rs.prior_minutes,
                     },
                     decay: decay_for_half_life(rs.half_life_minutes),
@@ -204,12 +229,23 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
                     cooldown_minutes: rs.cooldown_minutes,
                 },
                 tokens: TokenParams {
-                    huge_floor: ts.huge_fraction_of_max * max_out,
-                    huge_cap: 0.9 * max_out,
-                    huge_z: ts.huge_z,
-                    huge_count: ts.huge_count.min(MAX_HUGE_COUNT),
+                    cap: ts.huge_fraction_of_max * max_out,
+                    share_prior: SharePrior {
+                        share: ts.cap_share_prior,
+                        trials: ts.cap_share_prior_answers,
+                    },
+                    share_decay: decay_for_half_life(ts.cap_share_half_life),
+                    share_p_value: ts.cap_share_p_value,
+                    share_min_hits: ts.cap_share_min_hits,
+                    prompt_z: ts.prompt_z,
+                    prompt_factor: ts.prompt_factor,
+                    prompt_min: ts.prompt_min_tokens as f64,
+                    // Wide, and the same on every plan: a new account's
+                    // prompts say nothing yet.
+                    prompt_prior: (1000.0, 1.2),
+                    exhaustion_count: ts.exhaustion_count,
+                    probe_max: cfg.repeated_prompt.probe_max_tokens,
                     window_secs: ts.window_minutes * 60,
-                    // A day's allowance spread over eight active hours.
                     // A hundredth of the day's allowance per active minute, spread wide.
                     minute_prior: (t.tokens_per_day as f64 / 100.0, 1.0),
                     burst_z: ts.burst_z,
@@ -219,7 +255,6 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
                     size_prior: (max_out / 10.0, 1.0),
                     cooldown_minutes: ts.cooldown_minutes,
                     in_flight_secs: ts.in_flight_secs,
-                    in_flight_count: ts.in_flight_count,
                 },
                 daily_micros: micros(t.daily_budget_usd),
                 monthly_micros: t.monthly_budget_usd.map(micros),
@@ -254,7 +289,15 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
             max_repeats: cfg.repeated_prompt.max_repeats,
             window_secs: cfg.repeated_prompt.window_minutes * 60,
             farming_min_users: cfg.repeated_prompt.farming_min_users,
+            early_count: cfg.repeated_prompt.early_count,
+            early_secs: cfg.repeated_prompt.early_window_minutes * 60,
+            early_min_span_secs: cfg.repeated_prompt.early_min_span_secs,
         },
+        repeat_prior: SharePrior {
+            share: 0.02,
+            trials: 50.0,
+        },
+        repeat_decay: decay_for_half_life(200.0),
         leak: LeakParams {
             window_minutes: cfg.leaked_key.window_minutes,
             min_ips: cfg.leaked_key.min_ips,
@@ -264,6 +307,7 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
         repeat_action: Action::parse(&cfg.repeated_prompt.action).expect("validated"),
         idle_ttl_min: cfg.state.idle_ttl_hours * 60,
         dedup_horizon_ms: cfg.state.dedup_horizon_minutes as i64 * MINUTE_MS,
+        pace_decay: decay_for_half_life(cfg.runaway_spend.half_life_minutes),
         tiers,
         cfg: cfg.clone(),
     })
@@ -319,6 +363,7 @@ impl Engine {
             state,
             stats: EngineStats::default(),
             findings: Vec::new(),
+            quantiles: QuantileCache::default(),
         })
     }
 
@@ -339,12 +384,18 @@ impl Engine {
 
     /// How much state is held.
     pub fn tracked(&self) -> Tracked {
-        let (prompt_sightings, farming_crowds) = self.state.prompts.len();
+        let prompt_sightings = self
+            .state
+            .users
+            .values()
+            .filter_map(|u| u.prompts.as_ref())
+            .map(|t| t.len())
+            .sum();
         Tracked {
             users: self.state.users.len(),
             keys: self.state.keys.len(),
             prompt_sightings,
-            farming_crowds,
+            farming_crowds: self.state.prompts.crowds(),
             dedup_entries: self.state.dedup.len(),
         }
     }
@@ -402,9 +453,7 @@ impl Engine {
         };
         if now_min >= self.state.last_sweep + SWEEP_EVERY_MINUTES {
             self.state.last_sweep = now_min;
-            self.state
-                .prompts
-                .expire(t.secs.max((now / 1000) as u32), &self.r.prompts);
+            self.expire_prompts(t.secs.max((now / 1000) as u32));
             // Idle users and keys live for days: an eighth of their lifetime is precise enough.
             if now_min
                 >= self.state.last_idle_sweep + (self.r.idle_ttl_min / 8).max(SWEEP_EVERY_MINUTES)
@@ -442,7 +491,15 @@ impl Engine {
         let tier = &self.r.tiers[tier_idx];
         let cfg = &self.r.cfg;
 
-        // Key first: a key's spike names the key and throttles it.
+        let user = match self.state.users.get_mut(&*ev.user_id) {
+            Some(u) => u,
+            None => self
+                .state
+                .users
+                .entry(ev.user_id.as_ref().into())
+                .or_default(),
+        };
+        user.last_minute = now_min;
         let key = match self.state.keys.get_mut(&*ev.key_id) {
             Some(k) => k,
             None => self
@@ -452,11 +509,91 @@ impl Engine {
                 .or_default(),
         };
         key.last_minute = now_min;
-        let mut key_spiked = false;
+        // Whose doing it is: judged before this record teaches the account.
+        let origin = Origin::of(ev.ip, ev.asn, ev.user_agent.as_deref());
+        let ctx = user
+            .familiar
+            .judge(t.minute, origin, cfg.context.familiar_after_minutes);
+        if counts_request {
+            user.familiar.observe(t.minute, origin);
+        }
+        let fp_hash = ev
+            .prompt_fingerprint
+            .as_deref()
+            .map(|fp| stable_hash(2, fp.as_bytes()));
+        // Split logs: a request waits for its response, which says how it went.
+        let answered = match ev.phase {
+            Phase::Exchange => None,
+            Phase::Response => Pending::close(&mut user.pending, request as u32),
+            Phase::Request => {
+                let big = user.tokens.is_big(ev.prompt_tokens, &tier.tokens);
+                let waiting = Waiting {
+                    request: request as u32,
+                    start: t.secs,
+                    fingerprint: fp_hash.unwrap_or(0),
+                    prompt: ev.prompt_tokens.min(u32::MAX as u64) as u32,
+                    big,
+                };
+                Pending::open(&mut user.pending, waiting);
+                None
+            }
+        };
+        let daily_micros = daily_override.unwrap_or(tier.daily_micros);
+        // From a stranger's network and client, a pace that would empty the
+        // budget in twice the runaway window is already a runaway.
+        let pace_minutes = match ctx {
+            Context::Novel { .. } => 2.0 * cfg.runaway_spend.pace_minutes,
+            _ => cfg.runaway_spend.pace_minutes,
+        };
+        let pace = PaceParams {
+            pace_micros: daily_micros as f64 / pace_minutes,
+            prior: RatePrior {
+                rate: daily_micros as f64 / 480.0,
+                minutes: 10.0,
+            },
+            decay: self.r.pace_decay,
+            burst_factor: cfg.runaway_spend.burst_factor,
+            cooldown_minutes: cfg.runaway_spend.cooldown_minutes,
+            sustain_minutes: cfg.runaway_spend.sustain_minutes,
+        };
+
         if counts_request && cfg.request_spike.enabled {
-            if let Some(sp) = key.rate.on_request(t, &tier.rate) {
-                key_spiked = true;
-                out.push(request_spike_alert(ev, sp, true));
+            // Key first: a key's spike names the key and throttles it.
+            let key_spike = key.rate.on_request(t, &tier.rate, &mut self.quantiles);
+            let user_spike = user.rate.on_request(t, &tier.rate, &mut self.quantiles);
+            let spike = key_spike
+                .map(|sp| (sp, true))
+                .or(user_spike.map(|sp| (sp, false)));
+            if let Some((sp, on_key)) = spike {
+                // Budget at risk: the last minutes' spend keeps a pace that
+                // would use a whole day's budget within the runaway window.
+                let at_risk = || {
+                    user.pace.sustained_micros(t, &pace) * cfg.runaway_spend.pace_minutes
+                        >= daily_micros as f64
+                };
+                let (severity, action) = match (ctx, on_key) {
+                    (Context::Novel { .. }, true) => (Severity::Critical, Action::Throttle),
+                    (Context::Novel { .. }, false) => (Severity::Warning, Action::Notify),
+                    (Context::Familiar | Context::Changed, _) if at_risk() => {
+                        (Severity::Warning, Action::Notify)
+                    }
+                    _ => (Severity::Info, Action::Notify),
+                };
+                let state = if on_key {
+                    &mut key.rate
+                } else {
+                    &mut user.rate
+                };
+                if let Some(raise) = state.escalates(t.minute, level(severity), &tier.rate) {
+                    out.push(request_spike_alert(
+                        ev,
+                        sp,
+                        on_key,
+                        (severity, action),
+                        ctx,
+                        raise,
+                    ));
+                }
             }
         }
         if counts_request && cfg.leaked_key.enabled {
@@ -484,79 +621,60 @@ impl Engine {
             }
         }
 
-        let user = match self.state.users.get_mut(&*ev.user_id) {
-            Some(u) => u,
-            None => self
-                .state
-                .users
-                .entry(ev.user_id.as_ref().into())
-                .or_default(),
-        };
-        user.last_minute = now_min;
-        if counts_request && cfg.request_spike.enabled {
-            if let Some(sp) = user.rate.on_request(t, &tier.rate) {
-                if !key_spiked {
-                    out.push(request_spike_alert(ev, sp, false));
-                }
-            }
-        }
         if cfg.token_spike.enabled && (tokens > 0 || ev.phase != Phase::Exchange) {
+            let p = &tier.tokens;
+            let in_flight = match ev.phase {
+                Phase::Request => user.tokens.in_flight(t, &user.pending, ev.prompt_tokens, p),
+                _ => None,
+            };
+            let big_request = answered.is_some_and(|w| w.big);
+            let prompt = match (ev.phase, answered) {
+                (Phase::Response, Some(w)) => Some(w.prompt as u64),
+                (Phase::Response, None) => (ev.prompt_tokens > 0).then_some(ev.prompt_tokens),
+                _ => Some(ev.prompt_tokens),
+            };
             let completion = counts_response.then_some(ev.completion_tokens);
-            let in_flight = user.tokens.on_phase(t, ev.phase, request, &tier.tokens);
             let spike = match tokens {
                 0 => None,
-                _ => user.tokens.on_tokens(t, tokens, completion, &tier.tokens),
+                _ => user.tokens.on_tokens(
+                    t,
+                    tokens,
+                    prompt,
+                    completion,
+                    big_request,
+                    &user.pending,
+                    ctx.is_novel(),
+                    p,
+                ),
             };
-            if let Some(ts) = in_flight.or(spike) {
-                let id = Alert::make_id(
-                    AlertKind::TokenSpike,
-                    &format!("user:{}", ev.user_id),
-                    &format!("m{}", ts.onset_minute),
-                );
-                let (observed, baseline, threshold, reason) = match ts.cause {
-                    TokenCause::Huge { count, completion, threshold, baseline } => (
-                        completion as f64,
-                        baseline,
-                        threshold,
-                        format!(
-                            "{} received {} completions of {}+ tokens within {} minutes (usually ~{} tokens; the {} tier allows {}): likely token-exhaustion prompts, so keywatch asks gateways to throttle key {}.",
-                            ev.user_id, count, thousands(threshold), cfg.token_spike.window_minutes, thousands(baseline), tier.name, thousands(tier.limits.max_output_tokens as f64), ev.key_id
-                        ),
-                    ),
-                    TokenCause::InFlight { count, oldest_secs } => (
-                        count as f64,
-                        0.0,
-                        cfg.token_spike.in_flight_count as f64,
-                        format!(
-                            "{} has {} requests still generating after {}+ seconds (the oldest {} s; answers usually take seconds): likely token-exhaustion prompts, so keywatch asks gateways to throttle key {}.",
-                            ev.user_id, count, cfg.token_spike.in_flight_secs, oldest_secs, ev.key_id
-                        ),
-                    ),
-                    TokenCause::Burst { observed, baseline, threshold } => (
-                        observed,
-                        baseline,
-                        threshold,
-                        format!(
-                            "{} used {} tokens in the last minute, {} its usual {} per active minute, so keywatch asks gateways to throttle key {}.",
-                            ev.user_id, thousands(observed), ratio(observed, baseline), thousands(baseline), ev.key_id
-                        ),
-                    ),
+            let cause = match (in_flight, spike) {
+                (Some(a), Some(b)) if b.strength() > a.strength() => Some(b),
+                (a, b) => a.or(b),
+            };
+            if let Some(cause) = cause {
+                let (severity, action) = match (cause, ctx) {
+                    (TokenCause::Exhaustion { .. }, _) | (_, Context::Novel { .. }) => {
+                        (Severity::Critical, Action::Throttle)
+                    }
+                    _ => (Severity::Info, Action::Notify),
                 };
-                out.push(Alert {
-                    severity: Severity::Critical,
-                    action: Action::Throttle,
-                    observed: Some(observed),
-                    baseline: Some(baseline),
-                    threshold: Some(threshold),
-                    reason,
-                    ..alert(AlertKind::TokenSpike, id, ev, true)
-                });
+                if let Some(raise) = user.tokens.escalates(t, level(severity), p) {
+                    out.push(token_spike_alert(
+                        ev,
+                        cause,
+                        (severity, action),
+                        ctx,
+                        raise,
+                        tier,
+                        cfg,
+                    ));
+                }
             }
         }
 
         if cost_micros > 0 || tokens > 0 {
             let limits = BudgetLimits {
-                daily_micros: daily_override.unwrap_or(tier.daily_micros),
+                daily_micros,
                 monthly_micros: monthly_override.or(tier.monthly_micros),
                 tokens_per_day: tier.limits.tokens_per_day,
                 percents: &self.r.percents,
@@ -576,60 +694,94 @@ impl Engine {
                 self.stats.late += 1;
             }
             if cost_micros > 0 && cfg.runaway_spend.enabled {
-                let rw = &cfg.runaway_spend;
-                let daily = limits.daily_micros as f64;
-                let pace = PaceParams {
-                    pace_micros: daily / rw.pace_minutes,
-                    prior: RatePrior {
-                        rate: daily / 480.0,
-                        minutes: 10.0,
-                    },
-                    decay: decay_for_half_life(rw.half_life_minutes),
-                    burst_factor: rw.burst_factor,
-                    cooldown_minutes: rw.cooldown_minutes,
-                };
                 if let Some(r) = user.pace.on_spend(t, cost_micros, &pace) {
-                    let spent_today = user.ledger.day[0].micros;
-                    let left = limits.daily_micros.saturating_sub(spent_today) as f64;
-                    let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
-                    let id = Alert::make_id(
-                        AlertKind::RunawaySpend,
-                        &format!("user:{}", ev.user_id),
-                        &format!("m{}", r.onset_minute),
-                    );
-                    out.push(Alert {
-                        severity: Severity::Critical,
-                        action: Action::Throttle,
-                        observed: Some((r.observed_micros / 1e4).round() / 100.0),
-                        baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
-                        threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
-                        reason: format!(
-                            "{} spent ${:.2} in the last minute (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so keywatch asks gateways to throttle key {}.",
-                            ev.user_id,
-                            r.observed_micros / 1e6,
-                            r.baseline_micros / 1e6,
-                            left / 1e6,
-                            daily / 1e6,
-                            minutes_left,
-                            ev.key_id
-                        ),
-                        ..alert(AlertKind::RunawaySpend, id, ev, true)
-                    });
+                    let (severity, action) = match (ctx, r.sustained) {
+                        (Context::Novel { .. }, _) => (Severity::Critical, Action::Throttle),
+                        (_, true) => (Severity::Warning, Action::Notify),
+                        (_, false) => (Severity::Info, Action::Notify),
+                    };
+                    if let Some(raise) = user.pace.escalates(t.minute, level(severity), &pace) {
+                        let spent_today = user.ledger.day[0].micros;
+                        let left = limits.daily_micros.saturating_sub(spent_today) as f64;
+                        let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
+                        let daily = limits.daily_micros as f64;
+                        let id = Alert::make_id(
+                            AlertKind::RunawaySpend,
+                            &format!("user:{}", ev.user_id),
+                            &window_of(r.onset_minute, raise, severity),
+                        );
+                        let doing = match action {
+                            Action::Notify => "no action was taken".to_string(),
+                            _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
+                        };
+                        out.push(Alert {
+                            severity,
+                            action,
+                            observed: Some((r.observed_micros / 1e4).round() / 100.0),
+                            baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
+                            threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
+                            reason: format!(
+                                "{} spent ${:.2} in the last minute{} (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so {doing}.",
+                                ev.user_id,
+                                r.observed_micros / 1e6,
+                                ctx.describe(),
+                                r.baseline_micros / 1e6,
+                                left / 1e6,
+                                daily / 1e6,
+                                minutes_left,
+                            ),
+                            ..alert(AlertKind::RunawaySpend, id, ev, true)
+                        });
+                    }
                 }
             }
         }
 
-        if counts_request && cfg.repeated_prompt.enabled {
-            if let Some(fp) = ev.prompt_fingerprint.as_deref() {
+        // A refused request (its retry is the same prompt again) and a probe
+        // (a health check answered in a token or two, an embedding) are
+        // not prompts being farmed.
+        // (A record with no usage at all says nothing about its answer.)
+        let no_usage = ev.prompt_tokens == 0 && ev.completion_tokens == 0;
+        let harvested = ev.phase == Phase::Request
+            || (ev.status.is_none_or(|s| s < 400)
+                && (no_usage || ev.completion_tokens > cfg.repeated_prompt.probe_max_tokens));
+        if cfg.repeated_prompt.enabled && !harvested {
+            // A split log's response: take back its request's sighting.
+            if let Some(w) = answered.filter(|w| w.fingerprint != 0) {
+                PromptTracker::unsight(&mut user.prompts, w.fingerprint);
+            }
+        }
+        if counts_request && cfg.repeated_prompt.enabled && harvested {
+            if let (Some(fp), Some(fh)) = (ev.prompt_fingerprint.as_deref(), fp_hash) {
                 let uh = stable_hash(3, ev.user_id.as_bytes());
-                let fh = stable_hash(2, fp.as_bytes());
                 let now_s = t.secs;
                 self.findings.clear();
-                self.state
-                    .prompts
-                    .sight(uh, fh, now_s, &self.r.prompts, &mut self.findings);
+                // Early warnings: at any pace for an account known to rarely
+                // repeat itself (it pages when steady), at a steady pace for
+                // one not known yet or that sometimes does (for the record),
+                // none for one that often does.
+                let share = user.repeats.mean(self.r.repeat_prior);
+                let max_share = cfg.repeated_prompt.early_max_repeat_share;
+                let rare = share < max_share && user.repeats.trials >= 100.0;
+                let early = if rare {
+                    Early::Any
+                } else if share < 10.0 * max_share {
+                    Early::Steady
+                } else {
+                    Early::Off
+                };
+                let seen = self.state.prompts.sight(
+                    &mut user.prompts,
+                    uh,
+                    fh,
+                    now_s,
+                    early,
+                    &self.r.prompts,
+                    &mut self.findings,
+                );
+                user.repeats.observe(seen > 1, self.r.repeat_decay);
                 for f in &self.findings {
-                    out.push(prompt_alert(ev, fp, *f, &self.r, now_s));
+                    out.push(prompt_alert(ev, fp, *f, &self.r, now_s, rare));
                 }
             }
         }
@@ -678,9 +830,18 @@ impl Engine {
             u.last_minute >= cutoff || (keep_months && u.ledger.month_spend(month_start) > 0)
         });
         self.state.keys.retain(|_, k| k.last_minute >= cutoff);
-        self.state
-            .prompts
-            .expire((self.state.now_ms.max(0) / 1000) as u32, &self.r.prompts);
+        self.expire_prompts((self.state.now_ms.max(0) / 1000) as u32);
+    }
+
+    /// Forgets prompt sightings and farming crowds that left their window.
+    fn expire_prompts(&mut self, now_s: u32) {
+        let p = &self.r.prompts;
+        self.state.prompts.expire(now_s, p);
+        for u in self.state.users.values_mut() {
+            if u.prompts.is_some() {
+                PromptTracker::expire_user(&mut u.prompts, now_s, p);
+            }
+        }
     }
 }
 
@@ -705,7 +866,33 @@ fn alert(kind: AlertKind, id: String, ev: &Event<'_>, with_key: bool) -> Alert {
     }
 }
 
-fn request_spike_alert(ev: &Event<'_>, sp: Spike, on_key: bool) -> Alert {
+/// A severity as an escalation level.
+fn level(s: Severity) -> u8 {
+    match s {
+        Severity::Info => 0,
+        Severity::Warning => 1,
+        Severity::Critical => 2,
+    }
+}
+
+/// The window part of an alert id: the minute, and for an escalation
+/// within an open incident its severity too (an escalation in the minute
+/// of the first alert is still a different alert).
+fn window_of(minute: u32, raise: Raise, severity: Severity) -> String {
+    match raise {
+        Raise::New => format!("m{minute}"),
+        Raise::Higher => format!("m{minute}:{}", severity.as_str()),
+    }
+}
+
+fn request_spike_alert(
+    ev: &Event<'_>,
+    sp: Spike,
+    on_key: bool,
+    (severity, action): (Severity, Action),
+    ctx: Context,
+    raise: Raise,
+) -> Alert {
     let subject = if on_key {
         format!("key:{}", ev.key_id)
     } else {
@@ -714,34 +901,131 @@ fn request_spike_alert(ev: &Event<'_>, sp: Spike, on_key: bool) -> Alert {
     let id = Alert::make_id(
         AlertKind::RequestSpike,
         &subject,
-        &format!("m{}", sp.onset_minute),
+        &window_of(sp.onset_minute, raise, severity),
     );
     let baseline = (sp.baseline * 10.0).round() / 10.0;
-    let severe = sp.observed >= 10.0 * sp.baseline.max(1.0);
-    let (who, what) = if on_key {
-        (
-            format!("Key {} of {}", ev.key_id, ev.user_id),
-            "keywatch asks gateways to throttle the key".to_string(),
-        )
+    let who = if on_key {
+        format!("Key {} of {}", ev.key_id, ev.user_id)
     } else {
-        (
-            ev.user_id.to_string(),
-            "no single key stands out".to_string(),
-        )
+        ev.user_id.to_string()
+    };
+    let what = match (action, on_key, ctx) {
+        (Action::Throttle, _, _) => "keywatch asks gateways to throttle the key",
+        (_, _, Context::Familiar | Context::Changed) if severity == Severity::Warning => {
+            "at that pace its daily budget runs out before the day ends; no action was taken"
+        }
+        (_, _, Context::Familiar | Context::Changed) => {
+            "likely a batch job of its own; no action was taken"
+        }
+        (_, false, _) => "no single key stands out; no action was taken",
+        _ => "no action was taken",
     };
     Alert {
-        severity: if severe { Severity::Critical } else { Severity::Warning },
-        action: if on_key { Action::Throttle } else { Action::Notify },
+        severity,
+        action,
         observed: Some(sp.observed),
         baseline: Some(baseline),
         threshold: Some(sp.threshold),
         reason: format!(
-            "{who} made {} requests in the last minute, {} its usual {:.1} per active minute; {what}.",
+            "{who} made {} requests in the last minute{}, {} its usual {:.1} per active minute; {what}.",
             thousands(sp.observed),
+            ctx.describe(),
             ratio(sp.observed, sp.baseline),
             baseline
         ),
         ..alert(AlertKind::RequestSpike, id, ev, on_key)
+    }
+}
+
+fn token_spike_alert(
+    ev: &Event<'_>,
+    cause: TokenCause,
+    (severity, action): (Severity, Action),
+    ctx: Context,
+    raise: Raise,
+    tier: &Tier,
+    cfg: &EngineConfig,
+) -> Alert {
+    let id = Alert::make_id(
+        AlertKind::TokenSpike,
+        &format!("user:{}", ev.user_id),
+        &window_of(minute_of(ev.ts_ms), raise, severity),
+    );
+    let doing = match action {
+        Action::Notify => "no action was taken".to_string(),
+        _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
+    };
+    let window = cfg.token_spike.window_minutes;
+    let (observed, baseline, threshold, reason) = match cause {
+        TokenCause::Exhaustion {
+            count,
+            prompt,
+            prompt_baseline,
+        } => (
+            count as f64,
+            prompt_baseline,
+            cfg.token_spike.exhaustion_count as f64,
+            format!(
+                "{} sent {} prompts far above its usual size (the latest {} tokens; usually ~{}) whose answers ran to the {} tier's {}-token cap (or are still generating) within {} minutes{}: likely token-exhaustion prompts, so {doing}.",
+                ev.user_id,
+                count,
+                thousands(prompt as f64),
+                thousands(prompt_baseline),
+                tier.name,
+                thousands(tier.limits.max_output_tokens as f64),
+                window,
+                ctx.describe()
+            ),
+        ),
+        TokenCause::CappedShare {
+            hits,
+            answers,
+            learned,
+            p_value,
+            ..
+        } => (
+            hits as f64,
+            (learned * answers as f64 * 10.0).round() / 10.0,
+            cfg.token_spike.cap_share_min_hits as f64,
+            format!(
+                "{} got {} of its last {} answers cut at the {} tier's {}-token cap within {} minutes{}, against a learned {:.1}% of answers (p = {:.0e}); {doing}.",
+                ev.user_id,
+                hits,
+                answers,
+                tier.name,
+                thousands(tier.limits.max_output_tokens as f64),
+                window,
+                ctx.describe(),
+                learned * 100.0,
+                p_value
+            ),
+        ),
+        TokenCause::Burst {
+            observed,
+            baseline,
+            threshold,
+        } => (
+            observed,
+            baseline,
+            threshold,
+            format!(
+                "{} used {} tokens in the last minute{}, {} its usual {} per active minute; {doing}.",
+                ev.user_id,
+                thousands(observed),
+                ctx.describe(),
+                ratio(observed, baseline),
+                thousands(baseline)
+            ),
+        ),
+    };
+    Alert {
+        severity,
+        action,
+        observed: Some(observed),
+        baseline: Some(baseline),
+        threshold: Some(threshold),
+        reason,
+        ..alert(AlertKind::TokenSpike, id, ev, true)
     }
 }
 
@@ -815,7 +1099,16 @@ fn quota_alert(ev: &Event<'_>, q: TokenQuotaCrossing, tier: &str, utc_offset_min
     }
 }
 
-fn prompt_alert(ev: &Event<'_>, fp: &str, f: PromptFinding, r: &Resolved, now_s: u32) -> Alert {
+/// A prompt finding's alert; `rare` says the user is known to rarely repeat
+/// a prompt (an early warning from it, at a script's pace, pages).
+fn prompt_alert(
+    ev: &Event<'_>,
+    fp: &str,
+    f: PromptFinding,
+    r: &Resolved,
+    now_s: u32,
+    rare: bool,
+) -> Alert {
     let window = r.cfg.repeated_prompt.window_minutes;
     match f {
         PromptFinding::Repeated { count } => {
@@ -841,6 +1134,45 @@ fn prompt_alert(ev: &Event<'_>, fp: &str, f: PromptFinding, r: &Resolved, now_s:
                     count,
                     window,
                     r.prompts.max_repeats
+                ),
+                ..alert(AlertKind::RepeatedPrompt, id, ev, true)
+            }
+        }
+        PromptFinding::Early {
+            count,
+            span_secs,
+            steady,
+        } => {
+            let id = Alert::make_id(
+                AlertKind::RepeatedPrompt,
+                &format!("user:{}|fp:{fp}", ev.user_id),
+                &format!("early:s{now_s}"),
+            );
+            let (severity, how) = match (rare, steady) {
+                (true, true) => (
+                    Severity::Warning,
+                    "at a script's steady pace, from an account that rarely repeats a prompt",
+                ),
+                (true, false) => (
+                    Severity::Info,
+                    "from an account that rarely repeats a prompt",
+                ),
+                (false, _) => (Severity::Info, "at a steady pace"),
+            };
+            Alert {
+                severity,
+                action: Action::Notify,
+                observed: Some(count as f64),
+                threshold: Some(r.prompts.early_count as f64),
+                reason: format!(
+                    "{} sent the same prompt (fingerprint {}) {} times over the last {} minutes, {how}; more than {} within {} minutes is a {}, no action was taken yet.",
+                    ev.user_id,
+                    short_fp(fp),
+                    count,
+                    span_secs.div_ceil(60),
+                    r.prompts.max_repeats,
+                    window,
+                    r.repeat_action.as_str()
                 ),
                 ..alert(AlertKind::RepeatedPrompt, id, ev, true)
             }
@@ -1218,7 +1550,7 @@ mod tests {
         // The fixed part of a user's and a key's state; ids, map slots and
         // prompt sightings come on top (measured by `keywatch replay`).
         assert!(
-            std::mem::size_of::<UserState>() <= 256,
+            std::mem::size_of::<UserState>() <= 368,
             "{}",
             std::mem::size_of::<UserState>()
         );

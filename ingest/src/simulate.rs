@@ -56,7 +56,9 @@ mod render;
 mod rng;
 mod tables;
 
-pub use eval::{evaluate, AlertRef, BenignScore, Evaluation, KindScore, CORE_KINDS};
+pub use eval::{
+    evaluate, AlertRef, BenignScore, Evaluation, KindScore, CORE_KINDS, FAST_KINDS, FAST_MS,
+};
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

@@ -75,7 +75,7 @@ pub struct Leak {
     pub since: u32,
 }
 
-fn network_of(ip: IpAddr, asn: Option<u32>) -> u32 {
+pub(crate) fn network_of(ip: IpAddr, asn: Option<u32>) -> u32 {
     match (asn, ip) {
         (Some(a), _) => a,
         (None, IpAddr::V4(v4)) => {

@@ -2,7 +2,9 @@
 //! finding; the [`Engine`](crate::Engine) turns findings into alerts.
 
 pub mod budget;
+pub mod context;
 pub mod leaked_key;
+pub mod pending;
 pub mod repeated_prompt;
 pub mod request_spike;
 pub mod runaway_spend;

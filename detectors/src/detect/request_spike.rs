@@ -4,7 +4,7 @@
 //! [`SlidingMinute`]). The expected count is learned per subject as a
 //! Gamma-Poisson rate per *active* minute (minutes with no requests are not
 //! evidence of a lower rate for bursty, session-shaped traffic), starting
-//! from a prior of `prior_fraction × tier requests/min` worth
+//! from a prior of `max(prior_requests, prior_fraction × tier requests/min)` worth
 //! `prior_minutes` minutes, and forgetting with a half-life.
 //!
 //! A sliding minute is a spike when all three hold:
@@ -17,13 +17,19 @@
 //!
 //! The bar is computed once per subject-minute, and only when the cheap
 //! volume check passes. Minutes over the bar do not feed the baseline, so a
-//! flood does not teach the detector that floods are normal. One alert is
-//! raised per incident; an incident ends after `cooldown_minutes` without a
-//! spike.
+//! flood does not teach the detector that floods are normal.
+//!
+//! Size says a minute is unusual, not whose doing it is: the engine weighs
+//! the record's context (see `context`) for severity and action, and
+//! [`RateState::escalates`] keeps one alert per incident (an incident ends
+//! after `cooldown_minutes` without a spike), alerting again within it
+//! only when the severity rises.
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{Incident, RateBaseline, RatePrior, SlidingMinute, Tick};
+use crate::baseline::{
+    Escalation, QuantileCache, Raise, RateBaseline, RatePrior, SlidingMinute, Tick,
+};
 
 /// Settings resolved for one tier.
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +48,7 @@ pub struct RateParams {
     pub cooldown_minutes: u32,
 }
 
-/// A subject's request-rate state (24 bytes).
+/// A subject's request-rate state (28 bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RateState {
     window: SlidingMinute,
@@ -51,8 +57,9 @@ pub struct RateState {
     /// that passes the volume and burst-factor bars, so a minute with no bar
     /// was below them and counts as evidence of normal).
     bar: f32,
-    /// Last minute of the open incident (0: none).
-    incident_until: Incident,
+    /// The open incident.
+    #[serde(default)]
+    incident: Escalation,
 }
 
 /// A detected spike.
@@ -64,19 +71,24 @@ pub struct Spike {
     pub baseline: f64,
     /// The bar crossed.
     pub threshold: f64,
-    /// Minute the incident started (part of the alert id).
+    /// Minute of the spike (part of the alert id).
     pub onset_minute: u32,
 }
 
 impl RateState {
-    /// Counts one request at `t`; a spike is returned by the request
-    /// that opens an incident, and by no other.
+    /// Counts one request at `t`; returns the spike while the sliding
+    /// minute is over the bar (see [`RateState::escalates`] for alerts).
     #[inline]
-    pub fn on_request(&mut self, t: Tick, p: &RateParams) -> Option<Spike> {
+    pub fn on_request(
+        &mut self,
+        t: Tick,
+        p: &RateParams,
+        quantiles: &mut QuantileCache,
+    ) -> Option<Spike> {
         if let Some(closed) = self.window.advance(t) {
             // A minute over the bar is not evidence of normal.
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
-                self.base.observe(closed as f64, p.decay);
+                self.base.observe(closed as f64, p.decay, p.prior);
             }
             self.bar = 0.0;
         }
@@ -92,22 +104,29 @@ impl RateState {
             if est < floor {
                 return None;
             }
-            let q = self.base.upper_quantile(p.prior, p.p_value);
+            let q = quantiles.upper(&self.base, p.prior, p.p_value);
             self.bar = q.max(floor).ceil() as f32;
         }
         if est < self.bar as f64 {
-            return None;
-        }
-        let m = t.minute;
-        if !self.incident_until.begins(m, p.cooldown_minutes) {
             return None;
         }
         Some(Spike {
             observed: est.round(),
             baseline: self.base.mean(p.prior),
             threshold: self.bar as f64,
-            onset_minute: m,
+            onset_minute: t.minute,
         })
+    }
+
+    /// Whether a spike of severity `level` at minute `m` is a new alert:
+    /// one that opens an incident, or one more severe than any in it.
+    pub fn escalates(&mut self, m: u32, level: u8, p: &RateParams) -> Option<Raise> {
+        self.incident.alerts(m, p.cooldown_minutes, level)
+    }
+
+    /// Minutes of evidence behind the learned rate.
+    pub fn evidence(&self) -> f64 {
+        self.base.evidence()
     }
 
     /// Minute of the last request.
@@ -142,8 +161,12 @@ mod tests {
         for m in 0..minutes {
             for i in 0..per_min {
                 let t = start + m * MINUTE_MS + i * MINUTE_MS / per_min;
-                if let Some(sp) = s.on_request(Tick::at(t), &params()) {
-                    out.push((t, sp));
+                if let Some(sp) =
+                    s.on_request(Tick::at(t), &params(), &mut QuantileCache::default())
+                {
+                    if s.escalates(sp.onset_minute, 0, &params()).is_some() {
+                        out.push((t, sp));
+                    }
                 }
             }
         }

@@ -9,11 +9,18 @@
 //! `burst_factor ×` the user's learned spend per active minute (a
 //! Gamma-Poisson-style rate with a prior of the budget spread over eight
 //! active hours), so a user who always spends fast against a generous
-//! budget is not paged. One alert per incident.
+//! budget is not paged. A runaway is *sustained* when fast minutes have
+//! gone on for half of `sustain_minutes` and the spend of the last
+//! `sustain_minutes` keeps the pace too: one expensive request makes a fast
+//! minute, a drain makes fast minutes. One alert per incident (the engine weighs the
+//! record's context for severity, and alerts again within an incident only
+//! when the severity rises).
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{Incident, RateBaseline, RatePrior, SlidingMinute, Tick};
+use crate::baseline::{
+    Escalation, Raise, RateBaseline, RatePrior, SlidingMinute, SlidingSum, Tick,
+};
 
 /// Settings resolved for one user's budget.
 #[derive(Clone, Copy, Debug)]
@@ -28,15 +35,24 @@ pub struct PaceParams {
     pub burst_factor: f64,
     /// Incident cooldown, minutes.
     pub cooldown_minutes: u32,
+    /// A pace is sustained when it held over this many minutes.
+    pub sustain_minutes: u32,
 }
 
-/// A user's spend-pace state (28 bytes).
+/// A user's spend-pace state (32 bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpendPace {
     window: SlidingMinute,
     rate: RateBaseline,
     bar: f32,
-    incident_until: Incident,
+    #[serde(default)]
+    incident: Escalation,
+    /// Spend over the last `sustain_minutes`.
+    #[serde(default)]
+    recent: SlidingSum,
+    /// First and last minute of the current run of fast minutes.
+    #[serde(default)]
+    streak: (u32, u32),
 }
 
 /// A detected runaway.
@@ -48,21 +64,27 @@ pub struct Runaway {
     pub baseline_micros: f64,
     /// The bar crossed, micro-dollars.
     pub threshold_micros: f64,
-    /// Minute the incident started.
+    /// Minute of the finding.
     pub onset_minute: u32,
+    /// Whether the pace held over the last `sustain_minutes`, not just a minute.
+    pub sustained: bool,
 }
 
 impl SpendPace {
-    /// Counts a record's cost at `t`.
+    /// Counts a record's cost at `t`; returns the runaway while the sliding
+    /// minute is over the bar (see [`SpendPace::escalates`] for alerts).
     #[inline]
     pub fn on_spend(&mut self, t: Tick, micros: u64, p: &PaceParams) -> Option<Runaway> {
         if let Some(closed) = self.window.advance(t) {
             if closed > 0 && (self.bar == 0.0 || (closed as f32) < self.bar) {
-                self.rate.observe(closed as f64, p.decay);
+                self.rate.observe(closed as f64, p.decay, p.prior);
             }
             self.bar = 0.0;
         }
-        self.window.add(micros.min(u32::MAX as u64) as u32);
+        let amount = micros.min(u32::MAX as u64) as u32;
+        self.window.add(amount);
+        let sustain_s = p.sustain_minutes.max(1) * 60;
+        self.recent.add(t.secs, sustain_s, amount);
         let est = self.window.estimate(t);
         if est < p.pace_micros {
             return None;
@@ -76,13 +98,37 @@ impl SpendPace {
             return None;
         }
         let m = t.minute;
-        let new = self.incident_until.begins(m, p.cooldown_minutes);
-        new.then(|| Runaway {
+        if self.streak.0 == 0 || m > self.streak.1 + p.cooldown_minutes {
+            self.streak.0 = m;
+        }
+        self.streak.1 = m;
+        let minutes = p.sustain_minutes.max(1);
+        Some(Runaway {
             observed_micros: est,
             baseline_micros: self.rate.mean(p.prior),
             threshold_micros: self.bar as f64,
             onset_minute: m,
+            // Fast minutes for half the span, and the span's spend at pace.
+            sustained: m >= self.streak.0 + minutes / 2
+                && self.recent.estimate(t.secs, sustain_s) >= minutes as f64 * p.pace_micros,
         })
+    }
+
+    /// Spend per minute over the last `sustain_minutes` at `t`, micro-dollars.
+    pub fn sustained_micros(&self, t: Tick, p: &PaceParams) -> f64 {
+        let minutes = p.sustain_minutes.max(1);
+        self.recent.estimate(t.secs, minutes * 60) / minutes as f64
+    }
+
+    /// The learned spend per active minute, micro-dollars.
+    pub fn learned_micros(&self, p: &PaceParams) -> f64 {
+        self.rate.mean(p.prior)
+    }
+
+    /// Whether a runaway of severity `level` at minute `m` is a new alert:
+    /// one that opens an incident, or one more severe than any in it.
+    pub fn escalates(&mut self, m: u32, level: u8, p: &PaceParams) -> Option<Raise> {
+        self.incident.alerts(m, p.cooldown_minutes, level)
     }
 }
 
@@ -103,6 +149,7 @@ mod tests {
             decay: decay_for_half_life(60.0),
             burst_factor: 4.0,
             cooldown_minutes: 30,
+            sustain_minutes: 10,
         }
     }
 
@@ -124,10 +171,18 @@ mod tests {
         for i in 0..200i64 {
             let t = onset + i * 12_000;
             if let Some(r) = s.on_spend(Tick::at(t), 250_000, &params()) {
-                hits.push((t, r));
+                if s.escalates(r.onset_minute, 0, &params()).is_some() {
+                    hits.push((t, r));
+                }
             }
         }
         assert_eq!(hits.len(), 1);
+        assert!(
+            !hits[0].1.sustained,
+            "one minute is not yet a sustained pace"
+        );
+        let later = s.on_spend(Tick::at(onset + 200 * 12_000), 250_000, &params());
+        assert!(later.is_some_and(|r| r.sustained), "{later:?}");
         assert!(
             hits[0].0 - onset < MINUTE_MS,
             "caught after {} ms",
