@@ -11,66 +11,17 @@
 //! `KEYWATCH_MEMORY_USERS=1000000`) measures other user counts instead of
 //! the default 10,000 and 100,000, under the same bound.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use detectors::{Engine, EngineConfig, Event};
 
-struct Counting;
-/// Bytes the program asked for.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-/// Bytes malloc set aside for them: each block's usable size (requests are
-/// rounded up) plus its 8-byte header, so per-allocation overhead counts.
-static RESERVED: AtomicUsize = AtomicUsize::new(0);
+mod counting;
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn reserved(p: *mut u8, _size: usize) -> usize {
-    unsafe extern "C" {
-        fn malloc_usable_size(p: *mut std::ffi::c_void) -> usize;
-    }
-    // SAFETY: `p` is a live block from the system allocator (glibc malloc).
-    unsafe { malloc_usable_size(p.cast()) + 8 }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn reserved(_p: *mut u8, size: usize) -> usize {
-    size
-}
-
-// SAFETY: forwards to `System` unchanged, counting bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: caller's layout.
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size(), Ordering::Relaxed);
-            RESERVED.fetch_add(reserved(p, l.size()), Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        RESERVED.fetch_sub(reserved(p, l.size()), Ordering::Relaxed);
-        // SAFETY: allocated by `System` with `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        let old = reserved(p, l.size());
-        // SAFETY: caller's arguments.
-        let q = unsafe { System.realloc(p, l, n) };
-        if !q.is_null() {
-            LIVE.fetch_add(n, Ordering::Relaxed);
-            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-            RESERVED.fetch_add(reserved(q, n), Ordering::Relaxed);
-            RESERVED.fetch_sub(old, Ordering::Relaxed);
-        }
-        q
-    }
-}
+use counting::{LIVE, RESERVED};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting::Counting = counting::Counting;
 
 const T0: i64 = 1_795_392_000_000; // 2026-11-23T00:00:00Z
 
