@@ -193,8 +193,8 @@ pub struct TokenSpikeConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContextConfig {
-    /// A network or user agent is the account's usual one once first seen this many minutes ago;
-    /// an account first seen more recently has no usual context yet.
+    /// A network or user agent is the account's usual one once the account used it again this many
+    /// minutes or more after first; an account with none such has no usual context yet.
     pub familiar_after_minutes: u32,
 }
 
@@ -221,9 +221,9 @@ pub struct RepeatedPromptConfig {
     /// This many distinct users each repeating the same fingerprint in the window is coordinated farming (0 turns it off).
     pub farming_min_users: u32,
     /// An early warning (notify) when one user sends the same fingerprint this many times within
-    /// `early_window_minutes` (0 turns it off; below `max_repeats`): a warning from a user known to
-    /// rarely repeat a prompt at a script's steady pace, else an info alert (none from a user that
-    /// often repeats)…
+    /// `early_window_minutes` (0 turns it off; at least two below `max_repeats`): an info alert, and
+    /// from a user known to rarely repeat a prompt a warning one sighting later at a script's steady
+    /// pace (none from a user that often repeats)…
     pub early_count: u32,
     /// …the early warning's window, in minutes…
     pub early_window_minutes: u32,
@@ -596,10 +596,10 @@ impl EngineConfig {
         if rp.window_minutes == 0 {
             return Err(bad("repeated_prompt.window_minutes", "must be at least 1"));
         }
-        if rp.early_count >= rp.max_repeats {
+        if rp.early_count > 0 && rp.early_count + 1 >= rp.max_repeats {
             return Err(bad(
                 "repeated_prompt.early_count",
-                "must be below max_repeats",
+                "must be at least two below max_repeats",
             ));
         }
         if rp.early_count > 0 && rp.early_window_minutes == 0 {

@@ -511,11 +511,10 @@ impl Engine {
         key.last_minute = now_min;
         // Whose doing it is: judged before this record teaches the account.
         let origin = Origin::of(ev.ip, ev.asn, ev.user_agent.as_deref());
-        let ctx = user
-            .familiar
-            .judge(t.minute, origin, cfg.context.familiar_after_minutes);
+        let ctx = user.familiar.judge(origin);
         if counts_request {
-            user.familiar.observe(t.minute, origin);
+            user.familiar
+                .observe(t.minute, origin, cfg.context.familiar_after_minutes);
         }
         let fp_hash = ev
             .prompt_fingerprint
@@ -1146,14 +1145,14 @@ fn prompt_alert(
             let id = Alert::make_id(
                 AlertKind::RepeatedPrompt,
                 &format!("user:{}|fp:{fp}", ev.user_id),
-                &format!("early:s{now_s}"),
+                &format!("early{count}:s{now_s}"),
             );
             let (severity, how) = match (rare, steady) {
-                (true, true) => (
+                (true, true) if count > r.prompts.early_count => (
                     Severity::Warning,
                     "at a script's steady pace, from an account that rarely repeats a prompt",
                 ),
-                (true, false) => (
+                (true, _) => (
                     Severity::Info,
                     "from an account that rarely repeats a prompt",
                 ),

@@ -14,13 +14,15 @@
 //! Per account, a handful of networks (the record's `asn`, else the /16 of
 //! an IPv4 or /32 of an IPv6 address, as `leaked_key` counts them) and
 //! user agents, each with the minute it was first seen. A value is
-//! *established* once it was first seen at least `familiar_after` minutes
-//! ago: an attacker's network seen for the first time at the onset is not
-//! established during the onset. When the slots are full, a new value
-//! replaces the youngest, so established values stay and churn (a roaming
-//! phone, an attacker's many addresses) costs one slot. An account first
-//! seen less than `familiar_after` minutes ago has no context yet
-//! ([`Context::Unknown`]): a fresh start judges nobody by novelty.
+//! *established* once the account used it again `familiar_after` minutes
+//! or more after first: an attacker's network seen for the first time at
+//! the onset is not established during the onset, and an attack that
+//! comes first and stops within that span does not become the account's
+//! usual context. When the slots are full, a new value replaces the
+//! youngest not yet established, so established values stay and churn (a
+//! roaming phone, an attacker's many addresses) costs one slot. An account
+//! with nothing established yet has no context ([`Context::Unknown`]): a
+//! fresh start judges nobody by novelty.
 //!
 //! 44 bytes per account, no heap.
 
@@ -112,47 +114,68 @@ impl Origin {
     }
 }
 
-fn note(slots: &mut [Seen], tag: u32, now_min: u32) {
-    if tag == 0 || slots.iter().any(|s| s.tag == tag) {
+/// Set in `Seen::first` once the value is established.
+const ESTABLISHED: u32 = 1 << 31;
+
+impl Seen {
+    fn minute(&self) -> u32 {
+        self.first & !ESTABLISHED
+    }
+
+    fn is_established(&self) -> bool {
+        self.first & ESTABLISHED != 0
+    }
+}
+
+fn note(slots: &mut [Seen], tag: u32, now_min: u32, after_min: u32) {
+    if tag == 0 {
         return;
     }
-    // An empty slot, else the youngest value gives way.
+    if let Some(s) = slots.iter_mut().find(|s| s.tag == tag) {
+        if !s.is_established() && now_min >= s.minute().saturating_add(after_min) {
+            s.first |= ESTABLISHED;
+        }
+        return;
+    }
+    // An empty slot, else the youngest value not yet established gives
+    // way, else the youngest.
     let i = match slots.iter().position(|s| s.tag == 0) {
         Some(i) => i,
         None => (0..slots.len())
-            .max_by_key(|&i| slots[i].first)
+            .max_by_key(|&i| (!slots[i].is_established(), slots[i].minute()))
             .unwrap_or(0),
     };
     slots[i] = Seen {
         tag,
-        first: now_min,
+        first: now_min & !ESTABLISHED,
     };
 }
 
-fn established(slots: &[Seen], tag: u32, cutoff: u32) -> bool {
-    tag == 0 || slots.iter().any(|s| s.tag == tag && s.first <= cutoff)
+fn established(slots: &[Seen], tag: u32) -> bool {
+    tag == 0 || slots.iter().any(|s| s.tag == tag && s.is_established())
 }
 
 impl Familiar {
-    /// Learns a record's origin at `now_min`.
+    /// Learns a record's origin at `now_min`: a value seen again
+    /// `after_min` minutes or more after it was first seen is established.
     #[inline]
-    pub fn observe(&mut self, now_min: u32, o: Origin) {
+    pub fn observe(&mut self, now_min: u32, o: Origin, after_min: u32) {
         if self.since == 0 {
             self.since = now_min.max(1);
         }
-        note(&mut self.nets, o.net, now_min);
-        note(&mut self.agents, o.agent, now_min);
+        note(&mut self.nets, o.net, now_min, after_min);
+        note(&mut self.agents, o.agent, now_min, after_min);
     }
 
-    /// Judges a record's origin at `now_min`: values first seen at least
-    /// `after_min` minutes ago are established.
-    pub fn judge(&self, now_min: u32, o: Origin, after_min: u32) -> Context {
-        let cutoff = match now_min.checked_sub(after_min) {
-            Some(c) if self.since != 0 && self.since <= c => c,
-            _ => return Context::Unknown,
-        };
-        let network = !established(&self.nets, o.net, cutoff);
-        let agent = !established(&self.agents, o.agent, cutoff);
+    /// Judges a record's origin against the established values; an
+    /// account with none established yet has no context.
+    pub fn judge(&self, o: Origin) -> Context {
+        let any = |slots: &[Seen]| slots.iter().any(Seen::is_established);
+        if !any(&self.nets) && !any(&self.agents) {
+            return Context::Unknown;
+        }
+        let network = !established(&self.nets, o.net);
+        let agent = !established(&self.agents, o.agent);
         // A field the record leaves out says nothing either way.
         let all_new = (network || o.net == 0) && (agent || o.agent == 0);
         match (network || agent, all_new) {
@@ -176,18 +199,18 @@ mod tests {
         let mut f = Familiar::default();
         let home = origin("203.0.113.7", "OpenAI/Python 1.54.4");
         for m in 1000..1100 {
-            f.observe(m, home);
+            f.observe(m, home, 30);
         }
-        assert_eq!(f.judge(1100, home, 30), Context::Familiar);
+        assert_eq!(f.judge(home), Context::Familiar);
         // Another address in the same /16: the same network.
         assert_eq!(
-            f.judge(1100, origin("203.0.200.1", "OpenAI/Python 1.54.4"), 30),
+            f.judge(origin("203.0.200.1", "OpenAI/Python 1.54.4")),
             Context::Familiar
         );
         let thief = origin("45.10.0.1", "python-requests/2.32.3");
-        f.observe(1100, thief);
+        f.observe(1100, thief, 30);
         assert_eq!(
-            f.judge(1101, thief, 30),
+            f.judge(thief),
             Context::Novel {
                 network: true,
                 agent: true
@@ -195,20 +218,27 @@ mod tests {
         );
         // One of the two new: an ordinary change.
         assert_eq!(
-            f.judge(1101, origin("45.10.0.1", "OpenAI/Python 1.54.4"), 30),
+            f.judge(origin("45.10.0.1", "OpenAI/Python 1.54.4")),
             Context::Changed
         );
         assert_eq!(
-            f.judge(1101, origin("203.0.113.7", "python-requests/2.32.3"), 30),
+            f.judge(origin("203.0.113.7", "python-requests/2.32.3")),
             Context::Changed
         );
-        // Seen long enough, it becomes usual.
-        assert_eq!(f.judge(1131, thief, 30), Context::Familiar);
+        // Used again 30 minutes on, it becomes usual.
+        f.observe(1120, thief, 30);
+        assert!(f.judge(thief).is_novel());
+        f.observe(1130, thief, 30);
+        assert_eq!(f.judge(thief), Context::Familiar);
         let fresh = Familiar::default();
-        assert_eq!(fresh.judge(1100, home, 30), Context::Unknown);
-        let mut young = Familiar::default();
-        young.observe(1090, home);
-        assert_eq!(young.judge(1100, home, 30), Context::Unknown);
+        assert_eq!(fresh.judge(home), Context::Unknown);
+        // An account whose first twenty minutes were an attack has no
+        // usual context yet: its owner's later traffic is not novel.
+        let mut taken = Familiar::default();
+        for m in 0..20 {
+            taken.observe(5000 + m, thief, 30);
+        }
+        assert_eq!(taken.judge(home), Context::Unknown);
     }
 
     #[test]
@@ -216,27 +246,25 @@ mod tests {
         let mut f = Familiar::default();
         let a = origin("198.51.100.1", "ua-a");
         let b = origin("192.0.2.1", "ua-a");
-        f.observe(10, a);
-        f.observe(11, b);
+        for m in [10, 50] {
+            f.observe(m, a, 30);
+            f.observe(m + 1, b, 30);
+        }
         // A roaming client: a new /16 every minute.
         for i in 0..200u32 {
             let ip = format!("{}.{}.0.1", 10 + i % 200, i % 250);
-            f.observe(100 + i, origin(&ip, "ua-a"));
+            f.observe(100 + i, origin(&ip, "ua-a"), 30);
         }
-        assert_eq!(f.judge(400, a, 30), Context::Familiar);
-        assert_eq!(f.judge(400, b, 30), Context::Familiar);
+        assert_eq!(f.judge(a), Context::Familiar);
+        assert_eq!(f.judge(b), Context::Familiar);
     }
 
     #[test]
     fn a_record_without_address_or_agent_is_judged_by_what_it_has() {
         let mut f = Familiar::default();
-        f.observe(10, Origin::of(None, None, None));
-        assert_eq!(
-            f.judge(100, Origin::of(None, None, None), 30),
-            Context::Familiar
-        );
-        assert!(f
-            .judge(100, Origin::of(None, None, Some("new")), 30)
-            .is_novel());
+        f.observe(10, Origin::of(None, None, Some("old")), 30);
+        f.observe(50, Origin::of(None, None, Some("old")), 30);
+        assert_eq!(f.judge(Origin::of(None, None, None)), Context::Familiar);
+        assert!(f.judge(Origin::of(None, None, Some("new"))).is_novel());
     }
 }

@@ -79,6 +79,11 @@ pub struct Sightings {
     /// End of the open early warning, Unix seconds (0: none).
     #[serde(default)]
     early_until: Incident,
+    /// Early findings alerted in the open early warning (at most two: the
+    /// first, and for a user known to rarely repeat, one more sighting at
+    /// a steady pace).
+    #[serde(default)]
+    early_alerts: u8,
 }
 
 /// Users repeating one fingerprint.
@@ -182,6 +187,7 @@ impl Sightings {
             newer: Vec::new(),
             incident_until: Incident::default(),
             early_until: Incident::default(),
+            early_alerts: 0,
         }
     }
 
@@ -239,11 +245,21 @@ impl Sightings {
             let steady = n >= 2
                 && 2 * max_gap as u64 <= 3 * min_gap as u64
                 && min_gap >= STEADY_MIN_GAP_SECS;
-            if n >= p.early_count
-                && (steady || early == Early::Any)
-                && span_secs >= p.early_min_span_secs
-                && self.early_until.begins(now_s, p.early_secs)
-            {
+            // The first early finding opens the early warning; a user known
+            // to rarely repeat gets a second one a sighting later if the
+            // pace is steady (the engine pages on that one).
+            let open = self.early_until.is_open(now_s);
+            let due = if !open {
+                n >= p.early_count && (steady || early == Early::Any)
+            } else {
+                early == Early::Any && steady && self.early_alerts == 1 && n > p.early_count
+            };
+            if due && span_secs >= p.early_min_span_secs {
+                if !open {
+                    self.early_alerts = 0;
+                }
+                self.early_until.begins(now_s, p.early_secs);
+                self.early_alerts += 1;
                 out.push(PromptFinding::Early {
                     count: n,
                     span_secs,
@@ -467,7 +483,8 @@ mod tests {
         for i in 0..3 {
             assert!(early(&mut t, 1, 1000 + i * 20).is_empty());
         }
-        // One repeat a minute: the third sighting, two minutes in.
+        // One repeat a minute: the third sighting, two minutes in, and
+        // the fourth, still steady.
         assert!(early(&mut t, 2, 1000).is_empty());
         assert!(early(&mut t, 2, 1060).is_empty());
         assert_eq!(
@@ -478,9 +495,19 @@ mod tests {
                 steady: true
             }]
         );
-        assert!(early(&mut t, 2, 1180).is_empty(), "once per warning");
+        assert_eq!(
+            early(&mut t, 2, 1180),
+            vec![PromptFinding::Early {
+                count: 4,
+                span_secs: 180,
+                steady: true
+            }]
+        );
+        assert!(
+            early(&mut t, 2, 1240).is_empty(),
+            "twice per warning at most"
+        );
         // The hourly rule still decides the block.
-        assert!(early(&mut t, 2, 1240).is_empty());
         assert_eq!(
             early(&mut t, 2, 1300),
             vec![PromptFinding::Repeated { count: 6 }]
