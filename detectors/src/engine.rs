@@ -525,7 +525,7 @@ impl Engine {
             Phase::Exchange => None,
             Phase::Response => Pending::close(&mut user.pending, request as u32),
             Phase::Request => {
-                let big = user.tokens.is_big(ev.prompt_tokens, &tier.tokens);
+                let big = user.tokens.judge_prompt(ev.prompt_tokens, &tier.tokens);
                 let waiting = Waiting {
                     request: request as u32,
                     start: t.secs,
@@ -626,7 +626,10 @@ impl Engine {
                 Phase::Request => user.tokens.in_flight(t, &user.pending, ev.prompt_tokens, p),
                 _ => None,
             };
-            let big_request = answered.is_some_and(|w| w.big);
+            let big_request = match ev.phase {
+                Phase::Request => Some(false),
+                _ => answered.map(|w| w.big),
+            };
             let prompt = match (ev.phase, answered) {
                 (Phase::Response, Some(w)) => Some(w.prompt as u64),
                 (Phase::Response, None) => (ev.prompt_tokens > 0).then_some(ev.prompt_tokens),
@@ -1549,7 +1552,7 @@ mod tests {
         // The fixed part of a user's and a key's state; ids, map slots and
         // prompt sightings come on top (measured by `keywatch replay`).
         assert!(
-            std::mem::size_of::<UserState>() <= 368,
+            std::mem::size_of::<UserState>() <= 376,
             "{}",
             std::mem::size_of::<UserState>()
         );

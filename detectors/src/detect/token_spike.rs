@@ -50,6 +50,10 @@ use crate::detect::pending::Pending;
 /// The tier priors weigh as much as this many observations.
 const PRIOR_WEIGHT: f64 = 8.0;
 
+/// A prompt at most this many tokens longer than the last prompt and its
+/// answer continues that conversation (the new message).
+const CONTINUATION_SLACK: u64 = 2000;
+
 /// Active minutes learned before token bursts are judged. A new user's
 /// first big minutes say nothing yet; exhaustion, runaway spend and the
 /// daily token allowance cover them meanwhile.
@@ -167,6 +171,9 @@ pub struct TokenState {
     bar: f32,
     #[serde(default)]
     incident: Escalation,
+    /// The last request's prompt tokens and its answer's tokens.
+    #[serde(default)]
+    last: (u32, u32),
 }
 
 /// What made the token spike.
@@ -224,15 +231,28 @@ impl TokenState {
         }
     }
 
-    /// Whether a prompt of `tokens` is far above the user's learned size.
+    /// Judges the prompt of a request arriving: whether its `tokens` are
+    /// far above the user's learned size *and* not the continuation of its
+    /// previous request (a conversation resends its history: each prompt is
+    /// the last one, most of its answer and a new message, so a long chat
+    /// grows far past the learned size without any one step being a jump;
+    /// the same big prompt again is not a continuation). Call once per
+    /// request.
     #[inline]
-    pub fn is_big(&self, tokens: u64, p: &TokenParams) -> bool {
+    pub fn judge_prompt(&mut self, tokens: u64, p: &TokenParams) -> bool {
+        let (last, answer) = self.last;
+        self.last = (tokens.min(u32::MAX as u64) as u32, 0);
         let x = tokens as f64;
         if x < p.prompt_min {
             return false;
         }
+        let (last, answer) = (last as u64, answer as u64);
+        let grown = last > 0
+            && answer > 0
+            && tokens >= last + answer / 2
+            && tokens <= last + answer + CONTINUATION_SLACK;
         let b = self.prompt_baseline(p);
-        x >= b.upper(p.prompt_z) && x >= p.prompt_factor * b.median()
+        !grown && x >= b.upper(p.prompt_z) && x >= p.prompt_factor * b.median()
     }
 
     fn learn_prompt(&mut self, tokens: u64, big: bool, attack: bool, p: &TokenParams) {
@@ -266,7 +286,7 @@ impl TokenState {
         tokens: u64,
         prompt: Option<u64>,
         completion: Option<u64>,
-        big_request: bool,
+        big_request: Option<bool>,
         pending: &Option<Box<Pending>>,
         novel: bool,
         p: &TokenParams,
@@ -287,7 +307,14 @@ impl TokenState {
         let open = self.incident.is_open(t.minute) && self.incident.level >= 2;
         let cutoff = now_s.saturating_sub(p.window_secs);
         let pt = prompt.unwrap_or(0);
-        let big = big_request || (completion.is_some() && self.is_big(pt, p));
+        let big = match (big_request, completion) {
+            (Some(b), _) => b,
+            (None, Some(_)) => self.judge_prompt(pt, p),
+            (None, None) => false,
+        };
+        if let Some(c) = completion {
+            self.last.1 = c.min(u32::MAX as u64) as u32;
+        }
         if completion.is_some_and(|c| c > p.probe_max) {
             self.learn_prompt(pt, big, open, p);
         }
@@ -467,7 +494,7 @@ mod tests {
         p: &TokenParams,
     ) -> Option<TokenCause> {
         let t = Tick::at(ms);
-        let c = s.on_tokens(t, pt + ct, Some(pt), Some(ct), false, &None, false, p)?;
+        let c = s.on_tokens(t, pt + ct, Some(pt), Some(ct), None, &None, false, p)?;
         s.escalates(t, c.strength(), p).map(|_| c)
     }
 
@@ -554,6 +581,21 @@ mod tests {
             let r = exchange(&mut s, (200 + i) * 60_000, 300 + 300 * i as u64, 500, &p);
             assert_eq!(r, None, "turn {i}");
         }
+        // One whose every answer runs to the cap: each prompt carries the
+        // last one and its answer, no step is a jump.
+        let mut s = TokenState::default();
+        for i in 0..200i64 {
+            assert_eq!(exchange(&mut s, i * 60_000, 300, 300, &p), None);
+        }
+        let mut prompt = 300u64;
+        for i in 0..12i64 {
+            let r = exchange(&mut s, (200 + i) * 60_000, prompt, 4000, &p);
+            assert!(
+                !matches!(r, Some(TokenCause::Exhaustion { .. })),
+                "turn {i}: {r:?}"
+            );
+            prompt += 4000 + 120;
+        }
     }
 
     #[test]
@@ -565,7 +607,7 @@ mod tests {
         for i in 0..200u32 {
             let t0 = i as i64 * 30_000;
             let tk = Tick::at(t0);
-            assert!(!s.is_big(300, &p));
+            assert!(!s.judge_prompt(300, &p));
             Pending::open(
                 &mut pending,
                 Waiting {
@@ -577,10 +619,19 @@ mod tests {
                 },
             );
             assert_eq!(s.in_flight(tk, &pending, 300, &p), None);
-            s.on_tokens(tk, 300, Some(300), None, false, &pending, false, &p);
+            s.on_tokens(tk, 300, Some(300), None, Some(false), &pending, false, &p);
             let tr = Tick::at(t0 + 4_000);
             let big = Pending::close(&mut pending, i).unwrap().big;
-            s.on_tokens(tr, 200, Some(300), Some(200), big, &pending, false, &p);
+            s.on_tokens(
+                tr,
+                200,
+                Some(300),
+                Some(200),
+                Some(big),
+                &pending,
+                false,
+                &p,
+            );
         }
         assert!(pending.is_none(), "answered requests are forgotten");
         // An attack: a 7,000-token prompt every 30 s, none answered for minutes.
@@ -589,8 +640,8 @@ mod tests {
         for i in 0..6u32 {
             let t = onset + i as i64 * 30_000;
             let tk = Tick::at(t);
-            let big = s.is_big(7000, &p);
-            assert!(big);
+            let big = s.judge_prompt(7000, &p);
+            assert!(big, "an unanswered prompt resent is no continuation");
             Pending::open(
                 &mut pending,
                 Waiting {
@@ -604,7 +655,7 @@ mod tests {
             if let Some(c) = s.in_flight(tk, &pending, 7000, &p) {
                 first.get_or_insert((t - onset, c));
             }
-            s.on_tokens(tk, 7000, Some(7000), None, false, &pending, false, &p);
+            s.on_tokens(tk, 7000, Some(7000), None, Some(big), &pending, false, &p);
         }
         let (after, c) = first.expect("caught");
         assert!(after <= 90_000, "caught after {after} ms");
@@ -621,7 +672,7 @@ mod tests {
         for m in 0..120i64 {
             let t = Tick::at(m * MINUTE_MS);
             assert_eq!(
-                s.on_tokens(t, 2000, Some(1500), Some(500), false, &None, false, &p),
+                s.on_tokens(t, 2000, Some(1500), Some(500), None, &None, false, &p),
                 None
             );
         }
@@ -634,7 +685,7 @@ mod tests {
                 4000,
                 Some(3400),
                 Some(600),
-                false,
+                None,
                 &None,
                 false,
                 &p,
