@@ -48,6 +48,22 @@ struct ErrorGroup {
     lines: Vec<u64>,
 }
 
+/// One line of a grouped count: `    name: N (lines 1, 2, …)`.
+fn write_group(w: &mut impl Write, name: &str, g: &ErrorGroup) -> std::io::Result<()> {
+    let lines: Vec<String> = g.lines.iter().map(|l| l.to_string()).collect();
+    let more = if g.count as usize > g.lines.len() {
+        ", …"
+    } else {
+        ""
+    };
+    writeln!(
+        w,
+        "    {name}: {} (lines {}{more})",
+        group(g.count),
+        lines.join(", ")
+    )
+}
+
 /// What a replay did.
 #[derive(Debug, Default, Serialize)]
 struct Summary {
@@ -58,6 +74,10 @@ struct Summary {
     decode_errors: u64,
     /// By `field: kind`.
     decode_errors_by_reason: BTreeMap<String, ErrorGroup>,
+    /// Records counted with a descriptive field cut or dropped.
+    repaired: u64,
+    /// By field.
+    repaired_by_field: BTreeMap<&'static str, ErrorGroup>,
     seconds: f64,
     records_per_second: f64,
     decode_only: bool,
@@ -131,6 +151,16 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             }
         };
         s.decoded += 1;
+        if ev.repaired != 0 {
+            s.repaired += 1;
+            for field in detectors::decode::repaired_fields(ev.repaired) {
+                let g = s.repaired_by_field.entry(field).or_default();
+                g.count += 1;
+                if g.lines.len() < LINES_PER_REASON {
+                    g.lines.push(line_no);
+                }
+            }
+        }
         if args.decode_only {
             std::hint::black_box(&ev);
             return Ok(());
@@ -235,18 +265,17 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
         group(s.blank_lines)
     )?;
     for (reason, g) in &s.decode_errors_by_reason {
-        let lines: Vec<String> = g.lines.iter().map(|l| l.to_string()).collect();
-        let more = if g.count as usize > g.lines.len() {
-            ", …"
-        } else {
-            ""
-        };
+        write_group(w, reason, g)?;
+    }
+    if s.repaired > 0 {
         writeln!(
             w,
-            "    {reason}: {} (lines {}{more})",
-            group(g.count),
-            lines.join(", ")
+            "  counted with a descriptive field cut or dropped {} (flagged in the lake's `repaired` column):",
+            group(s.repaired)
         )?;
+        for (field, g) in &s.repaired_by_field {
+            write_group(w, field, g)?;
+        }
     }
     if let Some(e) = &s.engine {
         writeln!(

@@ -171,6 +171,12 @@ pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
             c(&m.decoded),
         );
         out.counter(
+            "keywatch_events_repaired_total",
+            "Records counted with a descriptive field cut or dropped (the lake's `repaired` column names which).",
+            &[],
+            c(&m.repaired),
+        );
+        out.counter(
             "keywatch_decode_errors_total",
             "Records that could not be decoded (dead-lettered).",
             &[],

@@ -361,7 +361,10 @@ pub struct TokenArgs {
 }
 
 /// `keywatch token NAME`: a new random bearer token for a gateway, and the
-/// config lines that admit it (only its hash goes in the config).
+/// config lines that admit it (only its hash goes in the config). The token
+/// goes to standard error, the terminal, and never to standard output: the
+/// documented `keywatch token NAME >> keywatch.toml` must not write the
+/// secret into the file.
 pub fn token(args: TokenArgs) -> Result<ExitCode> {
     let mut bytes = [0u8; 32];
     getrandom(&mut bytes)?;
@@ -369,8 +372,11 @@ pub fn token(args: TokenArgs) -> Result<ExitCode> {
         "kwf_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
-    println!("# Give this token to the gateway (it is shown once; keywatch keeps only its hash):");
-    println!("#   Authorization: Bearer {token}");
+    eprintln!(
+        "Give this token to the gateway {:?} (it is shown once; keywatch keeps only its hash):",
+        args.name
+    );
+    eprintln!("  Authorization: Bearer {token}");
     println!("[[feed.clients]]");
     println!("name = {:?}", args.name);
     println!("token_sha256 = \"{}\"", alerting::feed::hash_token(&token));

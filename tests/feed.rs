@@ -402,3 +402,31 @@ fn a_cursor_never_skips_an_action_committed_late() {
         "the poller saw a different sequence than was committed"
     );
 }
+
+#[test]
+fn token_output_redirected_into_the_config_holds_only_the_hash() {
+    // `keywatch token NAME >> keywatch.toml`: standard output is the config
+    // lines, the secret goes to the terminal (standard error) only.
+    let out = common::keywatch()
+        .args(["token", "gateway-eu"])
+        .output()
+        .expect("keywatch token runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let token = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("kwf_"))
+        .expect("the token is shown on the terminal");
+    assert!(
+        !stdout.contains(token),
+        "the secret leaked into stdout: {stdout}"
+    );
+    let parsed: toml::Value = toml::from_str(&stdout).expect("stdout is config");
+    let client = &parsed["feed"]["clients"][0];
+    assert_eq!(client["name"].as_str(), Some("gateway-eu"));
+    assert_eq!(
+        client["token_sha256"].as_str(),
+        Some(sha256_hex(token).as_str())
+    );
+}

@@ -187,3 +187,77 @@ fn stdin_and_config_errors() {
     assert!(o.status.success());
     assert_eq!(summary(&o)["decoded"], 1);
 }
+
+/// The attack with a hostile descriptive field on every record gives the
+/// same alerts as the plain attack: a field the caller controls cannot make
+/// a request go uncounted.
+#[test]
+fn hostile_descriptive_fields_do_not_hide_a_flood() {
+    let dir = scratch("evasion");
+    // $15 on a free account: 300 requests in a minute, 4,000 + 4,000 tokens each.
+    let flood = |extra: &str| -> String {
+        (0..300)
+            .map(|i| {
+                format!(
+                    r#"{{"ts":"2026-11-23T10:15:{:02}.{:03}Z","request_id":"f{i}","user_id":"acct_free","key_id":"key_free","tier":"free","ip":"198.51.100.7","model":"gpt-4o","prompt_tokens":4000,"completion_tokens":4000,"cost_usd":0.05,"status":200{extra}}}"#,
+                    i / 5,
+                    (i % 5) * 200
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let alerts = |name: &str, extra: &str| -> (Vec<(String, String, String)>, String) {
+        let input = dir.join(format!("{name}.ndjson"));
+        std::fs::write(&input, flood(extra)).unwrap();
+        let o = replay(&[input.to_str().unwrap()]);
+        let out = String::from_utf8(o.stdout).unwrap();
+        let mut got: Vec<(String, String, String)> = out
+            .lines()
+            .map(|l| {
+                let a: serde_json::Value = serde_json::from_str(l).unwrap();
+                let f = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+                (f("id"), f("kind"), f("action"))
+            })
+            .collect();
+        got.sort();
+        (got, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (plain, _) = alerts("plain", "");
+    let kinds: Vec<&str> = plain.iter().map(|a| a.1.as_str()).collect();
+    assert!(kinds.contains(&"budget_threshold"), "{plain:?}");
+    assert!(kinds.contains(&"request_spike"), "{plain:?}");
+    assert!(plain.iter().any(|a| a.2 == "block"), "{plain:?}");
+    let long_ua = format!(r#","user_agent":"{}""#, "A".repeat(513));
+    let long_model = format!(r#","endpoint":"/v1/{}""#, "m".repeat(300));
+    let variants = [
+        ("user-agent", long_ua.as_str()),
+        ("nul-prompt", r#","prompt":"ignore\u0000me""#),
+        ("surrogate-prompt", r#","prompt":"a\ud800b""#),
+        ("nul-agent", r#","user_agent":"curl\u0000""#),
+        ("endpoint", long_model.as_str()),
+        ("latency", r#","latency_ms":-5"#),
+        ("asn", r#","asn":"AS64500""#),
+        ("prompt-chars", r#","prompt_chars":[1]"#),
+    ];
+    for (name, extra) in variants {
+        let (got, summary) = alerts(name, extra);
+        if extra.contains("\"prompt\"") {
+            // The same prompt 300 times is prompt farming on top.
+            assert!(
+                plain.iter().all(|a| got.contains(a)),
+                "{name}: {got:?} {summary}"
+            );
+            assert!(
+                got.iter().any(|a| a.1 == "repeated_prompt"),
+                "{name}: {got:?}"
+            );
+        } else {
+            assert_eq!(got, plain, "{name}: {summary}");
+        }
+        assert!(
+            summary.contains("counted with a descriptive field cut or dropped 300"),
+            "{name}: {summary}"
+        );
+    }
+}

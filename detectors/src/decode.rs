@@ -9,7 +9,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::net::IpAddr;
 
 use crate::event::{Event, Phase};
 use crate::hash::SecretHasher;
@@ -151,6 +150,58 @@ struct Scanner<'a> {
     s: &'a str,
     b: &'a [u8],
     i: usize,
+    /// Set by `string` when it replaced a NUL or a lone surrogate with
+    /// U+FFFD: the text it returned is not what was sent.
+    mangled: Option<&'static str>,
+}
+
+/// The descriptive fields: what the detectors can do without. A bad one is
+/// cut or dropped and flagged in [`Event::repaired`], never a dead letter,
+/// so a caller-controlled field cannot make a request go uncounted.
+const DESCRIPTIVE: u32 = F_TIER
+    | F_IP
+    | F_ASN
+    | F_UA
+    | F_ENDPOINT
+    | F_MODEL
+    | F_STATUS
+    | F_LAT
+    | F_FP
+    | F_PROMPT
+    | F_CHARS;
+
+/// The fields of [`Event::repaired`]'s bits, in bit order.
+const FIELD_NAMES: [&str; 21] = [
+    "v",
+    "ts",
+    "request_id",
+    "phase",
+    "user_id",
+    "key_id",
+    "api_key",
+    "tier",
+    "ip",
+    "asn",
+    "user_agent",
+    "endpoint",
+    "model",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "latency_ms",
+    "prompt_fingerprint",
+    "prompt",
+    "prompt_chars",
+];
+
+/// The names of the fields in an [`Event::repaired`] mask, in contract order.
+pub fn repaired_fields(mask: u32) -> impl Iterator<Item = &'static str> {
+    FIELD_NAMES
+        .iter()
+        .enumerate()
+        .filter(move |(i, _)| mask & (1 << i) != 0)
+        .map(|(_, n)| *n)
 }
 
 impl Decoder {
@@ -171,7 +222,12 @@ impl Decoder {
                 },
             )
         })?;
-        let mut sc = Scanner { s, b: line, i: 0 };
+        let mut sc = Scanner {
+            s,
+            b: line,
+            i: 0,
+            mangled: None,
+        };
         let mut ev = Event::new(0, "", "", "");
         let mut seen = 0u32;
         let mut api_key: Option<Cow<'a, str>> = None;
@@ -189,90 +245,68 @@ impl Decoder {
                     return Err(sc.syntax("a field name"));
                 }
                 let key = sc.string("record")?;
+                sc.mangled = None;
                 sc.ws();
                 sc.expect(b':', "':'")?;
                 sc.ws();
                 let (bit, field) = field_of(&key);
-                if bit != 0 {
-                    if seen & bit != 0 {
-                        return Err(DecodeError::new(field, Problem::Duplicate));
-                    }
-                    seen |= bit;
+                let repeat = bit != 0 && seen & bit != 0;
+                if repeat && bit & DESCRIPTIVE == 0 {
+                    return Err(DecodeError::new(field, Problem::Duplicate));
                 }
-                match bit {
-                    0 => sc.skip_value(0)?,
-                    F_V => {
-                        if let Some(v) = sc.uint(field, false)? {
-                            if v != 1 {
-                                return Err(invalid(field, "schema version 1", v.to_string()));
-                            }
-                        }
-                    }
-                    F_TS => {
-                        let t = sc.req_str(field, false)?;
-                        ev.ts_ms = parse_rfc3339(&t)
-                            .ok_or_else(|| invalid(field, "an RFC 3339 timestamp", quote(&t)))?;
-                    }
-                    F_REQ => ev.request_id = sc.id(field)?,
-                    F_USER => ev.user_id = sc.id(field)?,
-                    F_KEY => ev.key_id = sc.id(field)?,
-                    F_PHASE => {
-                        if let Some(p) = sc.opt_str(field, false)? {
-                            ev.phase = match &*p {
-                                "exchange" => Phase::Exchange,
-                                "request" => Phase::Request,
-                                "response" => Phase::Response,
-                                _ => {
-                                    return Err(invalid(
-                                        field,
-                                        "\"exchange\", \"request\" or \"response\"",
-                                        quote(&p),
-                                    ))
+                seen |= bit;
+                if repeat {
+                    // A descriptive field twice: the first stands.
+                    ev.repaired |= bit;
+                    sc.skip_value(0)?;
+                } else if bit & DESCRIPTIVE != 0 {
+                    ev.repaired |= sc.descriptive(&mut ev, &mut prompt, bit, field)?;
+                } else {
+                    match bit {
+                        0 => sc.skip_value(0)?,
+                        F_V => {
+                            if let Some(v) = sc.uint(field, false)? {
+                                if v != 1 {
+                                    return Err(invalid(field, "schema version 1", v.to_string()));
                                 }
-                            };
-                        }
-                    }
-                    F_API_KEY => api_key = sc.opt_str(field, true)?,
-                    F_PROMPT => prompt = sc.opt_str(field, true)?,
-                    F_TIER => ev.tier = sc.bounded(field, 64)?,
-                    F_UA => ev.user_agent = sc.bounded(field, 512)?,
-                    F_ENDPOINT => ev.endpoint = sc.bounded(field, 256)?,
-                    F_MODEL => ev.model = sc.bounded(field, 128)?,
-                    F_FP => ev.prompt_fingerprint = sc.bounded(field, 128)?,
-                    F_IP => {
-                        if let Some(t) = sc.opt_str(field, false)? {
-                            let ip: IpAddr = t.parse().map_err(|_| {
-                                invalid(field, "an IPv4 or IPv6 address", quote(&t))
-                            })?;
-                            ev.ip = Some(ip);
-                        }
-                    }
-                    F_ASN => {
-                        if let Some(v) = sc.uint(field, false)? {
-                            let asn = u32::try_from(v).map_err(|_| {
-                                invalid(field, "an integer from 0 to 4294967295", v.to_string())
-                            })?;
-                            ev.asn = Some(asn);
-                        }
-                    }
-                    F_STATUS => {
-                        if let Some(v) = sc.uint(field, false)? {
-                            if !(100..=599).contains(&v) {
-                                return Err(invalid(
-                                    field,
-                                    "an HTTP status from 100 to 599",
-                                    v.to_string(),
-                                ));
                             }
-                            ev.status = Some(v as u16);
                         }
+                        F_TS => {
+                            let t = sc.req_str(field, false)?;
+                            ev.ts_ms = parse_rfc3339(&t).ok_or_else(|| {
+                                invalid(field, "an RFC 3339 timestamp", quote(&t))
+                            })?;
+                        }
+                        F_REQ => ev.request_id = sc.id(field)?,
+                        F_USER => ev.user_id = sc.id(field)?,
+                        F_KEY => ev.key_id = sc.id(field)?,
+                        F_PHASE => {
+                            if let Some(p) = sc.opt_str(field, false)? {
+                                ev.phase = match &*p {
+                                    "exchange" => Phase::Exchange,
+                                    "request" => Phase::Request,
+                                    "response" => Phase::Response,
+                                    _ => {
+                                        return Err(invalid(
+                                            field,
+                                            "\"exchange\", \"request\" or \"response\"",
+                                            quote(&p),
+                                        ))
+                                    }
+                                };
+                            }
+                        }
+                        F_API_KEY => {
+                            api_key = sc.opt_str(field, true)?;
+                            if let Some(why) = sc.mangled {
+                                return Err(mangled(field, why));
+                            }
+                        }
+                        F_PT => ev.prompt_tokens = sc.uint(field, true)?.unwrap_or(0),
+                        F_CT => ev.completion_tokens = sc.uint(field, true)?.unwrap_or(0),
+                        F_COST => ev.cost_usd = sc.cost(field)?,
+                        _ => unreachable!("every field bit has an arm"),
                     }
-                    F_PT => ev.prompt_tokens = sc.uint(field, true)?.unwrap_or(0),
-                    F_CT => ev.completion_tokens = sc.uint(field, true)?.unwrap_or(0),
-                    F_LAT => ev.latency_ms = sc.uint(field, true)?,
-                    F_CHARS => ev.prompt_chars = sc.uint(field, true)?,
-                    F_COST => ev.cost_usd = sc.cost(field)?,
-                    _ => unreachable!("every field bit has an arm"),
                 }
                 sc.ws();
                 match sc.peek() {
@@ -384,6 +418,41 @@ fn quote(s: &str) -> String {
     format!("{:?}{ell}", cut)
 }
 
+const MANGLED_NUL: &str = "text without NUL characters";
+const MANGLED_SURROGATE: &str = "text without lone surrogates";
+
+/// The error for a strict field whose text held a NUL or lone surrogate.
+fn mangled(field: &'static str, why: &'static str) -> DecodeError {
+    let got = if why == MANGLED_NUL {
+        "\"\\u0000\""
+    } else {
+        "an unpaired \\u surrogate escape"
+    };
+    DecodeError::new(
+        field,
+        Problem::Invalid {
+            expected: why,
+            got: got.to_string(),
+        },
+    )
+}
+
+/// `s` cut to at most `max` characters, and whether it was cut.
+fn cut(s: Cow<'_, str>, max: usize) -> (Cow<'_, str>, bool) {
+    let end = match s.char_indices().nth(max) {
+        Some((i, _)) => i,
+        None => return (s, false),
+    };
+    let t = match s {
+        Cow::Borrowed(b) => Cow::Borrowed(&b[..end]),
+        Cow::Owned(mut o) => {
+            o.truncate(end);
+            Cow::Owned(o)
+        }
+    };
+    (t, true)
+}
+
 fn char_len(s: &str) -> usize {
     if s.is_ascii() {
         s.len()
@@ -470,34 +539,34 @@ impl<'a> Scanner<'a> {
                         b't' => out.push('\t'),
                         b'u' => {
                             let hi = self.hex4(field)?;
-                            let c = if (0xD800..0xDC00).contains(&hi) {
-                                if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
-                                    return Err(self.string_syntax(field, "a low surrogate escape"));
-                                }
+                            let mut c = hi;
+                            if (0xD800..0xDC00).contains(&hi)
+                                && self.b.get(self.i..self.i + 2) == Some(b"\\u")
+                            {
+                                let back = self.i;
                                 self.i += 2;
                                 let lo = self.hex4(field)?;
-                                if !(0xDC00..0xE000).contains(&lo) {
-                                    return Err(self.string_syntax(field, "a low surrogate escape"));
+                                if (0xDC00..0xE000).contains(&lo) {
+                                    c = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+                                } else {
+                                    // Not a pair: the next escape stands alone.
+                                    self.i = back;
                                 }
-                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                            } else {
-                                hi
-                            };
-                            if c == 0 {
-                                // Postgres text cannot hold NUL, and no id or name needs one.
-                                return Err(DecodeError::new(
-                                    field,
-                                    Problem::Invalid {
-                                        expected: "text without NUL characters",
-                                        got: "\"\\u0000\"".to_string(),
-                                    },
-                                ));
                             }
-                            out.push(
-                                char::from_u32(c).ok_or_else(|| {
-                                    self.string_syntax(field, "a valid \\u escape")
-                                })?,
-                            );
+                            // A NUL (Postgres text cannot hold one) or a lone
+                            // surrogate becomes U+FFFD; the caller decides
+                            // whether a changed value is acceptable.
+                            match char::from_u32(c) {
+                                Some('\0') => {
+                                    self.mangled = Some(MANGLED_NUL);
+                                    out.push('\u{FFFD}');
+                                }
+                                Some(ch) => out.push(ch),
+                                None => {
+                                    self.mangled = Some(MANGLED_SURROGATE);
+                                    out.push('\u{FFFD}');
+                                }
+                            }
                         }
                         _ => return Err(self.string_syntax(field, "a valid escape")),
                     }
@@ -715,6 +784,9 @@ impl<'a> Scanner<'a> {
     /// A required identifier: 1 to 128 characters.
     fn id(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeError> {
         let s = self.req_str(field, false)?;
+        if let Some(why) = self.mangled {
+            return Err(mangled(field, why));
+        }
         if s.is_empty() {
             return Err(invalid(field, "a non-empty string", "\"\"".to_string()));
         }
@@ -725,19 +797,96 @@ impl<'a> Scanner<'a> {
         Ok(s)
     }
 
-    fn bounded(
+    /// Reads descriptive field `bit` into `ev` (or `prompt`). A value that
+    /// breaks the contract is cut (text too long: to its limit) or dropped
+    /// (the wrong type, not an address, out of range, text that held a NUL
+    /// or lone surrogate where it names something) and the field's bit is
+    /// returned; 0 when the value stands as sent. Only bytes that are not
+    /// JSON are an error here: the record is still counted.
+    fn descriptive(
         &mut self,
+        ev: &mut Event<'a>,
+        prompt: &mut Option<Cow<'a, str>>,
+        bit: u32,
         field: &'static str,
-        max: usize,
-    ) -> Result<Option<Cow<'a, str>>, DecodeError> {
-        let s = self.opt_str(field, false)?;
-        if let Some(s) = &s {
-            let len = char_len(s);
-            if len > max {
-                return Err(DecodeError::new(field, Problem::TooLong { max, len }));
+    ) -> Result<u32, DecodeError> {
+        let mut bad = false;
+        if matches!(bit, F_ASN | F_STATUS | F_LAT | F_CHARS) {
+            let v = match self.uint(field, false) {
+                Ok(v) => v,
+                Err(e) if matches!(e.problem, Problem::Syntax { .. }) => return Err(e),
+                Err(_) => {
+                    bad = true;
+                    None
+                }
+            };
+            match bit {
+                F_ASN => ev.asn = v.and_then(|v| u32::try_from(v).map_err(|_| bad = true).ok()),
+                F_STATUS => {
+                    ev.status = v.and_then(|v| match v {
+                        100..=599 => Some(v as u16),
+                        _ => {
+                            bad = true;
+                            None
+                        }
+                    })
+                }
+                F_LAT => ev.latency_ms = v,
+                _ => ev.prompt_chars = v,
+            }
+            return Ok(if bad { bit } else { 0 });
+        }
+        let text = match self.raw(field)? {
+            Raw::Str(t) => Some(t),
+            Raw::Null => None,
+            _ => {
+                bad = true;
+                None
+            }
+        };
+        let mangled = self.mangled.take().is_some();
+        match bit {
+            F_PROMPT => {
+                // Fingerprinted with the replacement characters: the same
+                // bytes again are the same prompt.
+                bad |= mangled;
+                *prompt = text;
+            }
+            F_IP => {
+                ev.ip = text.and_then(|t| t.parse().map_err(|_| bad = true).ok());
+            }
+            F_TIER => {
+                // A cut tier would name another tier: dropped, the default
+                // tier applies.
+                ev.tier = text.and_then(|t| match mangled || char_len(&t) > 64 {
+                    true => {
+                        bad = true;
+                        None
+                    }
+                    false => Some(t),
+                });
+            }
+            _ => {
+                let max = match bit {
+                    F_UA => 512,
+                    F_ENDPOINT => 256,
+                    _ => 128,
+                };
+                bad |= mangled;
+                let t = text.map(|t| {
+                    let (t, was_cut) = cut(t, max);
+                    bad |= was_cut;
+                    t
+                });
+                match bit {
+                    F_UA => ev.user_agent = t,
+                    F_ENDPOINT => ev.endpoint = t,
+                    F_MODEL => ev.model = t,
+                    _ => ev.prompt_fingerprint = t,
+                }
             }
         }
-        Ok(s)
+        Ok(if bad { bit } else { 0 })
     }
 
     /// A non-negative integer (`null` is absent). `counting` fields phrase
@@ -960,34 +1109,10 @@ mod tests {
                 r#""completion_tokens":99999999999999999999999"#.into(),
                 "completion_tokens: expected an integer below 2^64, got 99999999999999999999999",
             ),
-            (
-                r#""latency_ms":[1]"#.into(),
-                "latency_ms: expected a non-negative integer, got an array \"[1]\"",
-            ),
-            (
-                r#""prompt_chars":{"n":1}"#.into(),
-                "prompt_chars: expected a non-negative integer, got an object \"{\\\"n\\\":1}\"",
-            ),
             (r#""v":2"#.into(), "v: expected schema version 1, got 2"),
             (
                 r#""phase":"stream""#.into(),
                 "phase: expected \"exchange\", \"request\" or \"response\", got \"stream\"",
-            ),
-            (
-                r#""status":99"#.into(),
-                "status: expected an HTTP status from 100 to 599, got 99",
-            ),
-            (
-                r#""status":600"#.into(),
-                "status: expected an HTTP status from 100 to 599, got 600",
-            ),
-            (
-                r#""asn":4294967296"#.into(),
-                "asn: expected an integer from 0 to 4294967295, got 4294967296",
-            ),
-            (
-                r#""ip":"999.1.1.1""#.into(),
-                "ip: expected an IPv4 or IPv6 address, got \"999.1.1.1\"",
             ),
             (
                 r#""cost_usd":-0.5"#.into(),
@@ -998,30 +1123,9 @@ mod tests {
                 "cost_usd: expected a number, got \"0.5\"",
             ),
             (
-                format!(r#""model":"{}""#, long),
-                "model: longer than 128 characters (129)",
-            ),
-            (
-                format!(r#""tier":"{}""#, "t".repeat(65)),
-                "tier: longer than 64 characters (65)",
-            ),
-            (
-                format!(r#""user_agent":"{}""#, "u".repeat(513)),
-                "user_agent: longer than 512 characters (513)",
-            ),
-            (
-                format!(r#""endpoint":"{}""#, "e".repeat(257)),
-                "endpoint: longer than 256 characters (257)",
-            ),
-            (
-                format!(r#""prompt_fingerprint":"{}""#, long),
-                "prompt_fingerprint: longer than 128 characters (129)",
-            ),
-            (
                 r#""user_id":"again""#.into(),
                 "user_id: appears more than once",
             ),
-            (r#""tier":5"#.into(), "tier: expected a string, got 5"),
             (
                 r#""x":tru"#.into(),
                 "record: not a JSON object: expected a JSON value at byte 77",
@@ -1058,6 +1162,102 @@ mod tests {
     }
 
     #[test]
+    fn bad_descriptive_fields_are_cut_or_dropped_and_flagged_never_refused() {
+        let long = "x".repeat(129);
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!(r#""user_agent":"{}""#, "u".repeat(513)),
+                "user_agent",
+            ),
+            (format!(r#""model":"{long}""#), "model"),
+            (format!(r#""endpoint":"{}""#, "e".repeat(257)), "endpoint"),
+            (
+                format!(r#""prompt_fingerprint":"{long}""#),
+                "prompt_fingerprint",
+            ),
+            (format!(r#""tier":"{}""#, "t".repeat(65)), "tier"),
+            (r#""tier":5"#.into(), "tier"),
+            (r#""user_agent":"curl\u0000x""#.into(), "user_agent"),
+            (r#""model":"gpt\ud800""#.into(), "model"),
+            (r#""prompt":"hi \udc00 there""#.into(), "prompt"),
+            (r#""prompt":"a\u0000b""#.into(), "prompt"),
+            (r#""user_agent":{"a":1}"#.into(), "user_agent"),
+            (r#""ip":"999.1.1.1""#.into(), "ip"),
+            (r#""ip":7"#.into(), "ip"),
+            (r#""asn":4294967296"#.into(), "asn"),
+            (r#""asn":"AS1""#.into(), "asn"),
+            (r#""status":99"#.into(), "status"),
+            (r#""status":"success""#.into(), "status"),
+            (r#""latency_ms":[1]"#.into(), "latency_ms"),
+            (r#""latency_ms":-1"#.into(), "latency_ms"),
+            (r#""prompt_chars":{"n":1}"#.into(), "prompt_chars"),
+            (r#""model":"a","model":"b""#.into(), "model"),
+        ];
+        let plain = r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"u","key_id":"k"}"#;
+        let base = dec().decode(plain.as_bytes()).unwrap();
+        for (field, name) in &cases {
+            let line = with(field);
+            let ev = dec()
+                .decode(line.as_bytes())
+                .unwrap_or_else(|e| panic!("{field}: refused ({e})"));
+            assert_eq!(
+                repaired_fields(ev.repaired).collect::<Vec<_>>(),
+                [*name],
+                "{field}"
+            );
+            // What the detectors count is untouched.
+            assert_eq!(
+                (
+                    ev.ts_ms,
+                    &ev.user_id,
+                    &ev.key_id,
+                    ev.prompt_tokens,
+                    ev.completion_tokens
+                ),
+                (
+                    base.ts_ms,
+                    &base.user_id,
+                    &base.key_id,
+                    base.prompt_tokens,
+                    base.completion_tokens
+                ),
+                "{field}"
+            );
+        }
+        let cut_ua = with(&format!(r#""user_agent":"{}""#, "é".repeat(600)));
+        let ev = dec().decode(cut_ua.as_bytes()).unwrap();
+        assert_eq!(
+            ev.user_agent.as_deref().map(|u| u.chars().count()),
+            Some(512)
+        );
+        let twice = with(r#""model":"a","model":"b""#);
+        let ev = dec().decode(twice.as_bytes()).unwrap();
+        assert_eq!(ev.model.as_deref(), Some("a"), "the first stands");
+        // The same mangled prompt twice is the same prompt.
+        let mangled = with(r#""prompt":"x\ud800""#);
+        let a = dec().decode(mangled.as_bytes()).unwrap();
+        let b = dec().decode(mangled.as_bytes()).unwrap();
+        assert_eq!(a.prompt_fingerprint, b.prompt_fingerprint);
+        assert!(a.prompt_fingerprint.is_some());
+        // A clean record has nothing flagged.
+        assert_eq!(base.repaired, 0);
+        // Identity stays strict: a NUL or lone surrogate in an id, or an id
+        // twice, is a dead letter.
+        let e = err(
+            r#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"a\ud800","key_id":"k"}"#,
+        );
+        assert_eq!(
+            e,
+            "user_id: expected text without lone surrogates, got an unpaired \\u surrogate escape"
+        );
+        // Broken JSON inside a descriptive field still is.
+        assert_eq!(
+            err(&with(r#""user_agent":"a\qb""#)).split(':').next(),
+            Some("record")
+        );
+    }
+
+    #[test]
     fn secrets_are_hashed_and_never_echoed() {
         let ev = dec()
             .decode(br#"{"ts":"2026-11-23T10:15:02Z","request_id":"r","user_id":"u","api_key":"sk-live-SECRET","prompt":"Tell me  a joke"}"#)
@@ -1074,8 +1274,11 @@ mod tests {
         // A secret of the wrong type is described without its value.
         let e = err(&with(r#""api_key":12345678"#));
         assert_eq!(e, "api_key: expected a string, got a number");
-        let e = err(&with(r#""prompt":["secret words"]"#));
-        assert_eq!(e, "prompt: expected a string, got an array");
+        // A prompt of the wrong type is dropped (and flagged), never echoed.
+        let line = with(r#""prompt":["secret words"]"#);
+        let ev = dec().decode(line.as_bytes()).unwrap();
+        assert_eq!(repaired_fields(ev.repaired).collect::<Vec<_>>(), ["prompt"]);
+        assert!(!format!("{ev:?}").contains("secret words"));
     }
 
     fn event_json() -> impl Strategy<Value = (serde_json::Value, String)> {

@@ -78,6 +78,11 @@ pub struct Event<'a> {
     pub prompt_fingerprint: Option<Cow<'a, str>>,
     /// Prompt length in characters.
     pub prompt_chars: Option<u64>,
+    /// Descriptive fields the decoder cut or dropped because they broke the
+    /// contract (too long, the wrong type, NUL or a lone surrogate, a
+    /// duplicate): the record is still counted. A bit per field;
+    /// `decode::repaired_fields` names them.
+    pub repaired: u32,
 }
 
 impl<'a> Event<'a> {
@@ -102,6 +107,7 @@ impl<'a> Event<'a> {
             latency_ms: None,
             prompt_fingerprint: None,
             prompt_chars: None,
+            repaired: 0,
         }
     }
 }

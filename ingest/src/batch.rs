@@ -137,6 +137,11 @@ pub fn event_row(ev: &Event<'_>, offset: i64, duplicate: bool) -> EventRow {
         prompt_fingerprint: ev.prompt_fingerprint.as_deref().map(str::to_string),
         offset,
         duplicate,
+        repaired: (ev.repaired != 0).then(|| {
+            detectors::decode::repaired_fields(ev.repaired)
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
     }
 }
 

@@ -82,6 +82,8 @@ pub struct PipelineMetrics {
     pub decoded: AtomicU64,
     /// Records dead-lettered.
     pub dead_lettered: AtomicU64,
+    /// Records counted with a descriptive field cut or dropped.
+    pub repaired: AtomicU64,
     /// Alerts committed (before de-duplication by id).
     pub alerts: AtomicU64,
     /// Batches committed.
@@ -587,6 +589,9 @@ impl<'s> PartitionWorker<'s> {
         match self.decoder.decode(payload) {
             Ok(ev) => {
                 self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
+                if ev.repaired != 0 {
+                    self.shared.metrics.repaired.fetch_add(1, Ordering::Relaxed);
+                }
                 let outcome = self.engine.observe(&ev, &mut self.alerts);
                 let duplicate = match outcome {
                     Outcome::Counted { cost_micros } => {

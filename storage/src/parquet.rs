@@ -38,6 +38,7 @@
 //! | `prompt_fingerprint` | Utf8 | yes | keyed hash of the prompt |
 //! | `kafka_offset` | Int64 | no | the record's Kafka offset (the topic and partition are in the file name) |
 //! | `duplicate` | Boolean | no | a repeat of (`request_id`, `phase`) that the detectors ignored |
+//! | `repaired` | Utf8 | yes | descriptive fields the decoder cut or dropped because they broke the contract, comma-separated (`user_agent,model`); null when none: the record was counted all the same |
 //!
 //! Token counts are `u64` in memory and Int64 in the file (every lake engine
 //! reads signed 64-bit integers; no token count comes near 2^63).
@@ -98,6 +99,8 @@ pub struct EventRow {
     pub offset: i64,
     /// A repeat that the detectors ignored.
     pub duplicate: bool,
+    /// Descriptive fields cut or dropped by the decoder, comma-separated.
+    pub repaired: Option<String>,
 }
 
 /// The Arrow schema of a lake file (see the module docs for the table).
@@ -128,6 +131,7 @@ pub fn event_schema() -> SchemaRef {
                 Field::new("prompt_fingerprint", DataType::Utf8, true),
                 Field::new("kafka_offset", DataType::Int64, false),
                 Field::new("duplicate", DataType::Boolean, false),
+                Field::new("repaired", DataType::Utf8, true),
             ]))
         })
         .clone()
@@ -383,6 +387,7 @@ fn record_batch(rows: &[EventRow]) -> Result<RecordBatch, arrow_schema::ArrowErr
                 .map(|r| Some(r.duplicate))
                 .collect::<BooleanArray>(),
         ),
+        opt_strings(rows, |r| r.repaired.as_deref()),
     ];
     RecordBatch::try_new(event_schema(), columns)
 }
@@ -440,6 +445,7 @@ mod tests {
             prompt_fingerprint: Some("pf_1".into()),
             offset,
             duplicate: false,
+            repaired: None,
         }
     }
 
@@ -471,6 +477,7 @@ mod tests {
         rows[1].latency_ms = None;
         rows[1].tier = None;
         rows[2].duplicate = true;
+        rows[1].repaired = Some("user_agent,model".into());
         rows[2].prompt_tokens = u64::MAX;
 
         let path = write_batch(&dir.0, "gateway-logs", 3, 100, 102, &rows, 0).unwrap();
@@ -518,6 +525,12 @@ mod tests {
         let dup = col("duplicate");
         let dup = dup.as_any().downcast_ref::<BooleanArray>().unwrap();
         assert_eq!((dup.value(0), dup.value(2)), (false, true));
+        let repaired = col("repaired");
+        let repaired = repaired.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(
+            (repaired.is_null(0), repaired.value(1)),
+            (true, "user_agent,model")
+        );
 
         // zstd, as promised.
         let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
