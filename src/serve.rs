@@ -215,12 +215,15 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 throttle,
                 operator,
             } => {
-                let user = subject(pool, key_id.as_deref(), user).await?;
+                check_ids(key_id.as_deref(), user.as_deref())?;
                 if let Some(h) = hours {
-                    if h.is_nan() || h <= 0.0 {
-                        bail!("--hours: must be above 0");
+                    if !(h > 0.0 && h <= MAX_HOURS) {
+                        bail!(
+                            "--hours: must be above 0 and at most {MAX_HOURS} (ten years), got {h}"
+                        );
                     }
                 }
+                let user = subject(pool, key_id.as_deref(), user).await?;
                 let action = if throttle { "throttle" } else { "block" };
                 let seq = record(
                     pool,
@@ -243,6 +246,7 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 reason,
                 operator,
             } => {
+                check_ids(key_id.as_deref(), user.as_deref())?;
                 let user = subject(pool, key_id.as_deref(), user).await?;
                 let seq = record(
                     pool,
@@ -268,22 +272,60 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 .await?;
                 println!("seq\tuser\tkey\taction\texpires\treason");
                 for r in rows {
+                    // Ids and reasons come from traffic and operators:
+                    // control characters are escaped, so no value can forge
+                    // a row or drive the terminal.
                     println!(
                         "{}\t{}\t{}\t{}\t{}\t{}",
                         r.get::<i64, _>("seq"),
-                        r.get::<String, _>("user_id"),
+                        printable(&r.get::<String, _>("user_id")),
                         r.get::<Option<String>, _>("key_id")
-                            .unwrap_or_else(|| "(all keys)".into()),
-                        r.get::<String, _>("action"),
+                            .map_or_else(|| "(all keys)".into(), |k| printable(&k)),
+                        printable(&r.get::<String, _>("action")),
                         r.get::<Option<String>, _>("expires")
                             .unwrap_or_else(|| "never".into()),
-                        r.get::<String, _>("reason"),
+                        printable(&r.get::<String, _>("reason")),
                     );
                 }
             }
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The longest `--hours` a manual block may last.
+const MAX_HOURS: f64 = 87_600.0;
+
+/// Key and user ids as the contract has them: 1 to 128 characters, no
+/// control characters.
+fn check_ids(key_id: Option<&str>, user: Option<&str>) -> Result<()> {
+    for (flag, v) in [("KEY_ID", key_id), ("--user", user)] {
+        let Some(v) = v else { continue };
+        let len = v.chars().count();
+        if !(1..=128).contains(&len) {
+            bail!("{flag}: must be 1 to 128 characters, got {len}");
+        }
+        if v.chars().any(char::is_control) {
+            bail!(
+                "{flag}: must not hold control characters, got {}",
+                printable(v)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`): safe to print.
+pub(crate) fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 fn describe(key_id: Option<&str>) -> String {
@@ -470,4 +512,29 @@ pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_actions_take_contract_ids_and_print_safely() {
+        check_ids(Some("key_7f3a"), Some("acct_42")).unwrap();
+        check_ids(None, Some("acct_42")).unwrap();
+        let long = "k".repeat(100_000);
+        let e = check_ids(Some(&long), None).unwrap_err().to_string();
+        assert_eq!(e, "KEY_ID: must be 1 to 128 characters, got 100000");
+        let e = check_ids(Some("k"), Some("")).unwrap_err().to_string();
+        assert_eq!(e, "--user: must be 1 to 128 characters, got 0");
+        let e = check_ids(Some("k\n9\tforged"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("KEY_ID: must not hold control characters"),
+            "{e}"
+        );
+        assert_eq!(printable("a\nb\t\u{1b}[31m"), "a\\nb\\t\\u{1b}[31m");
+        assert_eq!(printable("plain é"), "plain é");
+    }
 }

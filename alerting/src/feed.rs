@@ -57,7 +57,15 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Checks `[feed]`: unique client names and well-formed token hashes.
+/// The longest long poll a config may allow.
+pub const MAX_WAIT_SECS: u64 = 3600;
+/// The most actions one answer may carry.
+pub const MAX_ACTIONS: u32 = 100_000;
+/// The highest per-client request rate.
+pub const MAX_REQUESTS_PER_MINUTE: u32 = 1_000_000;
+
+/// Checks `[feed]`: unique client names, well-formed token hashes, and
+/// durations and counts within bounds.
 pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
     for (i, c) in cfg.clients.iter().enumerate() {
         if c.name.is_empty() {
@@ -77,11 +85,23 @@ pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
             ));
         }
     }
-    if cfg.requests_per_minute == 0 {
-        return Err("feed.requests_per_minute: must be at least 1".into());
+    if !(1..=MAX_REQUESTS_PER_MINUTE).contains(&cfg.requests_per_minute) {
+        return Err(format!(
+            "feed.requests_per_minute: must be from 1 to {MAX_REQUESTS_PER_MINUTE}, got {}",
+            cfg.requests_per_minute
+        ));
     }
-    if cfg.max_actions == 0 {
-        return Err("feed.max_actions: must be at least 1".into());
+    if !(1..=MAX_ACTIONS).contains(&cfg.max_actions) {
+        return Err(format!(
+            "feed.max_actions: must be from 1 to {MAX_ACTIONS}, got {}",
+            cfg.max_actions
+        ));
+    }
+    if cfg.max_wait_secs > MAX_WAIT_SECS {
+        return Err(format!(
+            "feed.max_wait_secs: must be at most {MAX_WAIT_SECS} (an hour), got {}",
+            cfg.max_wait_secs
+        ));
     }
     Ok(())
 }
@@ -445,7 +465,12 @@ async fn revocations(
             return *r;
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    // `wait` is at most `max_wait_secs` (validated to an hour); checked all
+    // the same, so no config can make a poll panic.
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(Duration::from_secs(wait))
+        .unwrap_or(now + Duration::from_secs(MAX_WAIT_SECS));
     let mut latest = st.latest.clone();
     loop {
         latest.mark_unchanged();
@@ -598,6 +623,22 @@ mod tests {
         assert!(e.contains("feed.clients[0].token_sha256"), "{e}");
         cfg.clients[0].token_sha256 = hash_token("t");
         validate(&cfg).unwrap();
+        // Durations and counts are bounded: the long poll's deadline
+        // cannot overflow.
+        cfg.max_wait_secs = i64::MAX as u64;
+        let e = validate(&cfg).unwrap_err();
+        assert!(
+            e.starts_with("feed.max_wait_secs: must be at most 3600"),
+            "{e}"
+        );
+        cfg.max_wait_secs = MAX_WAIT_SECS;
+        validate(&cfg).unwrap();
+        cfg.max_actions = u32::MAX;
+        let e = validate(&cfg).unwrap_err();
+        assert!(
+            e.starts_with("feed.max_actions: must be from 1 to 100000"),
+            "{e}"
+        );
         cfg.clients.push(cfg.clients[0].clone());
         assert!(validate(&cfg).unwrap_err().contains("used twice"));
     }

@@ -214,6 +214,9 @@ impl Decoder {
 
     /// Decodes one record (a line, without or with its trailing newline).
     pub fn decode<'a>(&self, line: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        // A UTF-8 byte-order mark (a file saved by an editor that writes
+        // one, on its first line) is skipped.
+        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
         let s = std::str::from_utf8(line).map_err(|e| {
             DecodeError::new(
                 "record",
@@ -1159,6 +1162,13 @@ mod tests {
         assert_eq!(bad_utf8.to_string(), "record: not valid UTF-8 at byte 7");
         let deep = with(&format!(r#""x":{}{}"#, "[".repeat(100), "]".repeat(100)));
         assert_eq!(dec().decode(deep.as_bytes()).unwrap_err().kind(), "syntax");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let line = format!("\u{FEFF}{EXAMPLE}");
+        let ev = dec().decode(line.as_bytes()).unwrap();
+        assert_eq!(ev, dec().decode(EXAMPLE.as_bytes()).unwrap());
     }
 
     #[test]
