@@ -33,7 +33,7 @@ pub fn trace(users: u32, hours: f64, seed: u64, poison_every: usize) -> Vec<Stri
         "this is not json".to_string(),
         r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p1","user_id":"acct_poison","key_id":"k","prompt_tokens":"many"}"#.to_string(),
         format!(r#"{{"ts":"2026-11-23T01:00:00Z","request_id":"p2","user_id":"acct_poison","key_id":"{}"}}"#, "k".repeat(100_000)),
-        r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p3","user_id":"acct_poison","key_id":"k","api_key":"sk-live-TOPSECRET","status":99}"#.to_string(),
+        r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p3","user_id":"acct_poison","key_id":"k","api_key":"sk-live-TOPSECRET","cost_usd":-1}"#.to_string(),
     ];
     while sim.next_record(&mut buf).is_some() {
         lines.push(buf.trim_end().to_string());
