@@ -48,6 +48,16 @@ struct ErrorGroup {
     lines: Vec<u64>,
 }
 
+impl ErrorGroup {
+    /// Counts line `line_no`, keeping the first few line numbers.
+    fn add(&mut self, line_no: u64) {
+        self.count += 1;
+        if self.lines.len() < LINES_PER_REASON {
+            self.lines.push(line_no);
+        }
+    }
+}
+
 /// One line of a grouped count: `    name: N (lines 1, 2, …)`.
 fn write_group(w: &mut impl Write, name: &str, g: &ErrorGroup) -> std::io::Result<()> {
     let lines: Vec<String> = g.lines.iter().map(|l| l.to_string()).collect();
@@ -142,11 +152,10 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                     writeln!(stderr, "line {line_no}: {e}")?;
                 }
                 let reason = format!("{}: {}", e.field, e.kind());
-                let g = s.decode_errors_by_reason.entry(reason).or_default();
-                g.count += 1;
-                if g.lines.len() < LINES_PER_REASON {
-                    g.lines.push(line_no);
-                }
+                s.decode_errors_by_reason
+                    .entry(reason)
+                    .or_default()
+                    .add(line_no);
                 return Ok(());
             }
         };
@@ -154,11 +163,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         if ev.repaired != 0 {
             s.repaired += 1;
             for field in detectors::decode::repaired_fields(ev.repaired) {
-                let g = s.repaired_by_field.entry(field).or_default();
-                g.count += 1;
-                if g.lines.len() < LINES_PER_REASON {
-                    g.lines.push(line_no);
-                }
+                s.repaired_by_field.entry(field).or_default().add(line_no);
             }
         }
         if args.decode_only {

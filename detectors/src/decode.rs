@@ -377,31 +377,33 @@ fn plain_run(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// A field's bit and its name as errors give it (`record` when unknown).
 fn field_of(key: &str) -> (u32, &'static str) {
-    match key {
-        "v" => (F_V, "v"),
-        "ts" => (F_TS, "ts"),
-        "request_id" => (F_REQ, "request_id"),
-        "phase" => (F_PHASE, "phase"),
-        "user_id" => (F_USER, "user_id"),
-        "key_id" => (F_KEY, "key_id"),
-        "api_key" => (F_API_KEY, "api_key"),
-        "tier" => (F_TIER, "tier"),
-        "ip" => (F_IP, "ip"),
-        "asn" => (F_ASN, "asn"),
-        "user_agent" => (F_UA, "user_agent"),
-        "endpoint" => (F_ENDPOINT, "endpoint"),
-        "model" => (F_MODEL, "model"),
-        "status" => (F_STATUS, "status"),
-        "prompt_tokens" => (F_PT, "prompt_tokens"),
-        "completion_tokens" => (F_CT, "completion_tokens"),
-        "cost_usd" => (F_COST, "cost_usd"),
-        "latency_ms" => (F_LAT, "latency_ms"),
-        "prompt_fingerprint" => (F_FP, "prompt_fingerprint"),
-        "prompt" => (F_PROMPT, "prompt"),
-        "prompt_chars" => (F_CHARS, "prompt_chars"),
-        _ => (0, "record"),
-    }
+    let bit = match key {
+        "v" => F_V,
+        "ts" => F_TS,
+        "request_id" => F_REQ,
+        "phase" => F_PHASE,
+        "user_id" => F_USER,
+        "key_id" => F_KEY,
+        "api_key" => F_API_KEY,
+        "tier" => F_TIER,
+        "ip" => F_IP,
+        "asn" => F_ASN,
+        "user_agent" => F_UA,
+        "endpoint" => F_ENDPOINT,
+        "model" => F_MODEL,
+        "status" => F_STATUS,
+        "prompt_tokens" => F_PT,
+        "completion_tokens" => F_CT,
+        "cost_usd" => F_COST,
+        "latency_ms" => F_LAT,
+        "prompt_fingerprint" => F_FP,
+        "prompt" => F_PROMPT,
+        "prompt_chars" => F_CHARS,
+        _ => return (0, "record"),
+    };
+    (bit, FIELD_NAMES[bit.trailing_zeros() as usize])
 }
 
 fn invalid(field: &'static str, expected: &'static str, got: String) -> DecodeError {
@@ -1162,6 +1164,14 @@ mod tests {
         assert_eq!(bad_utf8.to_string(), "record: not valid UTF-8 at byte 7");
         let deep = with(&format!(r#""x":{}{}"#, "[".repeat(100), "]".repeat(100)));
         assert_eq!(dec().decode(deep.as_bytes()).unwrap_err().kind(), "syntax");
+    }
+
+    #[test]
+    fn field_names_are_in_bit_order() {
+        for (i, name) in FIELD_NAMES.iter().enumerate() {
+            assert_eq!(field_of(name), (1 << i, *name));
+        }
+        assert_eq!(field_of("nope"), (0, "record"));
     }
 
     #[test]
