@@ -144,7 +144,11 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(Arc::clone(&live));
     rt.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        // The feed's connection rules (timeouts, caps) guard the demo too.
+        let limits = alerting::listen::Limits::of(&alerting::FeedConfig::default());
+        let (_never, stop) = tokio::sync::watch::channel(false);
+        let conns = Arc::default();
+        if let Err(e) = alerting::listen::serve(listener, app, limits, conns, stop).await {
             eprintln!("keywatch demo: web server stopped: {e}");
         }
     });
@@ -233,7 +237,12 @@ fn produce(brokers: &str, sim: SimConfig, live: &Live, stop: &AtomicBool) {
         }
         let record = line.trim_end();
         let user = user_of(record);
-        let mut rec = BaseRecord::<str, str>::to(TOPIC).payload(record).key(user);
+        // Stamped with the simulated clock, as a gateway stamps its logs:
+        // event times are held to the message's timestamp.
+        let mut rec = BaseRecord::<str, str>::to(TOPIC)
+            .payload(record)
+            .key(user)
+            .timestamp(ts);
         loop {
             match producer.send(rec) {
                 Ok(()) => break,

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use detectors::{Alert, Decoder, Engine, EngineStats, Outcome, Tracked};
-use ingest::ndjson::LineReader;
+use ingest::ndjson::{Line, LineReader};
 use ingest::simulate::{evaluate, AlertRef, Truth};
 use serde::Serialize;
 
@@ -35,6 +35,17 @@ pub struct ReplayArgs {
     /// Decode errors to print one by one (all are counted by reason).
     #[arg(long, default_value_t = 20)]
     show_errors: usize,
+    /// The reference clock for event times (RFC 3339; default: the wall clock
+    /// at start): a record more than `engine.event_time.max_ahead_secs` past
+    /// it is counted at that bound. Set it to the export's end when
+    /// replaying history, so a record from the future of the data is held.
+    #[arg(long, value_parser = parse_now)]
+    now: Option<i64>,
+}
+
+fn parse_now(s: &str) -> Result<i64, String> {
+    detectors::time::parse_rfc3339(s)
+        .ok_or_else(|| format!("expected an RFC 3339 time such as 2026-11-23T12:00:00Z, got {s:?}"))
 }
 
 /// Line numbers kept per decode-error reason.
@@ -135,15 +146,43 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let mut shown = 0usize;
     let heap_before = crate::alloc::live_bytes();
 
+    let reference_ms = args.now.unwrap_or_else(detectors::time::wall_clock_ms);
     let started = Instant::now();
-    let mut handle = |line_no: u64, line: &[u8]| -> Result<()> {
+    let max_record = cfg.pipeline.max_record_bytes;
+    let mut handle = |line_no: u64, line: Line<'_>| -> Result<()> {
+        let oversize = match line {
+            Line::Text(t) if t.len() > max_record => Some(t.len() as u64),
+            Line::Text(_) => None,
+            Line::TooLong(n) => Some(n),
+        };
+        if let Some(n) = oversize {
+            // Read and dropped, never held: a dead letter like any other.
+            s.bytes += n + 1;
+            s.records += 1;
+            s.decode_errors += 1;
+            if shown < args.show_errors {
+                shown += 1;
+                writeln!(
+                    stderr,
+                    "line {line_no}: record: {n} bytes, more than pipeline.max_record_bytes ({max_record})"
+                )?;
+            }
+            s.decode_errors_by_reason
+                .entry("record: too_long".into())
+                .or_default()
+                .add(line_no);
+            return Ok(());
+        }
+        let Line::Text(line) = line else {
+            return Ok(());
+        };
         s.bytes += line.len() as u64 + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
             s.blank_lines += 1;
             return Ok(());
         }
         s.records += 1;
-        let ev = match decoder.decode(line) {
+        let mut ev = match decoder.decode(line) {
             Ok(ev) => ev,
             Err(e) => {
                 s.decode_errors += 1;
@@ -160,6 +199,9 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             }
         };
         s.decoded += 1;
+        if !args.decode_only {
+            engine.bound_time(&mut ev, reference_ms);
+        }
         if ev.repaired != 0 {
             s.repaired += 1;
             for field in detectors::decode::repaired_fields(ev.repaired) {
@@ -184,7 +226,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         Ok(())
     };
     if args.input.as_os_str() == "-" {
-        let mut lines = LineReader::new(io::stdin().lock());
+        let mut lines = LineReader::with_limit(io::stdin().lock(), max_record);
         while let Some((line_no, line)) = lines.next_line().context("reading standard input")? {
             handle(line_no, line)?;
         }
@@ -197,7 +239,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", args.input.display()))?;
         for (line_no, line) in ingest::ndjson::lines(&map) {
-            handle(line_no, line)?;
+            handle(line_no, Line::Text(line))?;
         }
     }
     out.flush()?;
@@ -275,7 +317,7 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
     if s.repaired > 0 {
         writeln!(
             w,
-            "  counted with a descriptive field cut or dropped {} (flagged in the lake's `repaired` column):",
+            "  counted with a descriptive field cut or dropped, or a time clamped {} (flagged in the lake's `repaired` column):",
             group(s.repaired)
         )?;
         for (field, g) in &s.repaired_by_field {
@@ -285,9 +327,10 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
     if let Some(e) = &s.engine {
         writeln!(
             w,
-            "  duplicates {}, too late for their budget period {}",
+            "  duplicates {}, too late for their budget period {}, ahead of the reference clock (counted at its bound) {}",
             group(e.duplicates),
-            group(e.late)
+            group(e.late),
+            group(e.ahead)
         )?;
         let kinds: Vec<String> = e
             .alerts

@@ -172,9 +172,15 @@ pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
         );
         out.counter(
             "keywatch_events_repaired_total",
-            "Records counted with a descriptive field cut or dropped (the lake's `repaired` column names which).",
+            "Records counted with a descriptive field cut or dropped, or a time clamped (the lake's `repaired` column names which).",
             &[],
             c(&m.repaired),
+        );
+        out.counter(
+            "keywatch_events_ahead_total",
+            "Records whose time was past their Kafka message's timestamp by more than engine.event_time.max_ahead_secs (counted at that bound).",
+            &[],
+            c(&m.ahead),
         );
         out.counter(
             "keywatch_decode_errors_total",

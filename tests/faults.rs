@@ -37,12 +37,14 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
         .set("linger.ms", "5")
         .create()
         .unwrap();
-    for line in &lines {
+    let times = common::services::message_times(&lines);
+    for (line, &at) in lines.iter().zip(&times) {
         let key = user_of(line);
         let rec = BaseRecord::to("gw")
             .payload(line.as_str())
             .key(key.as_str())
-            .partition(partition_of(&key, partitions));
+            .partition(partition_of(&key, partitions))
+            .timestamp(at);
         producer.send(rec).map_err(|(e, _)| e).unwrap();
         producer.poll(Duration::ZERO);
     }
@@ -70,6 +72,7 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
         batch_max_ms: 50,
         checkpoint_interval_secs: 1,
         parquet_dir: Some(dir.join("lake")),
+        ..PipelineConfig::default()
     };
     let p = Pipeline::start(
         kafka,

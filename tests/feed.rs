@@ -25,6 +25,17 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn config(dir: &Path, db: &Database, port: u16, per_minute: u32) -> std::path::PathBuf {
+    config_with(dir, db, port, per_minute, "")
+}
+
+/// [`config`] with more `[feed]` settings.
+fn config_with(
+    dir: &Path,
+    db: &Database,
+    port: u16,
+    per_minute: u32,
+    feed: &str,
+) -> std::path::PathBuf {
     let p = dir.join("keywatch.toml");
     std::fs::write(
         &p,
@@ -38,6 +49,7 @@ max_connections = 4
 listen = "127.0.0.1:{port}"
 requests_per_minute = {per_minute}
 max_wait_secs = 15
+{feed}
 
 [[feed.clients]]
 name = "gw-a"
@@ -428,5 +440,181 @@ fn token_output_redirected_into_the_config_holds_only_the_hash() {
     assert_eq!(
         client["token_sha256"].as_str(),
         Some(sha256_hex(token).as_str())
+    );
+}
+
+/// A socket from a chosen loopback address (127.0.0.0/8 is all loopback),
+/// so attackers come from addresses other than the gateway's.
+fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from((src, 0)).into())?;
+    s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(s.into())
+}
+
+/// The starvation the hostile review found (issue 12): 300 idle sockets
+/// under `ulimit -n 256` made the feed and `/healthz` time out. Here a
+/// server with 256 descriptors holds hundreds of idle, slow-header and
+/// never-reading sockets from 21 addresses, and a gateway must get every
+/// answer at its first try; afterwards the server has closed every one of
+/// them by a rule and counted it.
+#[test]
+fn a_gateway_is_served_while_hundreds_of_sockets_are_idle_slow_or_unread() {
+    use std::io::{Read, Write};
+    let dir = common::scratch("feed-starve");
+    let db = Database::create("feed_starve");
+    let port = free_port();
+    let cfg = config_with(
+        &dir,
+        &db,
+        port,
+        100_000,
+        "header_timeout_secs = 2\nwrite_timeout_secs = 2\nmax_connections_per_address = 16",
+    );
+    let log = dir.join("serve.log");
+    let _serve = common::services::start_serve_with_fd_limit(&cfg, &log, port, 256);
+    let attacker = |i: usize| [127, 0, 0, 2 + (i % 20) as u8];
+
+    // 300 idle sockets: 15 from each of 20 addresses, and 40 more from the gateway's own.
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        idle.push(connect_from(attacker(i), port).expect("idle connect"));
+    }
+    for _ in 0..40 {
+        idle.push(connect_from([127, 0, 0, 1], port).expect("idle connect"));
+    }
+    // 40 slow headers: a byte every 200 ms, never finishing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut slow = Vec::new();
+    for i in 0..40 {
+        let mut s = connect_from(attacker(i), port).unwrap();
+        let stop = Arc::clone(&stop);
+        slow.push(std::thread::spawn(move || {
+            let _ = s.write_all(b"GET /v1/revocations HTTP/1.1\r\nHost: x\r\n");
+            let mut cut = false;
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(b"X").is_err() {
+                    cut = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Cut by the server, or at least never answered.
+            let mut buf = [0u8; 1];
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            cut || matches!(s.read(&mut buf), Ok(0) | Err(_))
+        }));
+    }
+    // 20 clients that ask for thousands of pages and read none of them.
+    let mut unread = Vec::new();
+    for i in 0..20u8 {
+        let mut s = connect_from([127, 0, 1, i], port).unwrap();
+        unread.push(std::thread::spawn(move || {
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            for _ in 0..3000 {
+                if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            s
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The gateway, from 127.0.0.1, polls and long-polls through it all.
+    let started = Instant::now();
+    let mut polls = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        let auth = format!("Bearer {TOKEN}");
+        let r = common::receivers::http_timeout(
+            port,
+            "GET",
+            "/v1/revocations?after=0",
+            &[("Authorization", &auth)],
+            b"",
+            Duration::from_secs(5),
+        )
+        .expect("the gateway's poll was not answered");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let h = common::receivers::http_timeout(
+            port,
+            "GET",
+            "/healthz",
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .expect("/healthz was not answered");
+        assert_eq!(h.status, 200);
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let long = common::receivers::http_timeout(
+        port,
+        "GET",
+        "/v1/revocations?after=0&wait=3",
+        &[("Authorization", &auth)],
+        b"",
+        Duration::from_secs(10),
+    )
+    .expect("the long poll was not answered");
+    assert_eq!(long.status, 200);
+    assert!(polls >= 10, "only {polls} polls in 4 s");
+
+    // Every idle socket has been closed by the server: evicted for a newer
+    // one or timed out waiting for its request head.
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("idle socket {i} still open: {other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in slow {
+        assert!(
+            t.join().unwrap(),
+            "a slow-header socket was answered or kept"
+        );
+    }
+    for t in unread {
+        drop(t.join().unwrap());
+    }
+    let metrics = get(port, "/metrics", None, &[]).text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
+    };
+    assert_eq!(
+        value("keywatch_feed_connections_max "),
+        128.0,
+        "256 descriptors leave room for 128 connections"
+    );
+    for reason in [
+        "header_timeout",
+        "write_timeout",
+        "evicted_per_address",
+        "evicted_max_connections",
+    ] {
+        let n = value(&format!(
+            "keywatch_feed_connections_closed_total{{reason=\"{reason}\"}}"
+        ));
+        assert!(n > 0.0, "no connection closed for {reason}:\n{metrics}");
+    }
+    assert_eq!(
+        value("keywatch_feed_connections_closed_total{reason=\"refused_all_authenticated\"}"),
+        0.0
     );
 }

@@ -256,8 +256,165 @@ fn hostile_descriptive_fields_do_not_hide_a_flood() {
             assert_eq!(got, plain, "{name}: {summary}");
         }
         assert!(
-            summary.contains("counted with a descriptive field cut or dropped 300"),
+            summary
+                .contains("counted with a descriptive field cut or dropped, or a time clamped 300"),
             "{name}: {summary}"
         );
     }
+}
+
+/// Issue 12: one record at 9999-12-31 used to move its account's budget
+/// period (and the partition's clock) to the year 9999, so the flood after
+/// it was "too late for its budget period" and raised no budget alert.
+/// A record's time is now held to its reference clock plus
+/// `engine.event_time.max_ahead_secs`; the flood is seen whole.
+#[test]
+fn a_far_future_record_cannot_move_the_clock() {
+    let dir = common::scratch("replay-future");
+    let record = |ts: &str, id: &str| {
+        format!(
+            r#"{{"ts":"{ts}","request_id":"{id}","user_id":"acct_free","key_id":"key_free","tier":"free","ip":"198.51.100.7","model":"gpt-4o","prompt_tokens":4000,"completion_tokens":4000,"cost_usd":0.05,"status":200}}"#
+        )
+    };
+    let mut lines = vec![
+        record("2026-11-23T10:14:00Z", "warm"),
+        record("9999-12-31T23:59:59Z", "poison"),
+        // Past 2106 a time no longer fits 32-bit seconds.
+        record("2200-01-01T00:00:00Z", "poison2"),
+    ];
+    for i in 0..300 {
+        lines.push(record(
+            &format!("2026-11-23T10:15:{:02}.{:03}Z", i / 5, (i % 5) * 200),
+            &format!("f{i}"),
+        ));
+    }
+    let input = dir.join("future.ndjson");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let run = |now: &str| {
+        let o = replay(&["--json-summary", "--now", now, input.to_str().unwrap()]);
+        let kinds: Vec<String> = String::from_utf8(o.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let a: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!(
+                    "{} {}",
+                    a["kind"].as_str().unwrap(),
+                    a["action"].as_str().unwrap()
+                )
+            })
+            .collect();
+        (kinds, common::summary(&o))
+    };
+    let (kinds, s) = run("2026-11-23T10:14:30Z");
+    assert_eq!(s["engine"]["ahead"], 2, "{s}");
+    assert_eq!(
+        s["engine"]["late"], 0,
+        "no record is too late for its period: {s}"
+    );
+    assert_eq!(s["decoded"], 303);
+    assert_eq!(s["repaired_by_field"]["ts"]["count"], 2, "{s}");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| k.starts_with("budget_threshold"))
+            .count(),
+        3,
+        "50, 80 and 100% of the daily budget: {kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"budget_threshold block".to_string()),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|k| k.starts_with("request_spike")),
+        "{kinds:?}"
+    );
+    // A reference a week later (the wall clock, replaying history) still
+    // bounds the year 9999, but the poison then lands a week after the
+    // flood, which is too late for its period: `--now` is for history.
+    let (_, later) = run("2026-11-30T00:00:00Z");
+    assert_eq!(later["engine"]["ahead"], 2);
+    assert!(later["engine"]["late"].as_u64().unwrap() > 0, "{later}");
+}
+
+/// Issue 12: a record's size is capped (`pipeline.max_record_bytes`); a
+/// longer line is a dead letter naming its size, read from a pipe in one
+/// pass and never held, and the same from a file.
+#[test]
+fn an_over_long_line_is_a_dead_letter_from_a_file_and_from_a_pipe() {
+    use std::io::Write;
+    let dir = common::scratch("replay-oversize");
+    let cfg = dir.join("keywatch.toml");
+    std::fs::write(&cfg, "[pipeline]\nmax_record_bytes = 2048\n").unwrap();
+    let ok = |id: &str| {
+        format!(
+            r#"{{"ts":"2026-11-23T10:00:00Z","request_id":"{id}","user_id":"u","key_id":"k","prompt_tokens":5}}"#
+        )
+    };
+    let long = format!(
+        r#"{{"ts":"2026-11-23T10:00:00Z","request_id":"big","user_id":"u","key_id":"k","prompt":"{}"}}"#,
+        "x".repeat(5000)
+    );
+    let text = format!("{}\n{long}\n{}\n", ok("a"), ok("b"));
+    let input = dir.join("in.ndjson");
+    std::fs::write(&input, &text).unwrap();
+    let from_file = replay(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json-summary",
+        input.to_str().unwrap(),
+    ]);
+    let mut child = common::keywatch()
+        .args([
+            "replay",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json-summary",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let from_pipe = child.wait_with_output().unwrap();
+    assert!(from_pipe.status.success());
+    for o in [&from_file, &from_pipe] {
+        let s = common::summary(o);
+        assert_eq!(s["records"], 3, "{s}");
+        assert_eq!(s["decoded"], 2, "{s}");
+        assert_eq!(
+            s["decode_errors_by_reason"]["record: too_long"]["lines"][0], 2,
+            "{s}"
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("line 2: record: 5087 bytes, more than pipeline.max_record_bytes (2048)"),
+            "{err}"
+        );
+    }
+    // Out of range: the error names the field.
+    std::fs::write(&cfg, "[pipeline]\nmax_record_bytes = 10\n").unwrap();
+    let o = common::keywatch()
+        .args([
+            "replay",
+            "--config",
+            cfg.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pipeline.max_record_bytes: must be from 1024"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -307,6 +307,19 @@ pub struct FeedConfig {
     pub max_wait_secs: u64,
     /// Most actions in one `/v1/revocations` answer.
     pub max_actions: u32,
+    /// Seconds a connection has to send a complete request head, from
+    /// opening or from its previous answer (so also the keep-alive idle
+    /// timeout).
+    pub header_timeout_secs: u64,
+    /// Seconds an answer may wait for the client to read it.
+    pub write_timeout_secs: u64,
+    /// Open connections at most (lowered to fit the file-descriptor limit).
+    /// When full, a new connection evicts the oldest one that has not yet
+    /// presented a valid token.
+    pub max_connections: u32,
+    /// Connections from one address (IPv4 address, IPv6 /64) that have not
+    /// yet presented a valid token; a new one evicts that address's oldest.
+    pub max_connections_per_address: u32,
 }
 
 impl Default for FeedConfig {
@@ -317,6 +330,10 @@ impl Default for FeedConfig {
             requests_per_minute: 600,
             max_wait_secs: 60,
             max_actions: 1000,
+            header_timeout_secs: 10,
+            write_timeout_secs: 30,
+            max_connections: 1024,
+            max_connections_per_address: 16,
         }
     }
 }

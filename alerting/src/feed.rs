@@ -15,14 +15,16 @@
 //! Gateways authenticate with bearer tokens stored as SHA-256 hashes and
 //! compared in constant time; every authentication failure gets the same
 //! `401`. Each client (and, for failures, each remote address) has a token
-//! bucket; past it, `429` with `Retry-After`.
+//! bucket; past it, `429` with `Retry-After`. Connections are held to
+//! header and write timeouts and capped, with authenticated gateways
+//! first ([`crate::listen`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Extension, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,6 +38,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::config::FeedConfig;
+use crate::listen::{self, Conn, ConnMetrics, Limits};
 use crate::metrics::{Exposition, Sources};
 
 /// The body of every `401`, whatever was wrong.
@@ -63,6 +66,10 @@ pub const MAX_WAIT_SECS: u64 = 3600;
 pub const MAX_ACTIONS: u32 = 100_000;
 /// The highest per-client request rate.
 pub const MAX_REQUESTS_PER_MINUTE: u32 = 1_000_000;
+/// The longest header or write timeout a config may set.
+pub const MAX_TIMEOUT_SECS: u64 = 300;
+/// The most connections a config may allow.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
 
 /// Checks `[feed]`: unique client names, well-formed token hashes, and
 /// durations and counts within bounds.
@@ -103,6 +110,28 @@ pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
             cfg.max_wait_secs
         ));
     }
+    for (name, v) in [
+        ("header_timeout_secs", cfg.header_timeout_secs),
+        ("write_timeout_secs", cfg.write_timeout_secs),
+    ] {
+        if !(1..=MAX_TIMEOUT_SECS).contains(&v) {
+            return Err(format!(
+                "feed.{name}: must be from 1 to {MAX_TIMEOUT_SECS}, got {v}"
+            ));
+        }
+    }
+    if !(1..=MAX_CONNECTIONS).contains(&cfg.max_connections) {
+        return Err(format!(
+            "feed.max_connections: must be from 1 to {MAX_CONNECTIONS}, got {}",
+            cfg.max_connections
+        ));
+    }
+    if !(1..=cfg.max_connections).contains(&cfg.max_connections_per_address) {
+        return Err(format!(
+            "feed.max_connections_per_address: must be from 1 to max_connections ({}), got {}",
+            cfg.max_connections, cfg.max_connections_per_address
+        ));
+    }
     Ok(())
 }
 
@@ -110,6 +139,8 @@ pub fn validate(cfg: &FeedConfig) -> Result<(), String> {
 #[derive(Debug, Default)]
 pub struct FeedMetrics {
     requests: Mutex<HashMap<(&'static str, u16), u64>>,
+    /// The server's connections.
+    pub connections: Arc<ConnMetrics>,
 }
 
 impl FeedMetrics {
@@ -190,6 +221,8 @@ struct AppState {
     latest: watch::Receiver<i64>,
     metrics: Arc<FeedMetrics>,
     sources: Sources,
+    /// Turns true when the server stops: waiting polls answer at once.
+    stop: watch::Receiver<bool>,
 }
 
 /// Serves until `stop` turns true. `listener` is bound by the caller (so
@@ -199,7 +232,7 @@ pub async fn serve(
     pool: PgPool,
     cfg: FeedConfig,
     sources: Sources,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let clients = cfg
         .clients
@@ -215,10 +248,12 @@ pub async fn serve(
     let (tx, latest) = watch::channel(0i64);
     let watcher = tokio::spawn(watch_feed(pool.clone(), tx, stop.clone()));
     let metrics = Arc::new(FeedMetrics::default());
+    let connections = Arc::clone(&metrics.connections);
     let state = Arc::new(AppState {
         limiter: Limiter::new(cfg.requests_per_minute),
         pool,
-        cfg,
+        stop: stop.clone(),
+        cfg: cfg.clone(),
         clients,
         latest,
         metrics: Arc::clone(&metrics),
@@ -233,18 +268,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
         .with_state(state);
-    let r = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        while !*stop.borrow() {
-            if stop.changed().await.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
+    let r = listen::serve(listener, app, Limits::of(&cfg), connections, stop).await;
     watcher.abort();
     r
 }
@@ -331,6 +355,7 @@ fn admit(
     st: &AppState,
     headers: &HeaderMap,
     peer: SocketAddr,
+    conn: Option<&Conn>,
     endpoint: &'static str,
 ) -> Result<String, Box<Response>> {
     let token = headers
@@ -374,7 +399,12 @@ fn admit(
         ));
     }
     match client {
-        Some(name) => Ok(name),
+        Some(name) => {
+            if let Some(c) = conn {
+                c.authenticated();
+            }
+            Ok(name)
+        }
         None => {
             st.metrics.count(endpoint, StatusCode::UNAUTHORIZED);
             Err(Box::new(
@@ -443,11 +473,12 @@ fn param<T: std::str::FromStr>(
 async fn revocations(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    conn: Option<Extension<Conn>>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     const EP: &str = "revocations";
-    if let Err(r) = admit(&st, &headers, peer, EP) {
+    if let Err(r) = admit(&st, &headers, peer, conn.as_deref(), EP) {
         return *r;
     }
     let (after, wait, limit) = match (
@@ -489,7 +520,7 @@ async fn revocations(
             }
         };
         let now = tokio::time::Instant::now();
-        if !rows.is_empty() || now >= deadline {
+        if !rows.is_empty() || now >= deadline || *st.stop.borrow() {
             let actions: Vec<FeedAction> = rows.iter().map(action_of).collect();
             let next_after = actions.last().map_or(after, |a| a.seq);
             st.metrics.count(EP, StatusCode::OK);
@@ -503,17 +534,22 @@ async fn revocations(
             );
         }
         let nap = (deadline - now).min(SAFETY_POLL);
-        let _ = tokio::time::timeout(nap, latest.changed()).await;
+        let mut stop = st.stop.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(nap, latest.changed()) => {}
+            _ = listen::stopped(&mut stop) => {}
+        }
     }
 }
 
 async fn blocklist(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    conn: Option<Extension<Conn>>,
     headers: HeaderMap,
 ) -> Response {
     const EP: &str = "blocklist";
-    if let Err(r) = admit(&st, &headers, peer, EP) {
+    if let Err(r) = admit(&st, &headers, peer, conn.as_deref(), EP) {
         return *r;
     }
     // The view (migration 0003) defines "in force": not expired, not lifted.

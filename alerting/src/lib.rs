@@ -6,6 +6,7 @@ pub mod config;
 pub mod dispatch;
 pub mod email;
 pub mod feed;
+pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod sign;

@@ -145,6 +145,7 @@ impl Sources {
                     n as f64,
                 );
             }
+            f.connections.render(out);
         }
     }
 }

@@ -56,6 +56,31 @@ pub struct EngineConfig {
     pub context: ContextConfig,
     /// How long state lives.
     pub state: StateConfig,
+    /// How far a record's time may run ahead of a trusted clock.
+    #[serde(default)]
+    pub event_time: EventTimeConfig,
+}
+
+/// Event-time bounds. A record's `ts` is the gateway's word, and one record
+/// far in the future would otherwise move the partition's clock and its
+/// account's budget period with it. Each record is held to a *reference*:
+/// the Kafka message's timestamp in `keywatch run` (the producer's or the
+/// broker's clock, not the record's), the wall clock when a message has
+/// none, and in `keywatch replay` the wall clock at start (or `--now`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventTimeConfig {
+    /// A record more than this many seconds past its reference is counted at
+    /// reference + this, and flagged (`ts` among its repaired fields).
+    pub max_ahead_secs: u32,
+}
+
+impl Default for EventTimeConfig {
+    fn default() -> Self {
+        EventTimeConfig {
+            max_ahead_secs: 300,
+        }
+    }
 }
 
 /// A plan's limits (the seed practice's numbers are the defaults of the built-in tiers).
@@ -311,6 +336,7 @@ impl Default for EngineConfig {
             runaway_spend: RunawaySpendConfig::default(),
             context: ContextConfig::default(),
             state: StateConfig::default(),
+            event_time: EventTimeConfig::default(),
         }
     }
 }
@@ -640,6 +666,15 @@ impl EngineConfig {
         positive("runaway_spend.half_life_minutes", rw.half_life_minutes)?;
         if self.state.idle_ttl_hours == 0 {
             return Err(bad("state.idle_ttl_hours", "must be at least 1"));
+        }
+        if !(1..=86_400).contains(&self.event_time.max_ahead_secs) {
+            return Err(bad(
+                "event_time.max_ahead_secs",
+                format!(
+                    "must be from 1 to 86400 (a day), got {}",
+                    self.event_time.max_ahead_secs
+                ),
+            ));
         }
         if self.state.dedup_horizon_minutes == 0 {
             return Err(bad("state.dedup_horizon_minutes", "must be at least 1"));

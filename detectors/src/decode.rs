@@ -126,6 +126,9 @@ enum Raw<'a> {
 // Field bits, for duplicate detection.
 const F_V: u32 = 1;
 const F_TS: u32 = 1 << 1;
+/// The [`Event::repaired`] bit of `ts`: set when the record's time was
+/// clamped to its reference ([`crate::Engine::bound_time`]).
+pub const TS_REPAIRED: u32 = F_TS;
 const F_REQ: u32 = 1 << 2;
 const F_PHASE: u32 = 1 << 3;
 const F_USER: u32 = 1 << 4;

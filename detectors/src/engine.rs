@@ -125,6 +125,10 @@ pub struct EngineStats {
     pub duplicates: u64,
     /// Records too late for their budget period (counted by the detectors, not the budgets).
     pub late: u64,
+    /// Records whose time was past their reference by more than
+    /// `event_time.max_ahead_secs` (counted at the bound).
+    #[serde(default)]
+    pub ahead: u64,
     /// Records with usage whose model had no price (and no fallback applied).
     pub unpriced: u64,
     /// Unpriced records by model name (at most 64 names; the rest under `(other)`).
@@ -187,6 +191,7 @@ struct Resolved {
     cfg: EngineConfig,
     idle_ttl_min: u32,
     dedup_horizon_ms: i64,
+    max_ahead_ms: i64,
     pace_decay: f64,
 }
 
@@ -307,6 +312,7 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
         repeat_action: Action::parse(&cfg.repeated_prompt.action).expect("validated"),
         idle_ttl_min: cfg.state.idle_ttl_hours * 60,
         dedup_horizon_ms: cfg.state.dedup_horizon_minutes as i64 * MINUTE_MS,
+        max_ahead_ms: i64::from(cfg.event_time.max_ahead_secs) * 1000,
         pace_decay: decay_for_half_life(cfg.runaway_spend.half_life_minutes),
         tiers,
         cfg: cfg.clone(),
@@ -426,6 +432,24 @@ impl Engine {
                 }
             },
         }
+    }
+
+    /// Holds `ev`'s time to at most `event_time.max_ahead_secs` past
+    /// `reference_ms` (a clock the record does not set: see
+    /// [`crate::config::EventTimeConfig`]). A record past it is counted at
+    /// the bound and flagged; so no record can move the partition's clock,
+    /// or its account's budget period, further ahead than that. Call before
+    /// [`Engine::observe`], with the same reference on every read of the
+    /// record, so a re-read decides the same. Returns whether it clamped.
+    pub fn bound_time(&mut self, ev: &mut Event<'_>, reference_ms: i64) -> bool {
+        let bound = reference_ms.saturating_add(self.r.max_ahead_ms);
+        if ev.ts_ms <= bound {
+            return false;
+        }
+        ev.ts_ms = bound;
+        ev.repaired |= crate::decode::TS_REPAIRED;
+        self.stats.ahead += 1;
+        true
     }
 
     /// Observes one event; alerts it raises are appended to `out`.

@@ -208,6 +208,14 @@ pub fn parse_utc_offset(s: &str) -> Option<i32> {
     }
 }
 
+/// The wall clock, Unix ms (the reference of a record that has no other:
+/// [`crate::config::EventTimeConfig`]).
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,7 +63,15 @@ pub struct PipelineConfig {
     pub checkpoint_interval_secs: u64,
     /// Directory of the Parquet lake (`dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet`); unset: no Parquet.
     pub parquet_dir: Option<PathBuf>,
+    /// The largest record read, in bytes (a Kafka message or an NDJSON
+    /// line); a larger one is dead-lettered (`record: N bytes, more than
+    /// pipeline.max_record_bytes`) with only its first 64 KiB kept, and a
+    /// line on standard input is dropped as it is read, never held.
+    pub max_record_bytes: usize,
 }
+
+/// The least and most `pipeline.max_record_bytes` may be.
+pub const RECORD_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=(1 << 30);
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -72,6 +80,7 @@ impl Default for PipelineConfig {
             batch_max_ms: 500,
             checkpoint_interval_secs: 60,
             parquet_dir: Some(PathBuf::from("keywatch-data/lake")),
+            max_record_bytes: crate::ndjson::MAX_LINE_BYTES,
         }
     }
 }
@@ -154,6 +163,15 @@ impl PipelineConfig {
         }
         if self.checkpoint_interval_secs == 0 {
             return bad("pipeline.checkpoint_interval_secs", "must be at least 1");
+        }
+        if !RECORD_BYTES_RANGE.contains(&self.max_record_bytes) {
+            return bad(
+                "pipeline.max_record_bytes",
+                &format!(
+                    "must be from 1024 to 1073741824 (1 GiB), got {}",
+                    self.max_record_bytes
+                ),
+            );
         }
         Ok(())
     }

@@ -84,6 +84,9 @@ pub struct PipelineMetrics {
     pub dead_lettered: AtomicU64,
     /// Records counted with a descriptive field cut or dropped.
     pub repaired: AtomicU64,
+    /// Records whose time was past their message's timestamp by more than
+    /// `engine.event_time.max_ahead_secs` (counted at that bound).
+    pub ahead: AtomicU64,
     /// Alerts committed (before de-duplication by id).
     pub alerts: AtomicU64,
     /// Batches committed.
@@ -503,7 +506,15 @@ impl<'s> PartitionWorker<'s> {
                 return;
             }
             match queue.poll(max_wait) {
-                Some(Ok(m)) => self.handle(m.offset(), m.payload(), m.key()),
+                Some(Ok(m)) => {
+                    // The record's time is held to the message's (see EventTimeConfig).
+                    let reference = m
+                        .timestamp()
+                        .to_millis()
+                        .filter(|&t| t > 0)
+                        .unwrap_or_else(detectors::time::wall_clock_ms);
+                    self.handle(m.offset(), m.payload(), m.key(), reference)
+                }
                 Some(Err(e)) => eprintln!(
                     "keywatch: {}[{}]: consume error: {e}",
                     self.topic, self.partition
@@ -529,7 +540,13 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
-    fn handle(&mut self, offset: i64, payload: Option<&[u8]>, key: Option<&[u8]>) {
+    fn handle(
+        &mut self,
+        offset: i64,
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        reference_ms: i64,
+    ) {
         if let Some(n) = self.next_expected {
             if offset < n {
                 return; // a re-delivery after a seek
@@ -556,7 +573,9 @@ impl<'s> PartitionWorker<'s> {
                 .metrics
                 .caught_up
                 .fetch_add(1, Ordering::Relaxed);
-            if let Ok(ev) = self.decoder.decode(payload) {
+            let fits = payload.len() <= self.shared.pipeline.max_record_bytes;
+            if let Some(mut ev) = fits.then(|| self.decoder.decode(payload).ok()).flatten() {
+                self.engine.bound_time(&mut ev, reference_ms);
                 self.engine.observe(&ev, &mut self.scratch);
                 self.scratch.clear();
             }
@@ -586,8 +605,25 @@ impl<'s> PartitionWorker<'s> {
             };
         }
         self.last = offset;
+        let max = self.shared.pipeline.max_record_bytes;
+        if payload.len() > max {
+            self.dead.push(DeadLetter {
+                payload: redact(&payload[..OVERSIZE_KEPT.min(payload.len())]),
+                key: key.map(<[u8]>::to_vec),
+                offset,
+                error: format!(
+                    "record: {} bytes, more than pipeline.max_record_bytes ({max}); the first {} kept",
+                    payload.len(),
+                    OVERSIZE_KEPT
+                ),
+            });
+            return;
+        }
         match self.decoder.decode(payload) {
-            Ok(ev) => {
+            Ok(mut ev) => {
+                if self.engine.bound_time(&mut ev, reference_ms) {
+                    self.shared.metrics.ahead.fetch_add(1, Ordering::Relaxed);
+                }
                 self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
                 if ev.repaired != 0 {
                     self.shared.metrics.repaired.fetch_add(1, Ordering::Relaxed);
@@ -923,9 +959,15 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// What replaces a secret in a dead letter.
+const REDACTED: &str = "[redacted by keywatch]";
+/// Most bytes of an over-long record kept in its dead letter.
+const OVERSIZE_KEPT: usize = 64 << 10;
+
 /// A bad record's payload for the dead-letter topic, with any raw secret a
-/// gateway logged by mistake (`api_key`, `prompt`) removed when the record
-/// is a JSON object; other bytes go as they came.
+/// gateway logged by mistake (`api_key`, `prompt`) removed: from the parsed
+/// object when the record is one, else from the bytes (a cut or malformed
+/// record may still carry a key). Other bytes go as they came.
 pub fn redact(payload: &[u8]) -> Vec<u8> {
     if let Ok(serde_json::Value::Object(mut m)) =
         serde_json::from_slice::<serde_json::Value>(payload)
@@ -933,15 +975,91 @@ pub fn redact(payload: &[u8]) -> Vec<u8> {
         let mut changed = false;
         for k in ["api_key", "prompt"] {
             if let Some(v) = m.get_mut(k) {
-                *v = serde_json::Value::String("[redacted by keywatch]".into());
+                *v = serde_json::Value::String(REDACTED.into());
                 changed = true;
             }
         }
         if changed {
             return serde_json::to_vec(&m).unwrap_or_else(|_| payload.to_vec());
         }
+        return payload.to_vec();
     }
-    payload.to_vec()
+    redact_bytes(payload)
+}
+
+/// The end of the JSON string starting after the quote at `from`: the index
+/// of its closing quote, or the end of the bytes.
+fn string_end(b: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// A string's text with `\uXXXX` and one-letter escapes undone (enough to
+/// recognise a field name however it is spelled).
+fn loose_unescape(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'\\' && i + 1 < raw.len() {
+            if raw[i + 1] == b'u' && i + 6 <= raw.len() {
+                let hex = std::str::from_utf8(&raw[i + 2..i + 6]).ok();
+                if let Some(c) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    out.push(c);
+                    i += 6;
+                    continue;
+                }
+            }
+            out.push(raw[i + 1]);
+            i += 2;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// [`redact`] for bytes that are not a JSON object: every string value
+/// after an `api_key` or `prompt` name is replaced, up to its closing quote
+/// or the end of the bytes.
+fn redact_bytes(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'"' {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let end = string_end(b, i + 1);
+        let name = loose_unescape(&b[i + 1..end]);
+        out.extend_from_slice(&b[i..(end + 1).min(b.len())]);
+        i = end + 1;
+        if name != b"api_key" && name != b"prompt" {
+            continue;
+        }
+        let mut j = i;
+        while j < b.len() && (b[j].is_ascii_whitespace() || b[j] == b':') {
+            j += 1;
+        }
+        if j < b.len() && b[j] == b'"' {
+            out.extend_from_slice(&b[i..=j]);
+            out.extend_from_slice(REDACTED.as_bytes());
+            let close = string_end(b, j + 1);
+            if close < b.len() {
+                out.push(b'"');
+            }
+            i = close + 1;
+        }
+    }
+    out
 }
 
 /// A handle on a running pipeline.
@@ -1092,5 +1210,25 @@ mod tests {
         );
         assert!(text.contains("\"ts\":\"bad\""));
         assert_eq!(redact(b"not json at all"), b"not json at all");
+        // Cut or malformed records are redacted from their bytes, however
+        // the name is spelled, up to the end of a cut value.
+        for raw in [
+            &br#"{"ts":"x","api_key":"sk-live-SECRET","user_id":"u""#[..],
+            br#"{"api\u005fkey" : "sk-live-SECRET\"still" "prompt":"secret prompt"#,
+            br#"garbage "prompt":"secret prompt and more"#,
+        ] {
+            let text = String::from_utf8(redact(raw)).unwrap();
+            assert!(
+                !text.contains("SECRET")
+                    && !text.contains("secret prompt")
+                    && !text.contains("still"),
+                "{text}"
+            );
+            assert!(text.contains(REDACTED), "{text}");
+        }
+        assert_eq!(
+            redact(br#"{"user_id":"u","prompt_tokens":"many""#),
+            br#"{"user_id":"u","prompt_tokens":"many""#
+        );
     }
 }

@@ -34,6 +34,8 @@ pub fn trace(users: u32, hours: f64, seed: u64, poison_every: usize) -> Vec<Stri
         r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p1","user_id":"acct_poison","key_id":"k","prompt_tokens":"many"}"#.to_string(),
         format!(r#"{{"ts":"2026-11-23T01:00:00Z","request_id":"p2","user_id":"acct_poison","key_id":"{}"}}"#, "k".repeat(100_000)),
         r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p3","user_id":"acct_poison","key_id":"k","api_key":"sk-live-TOPSECRET","cost_usd":-1}"#.to_string(),
+        // Counted, but at its message's timestamp + 5 minutes, not in 9999.
+        r#"{"ts":"9999-12-31T23:59:59Z","request_id":"p4","user_id":"acct_poison","key_id":"k","prompt_tokens":10,"cost_usd":0.01}"#.to_string(),
     ];
     while sim.next_record(&mut buf).is_some() {
         lines.push(buf.trim_end().to_string());
@@ -51,6 +53,8 @@ pub struct Expected {
     pub alert_ids: BTreeSet<String>,
     pub decoded: usize,
     pub poison: usize,
+    /// Records counted at their message's timestamp + 5 minutes.
+    pub ahead: usize,
     pub ends: HashMap<i32, i64>,
     /// (user, day start) -> (limit, spent) micro-dollars, from the engines' ledgers.
     pub budgets: HashMap<(String, i64), (i64, i64)>,
@@ -63,22 +67,29 @@ pub fn expected(lines: &[String], partitions: i32) -> Expected {
         alert_ids: BTreeSet::new(),
         decoded: 0,
         poison: 0,
+        ahead: 0,
         ends: HashMap::new(),
         budgets: HashMap::new(),
     };
+    // The pipeline holds each record's time to its message's timestamp.
+    let times = super::services::message_times(lines);
     for p in 0..partitions {
         let mut engine = Engine::new(&EngineConfig::default()).unwrap();
         let mut rollups = Rollups::default();
         let mut alerts = Vec::new();
         let mut n = 0i64;
-        for line in lines
+        for (line, &at) in lines
             .iter()
-            .filter(|l| partition_of(&user_of(l), partitions) == p)
+            .zip(&times)
+            .filter(|(l, _)| partition_of(&user_of(l), partitions) == p)
         {
             n += 1;
             match decoder.decode(line.as_bytes()) {
-                Ok(ev) => {
+                Ok(mut ev) => {
                     exp.decoded += 1;
+                    if engine.bound_time(&mut ev, at) {
+                        exp.ahead += 1;
+                    }
                     if let Outcome::Counted { cost_micros } = engine.observe(&ev, &mut alerts) {
                         rollups.add(&ev, cost_micros);
                     }

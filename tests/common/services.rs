@@ -103,8 +103,15 @@ impl Broker {
     }
 
     /// Produces `lines` to `topic`, keyed by `user_id`, each to the partition
-    /// [`partition_of`] picks; waits until all are acknowledged.
+    /// [`partition_of`] picks and stamped with [`message_times`]; waits until
+    /// all are acknowledged.
     pub fn produce(&self, topic: &str, partitions: i32, lines: &[String]) {
+        self.produce_at(topic, partitions, lines, &message_times(lines));
+    }
+
+    /// [`Broker::produce`] with the messages' timestamps given.
+    pub fn produce_at(&self, topic: &str, partitions: i32, lines: &[String], times: &[i64]) {
+        assert!(times.len() >= lines.len());
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .set("linger.ms", "20")
@@ -112,13 +119,14 @@ impl Broker {
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .unwrap();
-        for line in lines {
+        for (line, &at) in lines.iter().zip(times) {
             let key = user_of(line);
             let p = partition_of(&key, partitions);
             let mut rec = BaseRecord::to(topic)
                 .payload(line.as_str())
                 .key(key.as_str())
-                .partition(p);
+                .partition(p)
+                .timestamp(at);
             loop {
                 match producer.send(rec) {
                     Ok(()) => break,
@@ -149,6 +157,31 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Kafka timestamp of each line, as a gateway's log shipper stamps it:
+/// the time it logged the request, which never runs ahead of the requests
+/// it has seen. A line whose `ts` is past 2100 (a hostile record) or that
+/// has none gets the shipper's clock as it stands.
+pub fn message_times(lines: &[String]) -> Vec<i64> {
+    const PLAUSIBLE: i64 = 4_102_444_800_000; // 2100-01-01
+    let mut clock = 1_795_392_000_000; // 2026-11-23, the simulator's start
+    lines
+        .iter()
+        .map(|line| {
+            let ts = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| {
+                    v.get("ts")?
+                        .as_str()
+                        .and_then(detectors::time::parse_rfc3339)
+                });
+            if let Some(t) = ts.filter(|&t| t < PLAUSIBLE) {
+                clock = clock.max(t);
+            }
+            clock
+        })
+        .collect()
 }
 
 /// The `user_id` of a record line (`""` when it has none: poison records).
@@ -375,18 +408,35 @@ pub fn wait_committed(db: &Database, topic: &str, ends: &HashMap<i32, i64>, time
 /// Starts `keywatch serve` (dispatcher and feed) with `config`; its stderr
 /// goes to `log`. When `feed_port` is given, waits until the feed answers.
 pub fn start_serve(config: &Path, log: &Path, feed_port: Option<u16>) -> Running {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywatch"));
+    cmd.args(["serve", "--config"]).arg(config);
+    spawn_serve(cmd, log, feed_port)
+}
+
+/// [`start_serve`] with at most `nofile` open file descriptors (`ulimit -n`).
+pub fn start_serve_with_fd_limit(
+    config: &Path,
+    log: &Path,
+    feed_port: u16,
+    nofile: u32,
+) -> Running {
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("ulimit -n {nofile} && exec \"$0\" serve --config \"$1\""),
+    ])
+    .arg(env!("CARGO_BIN_EXE_keywatch"))
+    .arg(config);
+    spawn_serve(cmd, log, Some(feed_port))
+}
+
+fn spawn_serve(mut cmd: Command, log: &Path, feed_port: Option<u16>) -> Running {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdout(Stdio::null()).stderr(log_file).spawn().unwrap();
     if let Some(port) = feed_port {
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
