@@ -109,21 +109,34 @@ impl Config {
                 .with_context(|| format!("environment variable {name}"))?;
             overridden.push(name);
         }
-        let cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                let origin = match (path, overridden.is_empty()) {
-                    (Some(p), true) => format!("config file {}", p.display()),
-                    (Some(p), false) => format!(
-                        "config file {} with overrides {}",
-                        p.display(),
-                        overridden.join(", ")
-                    ),
-                    (None, false) => format!("config overrides {}", overridden.join(", ")),
-                    (None, true) => "config".to_string(),
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| {
+                let field = e.path().to_string();
+                // Blame the environment variable that set the field, if one
+                // did; otherwise the file.
+                let var = format!(
+                    "{ENV_PREFIX}{}",
+                    field.replace('.', "__").to_ascii_uppercase()
+                );
+                let set_by_env = overridden
+                    .iter()
+                    .any(|o| var == *o || var.starts_with(&format!("{o}__")));
+                let origin = if set_by_env {
+                    format!("environment variable {var}")
+                } else {
+                    match path {
+                        Some(p) => format!("config file {}", p.display()),
+                        None => "config".to_string(),
+                    }
                 };
-                anyhow::anyhow!("{origin}: {}", e.message().trim())
-            })?;
+                let message = e.inner().message().trim().to_string();
+                if field == "." || field.is_empty() {
+                    anyhow::anyhow!("{origin}: {message}")
+                } else {
+                    anyhow::anyhow!("{origin}: {field}: {message}")
+                }
+            },
+        )?;
         cfg.engine.validate().context("invalid config (engine)")?;
         cfg.kafka.validate()?;
         cfg.pipeline.validate()?;
@@ -234,6 +247,28 @@ mod tests {
         assert!(
             e.contains("KEYWATCH__ENGINE__REQUEST_SPIKE__BURST_FACTOR")
                 && e.contains("invalid type"),
+            "{e}"
+        );
+        // A wrong value names its field, and blames the file, not an
+        // unrelated variable that happens to be set.
+        let e = load(
+            "[feed]\nmax_wait_secs = -5\n",
+            &[("KEYWATCH__POSTGRES__URL", "postgres://x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("feed.max_wait_secs: invalid value: integer `-5`, expected u64")
+                && !e.contains("KEYWATCH__POSTGRES__URL"),
+            "{e}"
+        );
+        let e = load("", &[("KEYWATCH__FEED__MAX_WAIT_SECS", "-3")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "environment variable KEYWATCH__FEED__MAX_WAIT_SECS: feed.max_wait_secs:"
+            ),
             "{e}"
         );
     }

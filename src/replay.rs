@@ -348,7 +348,8 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
             let models: Vec<String> = e
                 .unpriced_models
                 .iter()
-                .map(|(m, n)| format!("{m} {}", group(*n)))
+                // Model names come from traffic: escaped, so none can forge a line.
+                .map(|(m, n)| format!("{} {}", crate::serve::printable(m), group(*n)))
                 .collect();
             writeln!(
                 w,

@@ -247,6 +247,25 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 operator,
             } => {
                 check_ids(key_id.as_deref(), user.as_deref())?;
+                if let (Some(k), Some(u)) = (key_id.as_deref(), user.as_deref()) {
+                    // An unblock lifts the blocks of (user, key): under another
+                    // user it would lift nothing, and gateways applying it by
+                    // key would disagree with /v1/blocklist.
+                    let owners: Vec<String> = sqlx::query_scalar(
+                        "SELECT DISTINCT user_id FROM active_revocations WHERE key_id = $1 ORDER BY 1",
+                    )
+                    .bind(k)
+                    .fetch_all(pool)
+                    .await?;
+                    if !owners.is_empty() && !owners.iter().any(|o| o == u) {
+                        bail!(
+                            "{} is blocked under user {}, not {} (give that --user, or leave --user out)",
+                            printable(k),
+                            owners.iter().map(|o| printable(o)).collect::<Vec<_>>().join(", "),
+                            printable(u)
+                        );
+                    }
+                }
                 let user = subject(pool, key_id.as_deref(), user).await?;
                 let seq = record(
                     pool,

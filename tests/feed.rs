@@ -208,6 +208,36 @@ fn feed_contract() {
     );
     assert_eq!(same.status, 304);
     assert!(same.body.is_empty());
+    // A weak validator (as some proxies rewrite it) and a list match too.
+    let weak = format!("\"other\", W/{etag}");
+    let same = get(
+        port,
+        "/v1/blocklist",
+        Some(TOKEN),
+        &[("If-None-Match", &weak)],
+    );
+    assert_eq!(same.status, 304);
+    // Unblocking a key under a user it was not blocked under is refused, so
+    // the feed and the blocklist cannot disagree.
+    let o = common::keywatch()
+        .args(["keys", "--config"])
+        .arg(&cfg)
+        .args([
+            "unblock",
+            "key_1",
+            "--user",
+            "acct_2",
+            "--reason",
+            "wrong user",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("key_1 is blocked under user acct_1, not acct_2"),
+        "{err}"
+    );
     keys(
         &cfg,
         &[
@@ -283,6 +313,24 @@ fn feed_contract() {
         quiet,
         serde_json::json!({"actions": [], "next_after": next})
     );
+    // A cursor past the feed (a restored database) is answered at once with
+    // the newest sequence number and a flag, not echoed back; so is the
+    // largest cursor a query can hold.
+    for ahead in [next + 5, i64::MAX] {
+        let started = Instant::now();
+        let page = get(
+            port,
+            &format!("/v1/revocations?after={ahead}&wait=10"),
+            Some(TOKEN),
+            &[],
+        )
+        .json();
+        assert_eq!(
+            page,
+            serde_json::json!({"actions": [], "next_after": next, "cursor_ahead": true})
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "it waited");
+    }
 
     let metrics = get(port, "/metrics", None, &[]).text();
     assert!(

@@ -418,3 +418,25 @@ fn an_over_long_line_is_a_dead_letter_from_a_file_and_from_a_pipe() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Issue 12: text from traffic in the summary is escaped, so a model name
+/// cannot forge a summary line or drive the terminal.
+#[test]
+fn the_summary_escapes_text_from_traffic() {
+    let dir = common::scratch("replay-escape");
+    let input = dir.join("in.ndjson");
+    std::fs::write(
+        &input,
+        r#"{"ts":"2026-11-23T10:00:00Z","request_id":"a","user_id":"u","key_id":"k","model":"evil\n  alerts 0\u001b[2J","prompt_tokens":5}"#,
+    )
+    .unwrap();
+    let o = replay(&[input.to_str().unwrap()]);
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+    assert!(err.contains(r"evil\n  alerts 0\u{1b}[2J 1"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| *l == "  alerts 0").count(),
+        1,
+        "only the real line: {err}"
+    );
+}

@@ -325,6 +325,11 @@ struct FeedAction {
 struct Page {
     actions: Vec<FeedAction>,
     next_after: i64,
+    /// The cursor was past the newest action (a restored database, a made-up
+    /// cursor): `next_after` is the newest, and the gateway should resync
+    /// from `/v1/blocklist`. Absent when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cursor_ahead: bool,
 }
 
 /// A `/v1/blocklist` answer.
@@ -503,6 +508,7 @@ async fn revocations(
         .checked_add(Duration::from_secs(wait))
         .unwrap_or(now + Duration::from_secs(MAX_WAIT_SECS));
     let mut latest = st.latest.clone();
+    let mut first = true;
     loop {
         latest.mark_unchanged();
         let rows = sqlx::query(&format!(
@@ -519,14 +525,30 @@ async fn revocations(
                 return unavailable(e);
             }
         };
+        let mut newest = None;
+        if rows.is_empty() && first {
+            // Only on the first read: a cursor cannot pass the feed while it waits.
+            match sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
+                .fetch_one(&st.pool)
+                .await
+            {
+                Ok(m) => newest = Some(m.unwrap_or(0)).filter(|&m| after > m),
+                Err(e) => {
+                    st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
+                    return unavailable(e);
+                }
+            }
+        }
+        first = false;
         let now = tokio::time::Instant::now();
-        if !rows.is_empty() || now >= deadline || *st.stop.borrow() {
+        if !rows.is_empty() || newest.is_some() || now >= deadline || *st.stop.borrow() {
             let actions: Vec<FeedAction> = rows.iter().map(action_of).collect();
-            let next_after = actions.last().map_or(after, |a| a.seq);
+            let next_after = newest.unwrap_or_else(|| actions.last().map_or(after, |a| a.seq));
             st.metrics.count(EP, StatusCode::OK);
             let page = Page {
                 actions,
                 next_after,
+                cursor_ahead: newest.is_some(),
             };
             return json_response(
                 StatusCode::OK,
@@ -571,7 +593,13 @@ async fn blocklist(
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| {
+            // If-None-Match compares weakly (RFC 9110 13.1.2): `W/"x"` matches `"x"`.
+            v.split(',').any(|t| {
+                let t = t.trim();
+                t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
+            })
+        });
     let etag_value = HeaderValue::from_str(&etag).expect("hex is a valid header");
     if matches {
         st.metrics.count(EP, StatusCode::NOT_MODIFIED);

@@ -183,7 +183,12 @@ impl Receiver {
                     }
                 }
             }
-            ReceiverKind::Email => email_transport(cfg, timeout, &field)?,
+            ReceiverKind::Email => {
+                if !global.allow_private_addresses {
+                    check_smtp_host(cfg, &field)?;
+                }
+                email_transport(cfg, timeout, &field)?
+            }
         };
         Ok(Receiver {
             name: cfg.name.clone(),
@@ -607,6 +612,45 @@ fn is_loopback_host(host: &str) -> bool {
             .trim_matches(|c| c == '[' || c == ']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The private-address guard for an SMTP relay. Mail relays live on
+/// internal networks, so loopback and private addresses are allowed; every
+/// other class the guard refuses for webhooks (cloud metadata, link-local,
+/// unspecified, multicast, documentation, reserved) is refused here too,
+/// for the literal host and for what its name resolves to at start-up.
+fn check_smtp_host(cfg: &ReceiverConfig, field: &dyn Fn(&str) -> String) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let Some(host) = cfg.smtp_host.as_deref().map(str::trim) else {
+        return Ok(());
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<std::net::IpAddr> = match bare.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => (bare, cfg.smtp_port.unwrap_or(25))
+            .to_socket_addrs()
+            .map(|a| a.map(|s| s.ip()).collect())
+            .unwrap_or_default(),
+    };
+    let refused = addrs.into_iter().find_map(|addr| {
+        ssrf::classify(addr)
+            .filter(|c| {
+                !matches!(
+                    c,
+                    ssrf::AddressClass::Loopback | ssrf::AddressClass::Private
+                )
+            })
+            .map(|class| ssrf::AddressRefused { addr, class })
+    });
+    match refused {
+        Some(r) => Err(format!(
+            "{}: {} is {} (set alerting.allow_private_addresses to allow)",
+            field("smtp_host"),
+            r.addr,
+            r.class.describe()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The SMTP transport of an email receiver.
@@ -1145,6 +1189,23 @@ pub(crate) mod tests {
             e,
             "alerting.receivers[\"ops-mail\"].tls: must be none, starttls or tls, not \"ssl\""
         );
+
+        // SMTP relays may be private or loopback, never a metadata or
+        // link-local address.
+        let mut c = email_cfg();
+        c.smtp_host = Some("169.254.169.254".into());
+        assert_eq!(
+            build_err(c, &g),
+            "alerting.receivers[\"ops-mail\"].smtp_host: 169.254.169.254 is a cloud metadata address (set alerting.allow_private_addresses to allow)"
+        );
+        let mut c = email_cfg();
+        c.smtp_host = Some("[fe80::1]".into());
+        assert!(build_err(c, &g).contains("fe80::1 is a link-local address"));
+        let mut c = email_cfg();
+        c.smtp_host = Some("10.1.2.3".into());
+        Receiver::build(&c, &g).expect("a private relay is allowed");
+        c.smtp_host = Some("169.254.169.254".into());
+        Receiver::build(&c, &global(true)).expect("allowed by the switch");
 
         let mut c = email_cfg();
         c.smtp_host = None;
