@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::check::*;
 use common::services::*;
@@ -250,4 +250,59 @@ fn a_gateway_polling_the_feed_sees_every_budget_block() {
         pct(&all, 0.99),
         all[all.len() - 1],
     );
+}
+
+/// Issue 12: after a SIGKILL and an immediate restart, the partitions used
+/// to wait for the dead member's session to lapse (librdkafka's 45 s). At
+/// keywatch's defaults (no session settings in the config) reading resumes
+/// within seconds; the figure is printed, the bound is generous.
+#[test]
+fn a_restart_after_sigkill_resumes_within_seconds() {
+    let lines = trace(2000, 24.0, 45, 0);
+    let exp = expected(&lines, 2);
+    let dir = scratch("resume");
+    let broker = Broker::start(&dir.join("tansu.log"));
+    broker.create_topic("gw", 2);
+    broker.create_topic("gw-dlq", 1);
+    broker.produce("gw", 2, &lines);
+    let db = Database::create("resume");
+    // No session settings: keywatch's defaults are what is measured.
+    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
+    let cfg = run_config(&dir, &broker, "gw", &db, &extra);
+    let log = dir.join("run.log");
+    let committed = || -> i64 {
+        db.try_query(
+            "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
+        )
+        .ok()
+        .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
+        .unwrap_or(0)
+    };
+    let total: i64 = exp.ends.values().sum();
+    let mut run = start_run(&cfg, &log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed() < total / 10 {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.kill9();
+    let at_kill = committed();
+    assert!(
+        at_kill < total,
+        "all committed before the kill: make the trace longer"
+    );
+    let restarted = Instant::now();
+    let mut run = start_run(&cfg, &log);
+    while committed() <= at_kill {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no commit within 30 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resumed = restarted.elapsed();
+    eprintln!("resumed {:.2} s after the restart", resumed.as_secs_f64());
+    wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
+    stop_run(&mut run);
+    verify(&db, &exp, &dir, &broker.addr, "gw");
 }

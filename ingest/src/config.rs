@@ -29,6 +29,11 @@ pub struct KafkaConfig {
     /// start-up: setting name to variable name (`"sasl.password" =
     /// "KAFKA_PASSWORD"`), so secrets stay out of the file.
     pub settings_from_env: BTreeMap<String, String>,
+    /// This instance's static group membership id (`group.instance.id`,
+    /// KIP-345), unique per instance and stable across its restarts (a pod
+    /// or host name): a restart then takes its partitions back at once
+    /// instead of after the session timeout. Unset: dynamic membership.
+    pub instance_id: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -41,6 +46,7 @@ impl Default for KafkaConfig {
             start_from: "earliest".into(),
             settings: BTreeMap::new(),
             settings_from_env: BTreeMap::new(),
+            instance_id: None,
         }
     }
 }
@@ -123,7 +129,20 @@ impl KafkaConfig {
         if !matches!(self.start_from.as_str(), "earliest" | "latest") {
             return bad("kafka.start_from", "expected \"earliest\" or \"latest\"");
         }
-        for k in ["enable.auto.commit", "group.id", "bootstrap.servers"] {
+        if let Some(id) = &self.instance_id {
+            if id.trim().is_empty() || id.len() > 249 || id.chars().any(char::is_control) {
+                return bad(
+                    "kafka.instance_id",
+                    "must be 1 to 249 characters without control characters",
+                );
+            }
+        }
+        for k in [
+            "enable.auto.commit",
+            "group.id",
+            "bootstrap.servers",
+            "group.instance.id",
+        ] {
             if self.settings.contains_key(k) || self.settings_from_env.contains_key(k) {
                 return bad("kafka.settings", &format!("{k} is set by keywatch (use the dedicated field, or offsets live in Postgres)"));
             }

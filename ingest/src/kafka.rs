@@ -1123,10 +1123,21 @@ impl Pipeline {
             ("fetch.queue.backoff.ms", "10"),
             // High watermarks for the consumer-lag metric.
             ("statistics.interval.ms", "5000"),
+            // A crashed member's partitions wait for its session to lapse
+            // before they are reassigned (librdkafka's default: 45 s); 10 s
+            // with a heartbeat a second is what a restart waits at most
+            // without `kafka.instance_id`.
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
         ] {
             if !settings.contains_key(k) {
                 c.set(k, v);
             }
+        }
+        if let Some(id) = &shared.kafka.instance_id {
+            // Static membership (KIP-345): a restarted instance with the same
+            // id takes its partitions back at once, with no rebalance.
+            c.set("group.instance.id", id);
         }
         let consumer: BaseConsumer<PipelineContext> = c
             .create_with_context(PipelineContext {
