@@ -18,7 +18,8 @@ pub const MAX_LINE_BYTES: usize = 64 << 20;
 pub enum Line<'a> {
     /// The line's bytes, without `\n` or a trailing `\r`.
     Text(&'a [u8]),
-    /// A line longer than the limit: how many bytes it had.
+    /// A line longer than the limit: how many bytes it had (a trailing
+    /// `\r` included).
     TooLong(u64),
 }
 
@@ -96,7 +97,7 @@ impl<R: Read> LineReader<R> {
                 self.line_no += 1;
                 let line = trim_cr(&self.buf[start..stop]);
                 if line.len() > self.max {
-                    return Ok(Some((self.line_no, Line::TooLong(line.len() as u64))));
+                    return Ok(Some((self.line_no, Line::TooLong((stop - start) as u64))));
                 }
                 return Ok(Some((self.line_no, Line::Text(line))));
             }
@@ -108,7 +109,8 @@ impl<R: Read> LineReader<R> {
                     self.line_no += 1;
                     let line = trim_cr(&self.buf[start..self.end]);
                     if line.len() > self.max {
-                        return Ok(Some((self.line_no, Line::TooLong(line.len() as u64))));
+                        let raw = (self.end - start) as u64;
+                        return Ok(Some((self.line_no, Line::TooLong(raw))));
                     }
                     return Ok(Some((self.line_no, Line::Text(line))));
                 }
@@ -178,6 +180,7 @@ fn trim_cr(line: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Just;
 
     fn owned(l: Line<'_>) -> Result<Vec<u8>, u64> {
         match l {
@@ -300,5 +303,33 @@ mod tests {
             "{} bytes searched",
             r.searched
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes and however the reads are cut, the reader
+        /// yields what splitting the whole text gives, with lines over the
+        /// limit reported by their length.
+        #[test]
+        fn any_input_in_any_reads_matches_the_whole_text(
+            text in proptest::collection::vec(
+                proptest::prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'x'), proptest::num::u8::ANY],
+                0..400,
+            ),
+            per_read in 1usize..64,
+            max in 1usize..40,
+        ) {
+            let want: Vec<(u64, Result<Vec<u8>, u64>)> = super::lines(&text)
+                .map(|(n, l)| (n, if l.len() > max { Err(raw_len(&text, n)) } else { Ok(l.to_vec()) }))
+                .collect();
+            let got = read_all(LineReader::with_limit(Trickle(&text, per_read, 0), max));
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// The length of line `n` (1-based) with a trailing `\r` if it has one:
+    /// what the reader reports for a line over its limit.
+    fn raw_len(text: &[u8], n: u64) -> u64 {
+        let line = text.split(|&b| b == b'\n').nth(n as usize - 1).unwrap();
+        line.len() as u64
     }
 }
