@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::collections::BTreeSet;
 
 const GOOD: &str = r#"{"ts":"2026-11-23T10:15:02.481Z","request_id":"req_1","user_id":"acct_42","key_id":"key_7f3a","tier":"free","model":"gpt-4o","prompt_tokens":812,"completion_tokens":233,"cost_usd":0.6}"#;
 
@@ -438,5 +439,83 @@ fn the_summary_escapes_text_from_traffic() {
         err.lines().filter(|l| *l == "  alerts 0").count(),
         1,
         "only the real line: {err}"
+    );
+}
+
+/// Issue 12: an evasion test for every detector at once. The simulator
+/// injects at least one attack of each kind; every record of the trace is
+/// given hostile descriptive fields (a negative latency, a wrongly typed
+/// `prompt_chars`, an over-long endpoint, and a second, hostile copy of
+/// `model`, `user_agent`, `status` and `ip` after the real ones). Every
+/// record must still be counted, and the alerts must be exactly the plain
+/// trace's, id for id.
+#[test]
+fn hostile_fields_change_no_alert_of_any_detector() {
+    let dir = common::scratch("replay-evasion");
+    let (plain, truth) = (dir.join("plain.ndjson"), dir.join("truth.json"));
+    simulate(
+        &["--users", "300", "--hours", "12", "--seed", "77"],
+        &plain,
+        &truth,
+    );
+    let endpoint = format!(r#","endpoint":"/v1/{}""#, "e".repeat(300));
+    let text = std::fs::read_to_string(&plain).unwrap();
+    let mut hostile = String::with_capacity(text.len() * 2);
+    for line in text.lines() {
+        let body = line.trim_end().strip_suffix('}').expect("a JSON object");
+        hostile.push_str(body);
+        hostile.push_str(r#","latency_ms":-5,"prompt_chars":[1]"#);
+        hostile.push_str(&endpoint);
+        for (field, evil) in [
+            ("model", r#""gpt-4o-mini""#),
+            ("user_agent", r#""evil\u0000agent""#),
+            ("status", r#""success""#),
+            ("ip", r#""10.66.66.66""#),
+        ] {
+            // Only as a second copy: the first stands.
+            if line.contains(&format!("\"{field}\":")) {
+                hostile.push_str(&format!(r#","{field}":{evil}"#));
+            }
+        }
+        hostile.push_str("}\n");
+    }
+    let evil = dir.join("hostile.ndjson");
+    std::fs::write(&evil, hostile).unwrap();
+    let run = |p: &std::path::Path| {
+        let o = replay(&["--json-summary", p.to_str().unwrap()]);
+        let mut alerts: Vec<String> = String::from_utf8(o.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        alerts.sort();
+        (alerts, common::summary(&o))
+    };
+    let (want, ps) = run(&plain);
+    let (got, hs) = run(&evil);
+    let kinds: BTreeSet<String> = want
+        .iter()
+        .map(|a| serde_json::from_str::<serde_json::Value>(a).unwrap()["kind"].to_string())
+        .collect();
+    for k in [
+        "request_spike",
+        "token_spike",
+        "repeated_prompt",
+        "leaked_key",
+        "budget_threshold",
+    ] {
+        assert!(
+            kinds.contains(&format!("\"{k}\"")),
+            "no {k} in the plain trace: {kinds:?}"
+        );
+    }
+    assert_eq!(hs["decoded"], ps["decoded"], "every record counted");
+    assert_eq!(hs["decode_errors"], ps["decode_errors"]);
+    assert_eq!(hs["repaired"], hs["decoded"], "every record flagged");
+    assert!(
+        got == want,
+        "{} alerts plain, {} hostile",
+        want.len(),
+        got.len()
     );
 }
