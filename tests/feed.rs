@@ -666,3 +666,77 @@ fn a_gateway_is_served_while_hundreds_of_sockets_are_idle_slow_or_unread() {
         0.0
     );
 }
+
+/// Issue 12 (outages): the feed's database goes away (every connection
+/// cut, new ones refused) and comes back. `/healthz` says so while it is
+/// down, polls get `503` rather than hanging, and afterwards a gateway's
+/// long poll hears of a new block again.
+#[test]
+fn the_feed_rides_out_a_database_outage() {
+    let dir = common::scratch("feed-outage");
+    let db = Database::create("feed_outage");
+    let port = free_port();
+    let cfg = config(&dir, &db, port, 100_000);
+    let _serve = start_serve(&cfg, &dir.join("serve.log"), Some(port));
+    let status = |path: &str| {
+        common::receivers::http_timeout(
+            port,
+            "GET",
+            path,
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+            b"",
+            Duration::from_secs(15),
+        )
+        .map(|r| r.status)
+        .unwrap_or(0)
+    };
+    let wait_for = |path: &str, want: u16, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status(path) != want {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("/healthz", 200, "healthy at start");
+    db.go_down();
+    wait_for("/healthz", 503, "/healthz did not report the outage");
+    assert_eq!(
+        status("/v1/revocations?after=0"),
+        503,
+        "a poll during the outage"
+    );
+    db.come_back();
+    wait_for("/healthz", 200, "not healthy after the outage");
+    wait_for(
+        "/v1/revocations?after=0",
+        200,
+        "polls not answered after the outage",
+    );
+    // A long poll waiting now hears of a block committed after the outage.
+    let waiting = std::thread::spawn(move || {
+        common::receivers::http_timeout(
+            port,
+            "GET",
+            "/v1/revocations?after=0&wait=15",
+            &[("Authorization", &format!("Bearer {TOKEN}"))],
+            b"",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .json()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    keys(
+        &cfg,
+        &[
+            "block",
+            "key_after",
+            "--user",
+            "acct_after",
+            "--reason",
+            "after the outage",
+        ],
+    );
+    let page = waiting.join().unwrap();
+    assert_eq!(page["actions"][0]["key_id"], "key_after", "{page}");
+}

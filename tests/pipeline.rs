@@ -306,3 +306,46 @@ fn a_restart_after_sigkill_resumes_within_seconds() {
     stop_run(&mut run);
     verify(&db, &exp, &dir, &broker.addr, "gw");
 }
+
+/// Issue 12 (outages): Postgres goes away mid-stream for longer than a
+/// batch timeout (every connection cut, new ones refused, as a restart
+/// looks to clients) and comes back; `keywatch run` keeps running, resumes,
+/// and loses and doubles nothing.
+#[test]
+fn postgres_down_mid_stream_loses_and_doubles_nothing() {
+    let lines = trace(2000, 24.0, 55, 997);
+    let exp = expected(&lines, 2);
+    let (broker, db, dir, cfg) = setup("pgdown", 2, &lines);
+    let total: i64 = exp.ends.values().sum();
+    let committed = || -> i64 {
+        db.try_query(
+            "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
+        )
+        .ok()
+        .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
+        .unwrap_or(0)
+    };
+    let mut run = start_run(&cfg, &dir.join("run.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed() < total / 5 {
+        assert!(Instant::now() < deadline, "no progress before the outage");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    db.go_down();
+    // 5 s: many batch timeouts (200 ms) and several commit retries.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        run.is_running(),
+        "keywatch run exited during the outage: {}",
+        std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
+    );
+    db.come_back();
+    let at_return = committed();
+    assert!(
+        at_return < total,
+        "everything was committed before the outage ended"
+    );
+    wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
+    stop_run(&mut run);
+    verify(&db, &exp, &dir, &broker.addr, "gw");
+}

@@ -84,6 +84,10 @@ impl StorageError {
     /// same batch fails the same way).
     pub fn is_transient(&self) -> bool {
         match self {
+            // A transaction that could not begin has done nothing: whatever
+            // kept it from starting (a restart, a database closed to new
+            // connections, a rotated password) is worth waiting out, loudly.
+            StorageError::Query { what: "begin", .. } => true,
             StorageError::Connect(e) | StorageError::Query { source: e, .. } => transient_sqlx(e),
             StorageError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => transient_sqlx(e),
             StorageError::Io { .. } => true,

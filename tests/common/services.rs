@@ -256,6 +256,33 @@ impl Database {
     }
 }
 
+impl Database {
+    /// An outage of this database alone (the shared server keeps running):
+    /// new connections are refused and every open one is cut, as a restart
+    /// looks to clients, until [`Database::come_back`].
+    pub fn go_down(&self) {
+        psql(
+            &self.admin_url,
+            &format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name),
+        );
+        psql(
+            &self.admin_url,
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                self.name
+            ),
+        );
+    }
+
+    /// Ends [`Database::go_down`]'s outage.
+    pub fn come_back(&self) {
+        psql(
+            &self.admin_url,
+            &format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name),
+        );
+    }
+}
+
 impl Drop for Database {
     fn drop(&mut self) {
         psql(
@@ -326,6 +353,11 @@ impl Running {
     /// The process id.
     pub fn id(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
     }
 
     /// SIGKILL, and reap.
