@@ -36,6 +36,11 @@ pub fn trace(users: u32, hours: f64, seed: u64, poison_every: usize) -> Vec<Stri
         r#"{"ts":"2026-11-23T01:00:00Z","request_id":"p3","user_id":"acct_poison","key_id":"k","api_key":"sk-live-TOPSECRET","cost_usd":-1}"#.to_string(),
         // Counted, but at its message's timestamp + 5 minutes, not in 9999.
         r#"{"ts":"9999-12-31T23:59:59Z","request_id":"p4","user_id":"acct_poison","key_id":"k","prompt_tokens":10,"cost_usd":0.01}"#.to_string(),
+        // Valid, but longer than pipeline.max_record_bytes: a dead letter, redacted.
+        format!(
+            r#"{{"ts":"2026-11-23T01:00:00Z","request_id":"p5","user_id":"acct_poison","key_id":"k","prompt_tokens":1,"prompt":"TOPSECRET {}"}}"#,
+            "x".repeat(super::services::TEST_MAX_RECORD_BYTES)
+        ),
     ];
     while sim.next_record(&mut buf).is_some() {
         lines.push(buf.trim_end().to_string());
@@ -84,6 +89,10 @@ pub fn expected(lines: &[String], partitions: i32) -> Expected {
             .filter(|(l, _)| partition_of(&user_of(l), partitions) == p)
         {
             n += 1;
+            if line.len() > super::services::TEST_MAX_RECORD_BYTES {
+                exp.poison += 1;
+                continue;
+            }
             match decoder.decode(line.as_bytes()) {
                 Ok(mut ev) => {
                     exp.decoded += 1;

@@ -308,6 +308,9 @@ fn psql(url: &str, sql: &str) {
     });
 }
 
+/// `pipeline.max_record_bytes` in the tests' pipelines: a poison record is longer.
+pub const TEST_MAX_RECORD_BYTES: usize = 4096;
+
 /// Writes a config file for `keywatch run` and returns its path.
 pub fn run_config(dir: &Path, broker: &Broker, topic: &str, db: &Database, extra: &str) -> PathBuf {
     let p = dir.join("keywatch.toml");
@@ -326,6 +329,7 @@ batch_max_records = 5000
 batch_max_ms = 200
 checkpoint_interval_secs = 2
 parquet_dir = "{}"
+max_record_bytes = {TEST_MAX_RECORD_BYTES}
 
 [postgres]
 url = "{}"
