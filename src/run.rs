@@ -209,6 +209,30 @@ pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
             c(&m.retries),
         );
         out.counter(
+            "keywatch_partitions_stalled_total",
+            "Partitions stopped by a commit the database refused for its content (logged; an operator acts).",
+            &[],
+            c(&m.stalled),
+        );
+        out.counter(
+            "keywatch_offset_gaps_total",
+            "Offset gaps a partition's worker saw (compaction or transaction markers; otherwise a bug).",
+            &[],
+            c(&m.gaps),
+        );
+        out.counter(
+            "keywatch_records_rebuilt_total",
+            "Records re-read up to the committed offset to rebuild state after an assignment (nothing written).",
+            &[],
+            c(&m.caught_up),
+        );
+        out.counter(
+            "keywatch_records_misrouted_total",
+            "Records that arrived on the consumer's main queue instead of their partition's (should stay 0).",
+            &[],
+            c(&m.unexpected),
+        );
+        out.counter(
             "keywatch_fenced_total",
             "Commits refused because another consumer owns the partition now.",
             &[],

@@ -57,7 +57,15 @@ fn watch(dir: &Path, port: u16, mut child: Child) -> Value {
                 let page = http(port, "GET", "/", &[], b"").unwrap();
                 assert!(page.text().contains("keywatch demo"));
                 let metrics = http(port, "GET", "/metrics", &[], b"").unwrap().text();
-                assert!(metrics.contains("keywatch_events_total"), "{metrics}");
+                for name in [
+                    "keywatch_events_total",
+                    "keywatch_events_ahead_total",
+                    "keywatch_partitions_stalled_total 0",
+                    "keywatch_offset_gaps_total",
+                    "keywatch_records_misrouted_total 0",
+                ] {
+                    assert!(metrics.contains(name), "{name}: {metrics}");
+                }
                 seen = Some(s);
             }
         }
