@@ -150,47 +150,44 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let max_record = cfg.pipeline.max_record_bytes;
     let mut handle = |line_no: u64, line: Line<'_>| -> Result<()> {
-        let oversize = match line {
-            Line::Text(t) if t.len() > max_record => Some(t.len() as u64),
-            Line::Text(_) => None,
-            Line::TooLong(n) => Some(n),
+        let text = match line {
+            Line::Text(t) if t.len() <= max_record => Ok(t),
+            Line::Text(t) => Err(t.len() as u64),
+            Line::TooLong(n) => Err(n),
         };
-        if let Some(n) = oversize {
-            // Read and dropped, never held: a dead letter like any other.
-            s.bytes += n + 1;
-            s.records += 1;
-            s.decode_errors += 1;
-            if shown < args.show_errors {
-                shown += 1;
-                writeln!(
-                    stderr,
-                    "line {line_no}: record: {n} bytes, more than pipeline.max_record_bytes ({max_record})"
-                )?;
+        let decoded = match text {
+            Ok(t) => {
+                s.bytes += t.len() as u64 + 1;
+                if t.iter().all(u8::is_ascii_whitespace) {
+                    s.blank_lines += 1;
+                    return Ok(());
+                }
+                s.records += 1;
+                decoder
+                    .decode(t)
+                    .map_err(|e| (e.to_string(), format!("{}: {}", e.field, e.kind())))
             }
-            s.decode_errors_by_reason
-                .entry("record: too_long".into())
-                .or_default()
-                .add(line_no);
-            return Ok(());
-        }
-        let Line::Text(line) = line else {
-            return Ok(());
+            // Over the cap: read and dropped, never held; a dead letter like
+            // a record that does not decode.
+            Err(n) => {
+                s.bytes += n + 1;
+                s.records += 1;
+                Err((
+                    format!(
+                        "record: {n} bytes, more than pipeline.max_record_bytes ({max_record})"
+                    ),
+                    "record: too_long".to_string(),
+                ))
+            }
         };
-        s.bytes += line.len() as u64 + 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            s.blank_lines += 1;
-            return Ok(());
-        }
-        s.records += 1;
-        let mut ev = match decoder.decode(line) {
+        let mut ev = match decoded {
             Ok(ev) => ev,
-            Err(e) => {
+            Err((message, reason)) => {
                 s.decode_errors += 1;
                 if shown < args.show_errors {
                     shown += 1;
-                    writeln!(stderr, "line {line_no}: {e}")?;
+                    writeln!(stderr, "line {line_no}: {message}")?;
                 }
-                let reason = format!("{}: {}", e.field, e.kind());
                 s.decode_errors_by_reason
                     .entry(reason)
                     .or_default()

@@ -273,15 +273,17 @@ pub async fn serve(
     r
 }
 
+/// The newest committed sequence number (0 for an empty feed).
+async fn newest_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
+        .fetch_one(pool)
+        .await
+        .map(|m| m.unwrap_or(0))
+}
+
 /// Keeps `tx` at the newest committed sequence number: LISTEN for the
 /// trigger's notifications, and read the maximum after every (re)connect.
 async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<bool>) {
-    let max = |pool: PgPool| async move {
-        sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
-            .fetch_one(&pool)
-            .await
-            .map(|m| m.unwrap_or(0))
-    };
     while !*stop.borrow() {
         let mut l = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -295,7 +297,7 @@ async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        if let Ok(m) = max(pool.clone()).await {
+        if let Ok(m) = newest_seq(&pool).await {
             tx.send_if_modified(|v| std::mem::replace(v, (*v).max(m)) < m);
         }
         // Ok(None) or Err: the connection was lost; reconnect and re-read the maximum.
@@ -528,11 +530,8 @@ async fn revocations(
         let mut newest = None;
         if rows.is_empty() && first {
             // Only on the first read: a cursor cannot pass the feed while it waits.
-            match sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
-                .fetch_one(&st.pool)
-                .await
-            {
-                Ok(m) => newest = Some(m.unwrap_or(0)).filter(|&m| after > m),
+            match newest_seq(&st.pool).await {
+                Ok(m) => newest = Some(m).filter(|&m| after > m),
                 Err(e) => {
                     st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
                     return unavailable(e);

@@ -411,6 +411,14 @@ struct DeadLetter {
     error: String,
 }
 
+/// Why a record is a dead letter.
+enum Rejected {
+    /// Longer than `pipeline.max_record_bytes`.
+    Oversize,
+    /// Not a record the detectors can use.
+    Invalid(detectors::DecodeError),
+}
+
 /// The state of one partition's worker.
 struct PartitionWorker<'s> {
     shared: &'s Shared,
@@ -573,9 +581,7 @@ impl<'s> PartitionWorker<'s> {
                 .metrics
                 .caught_up
                 .fetch_add(1, Ordering::Relaxed);
-            let fits = payload.len() <= self.shared.pipeline.max_record_bytes;
-            if let Some(mut ev) = fits.then(|| self.decoder.decode(payload).ok()).flatten() {
-                self.engine.bound_time(&mut ev, reference_ms);
+            if let Ok(ev) = self.read(payload, reference_ms) {
                 self.engine.observe(&ev, &mut self.scratch);
                 self.scratch.clear();
             }
@@ -605,23 +611,9 @@ impl<'s> PartitionWorker<'s> {
             };
         }
         self.last = offset;
-        let max = self.shared.pipeline.max_record_bytes;
-        if payload.len() > max {
-            self.dead.push(DeadLetter {
-                payload: redact(&payload[..OVERSIZE_KEPT.min(payload.len())]),
-                key: key.map(<[u8]>::to_vec),
-                offset,
-                error: format!(
-                    "record: {} bytes, more than pipeline.max_record_bytes ({max}); the first {} kept",
-                    payload.len(),
-                    OVERSIZE_KEPT
-                ),
-            });
-            return;
-        }
-        match self.decoder.decode(payload) {
-            Ok(mut ev) => {
-                if self.engine.bound_time(&mut ev, reference_ms) {
+        match self.read(payload, reference_ms) {
+            Ok(ev) => {
+                if ev.repaired & detectors::decode::TS_REPAIRED != 0 {
                     self.shared.metrics.ahead.fetch_add(1, Ordering::Relaxed);
                 }
                 self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
@@ -640,15 +632,42 @@ impl<'s> PartitionWorker<'s> {
                     self.lake.push(event_row(&ev, offset, duplicate));
                 }
             }
-            Err(e) => {
+            Err(why) => {
+                let (kept, error) = match why {
+                    Rejected::Oversize => (
+                        &payload[..OVERSIZE_KEPT.min(payload.len())],
+                        format!(
+                            "record: {} bytes, more than pipeline.max_record_bytes ({}); the first {OVERSIZE_KEPT} kept",
+                            payload.len(),
+                            self.shared.pipeline.max_record_bytes
+                        ),
+                    ),
+                    Rejected::Invalid(e) => (payload, e.to_string()),
+                };
                 self.dead.push(DeadLetter {
-                    payload: redact(payload),
+                    payload: redact(kept),
                     key: key.map(<[u8]>::to_vec),
                     offset,
-                    error: e.to_string(),
+                    error,
                 });
             }
         }
+    }
+
+    /// A record as the detectors take it: within `pipeline.max_record_bytes`,
+    /// decoded, and its time held to its message's. The first read and a
+    /// rebuild's re-read go through here alike, so both decide the same.
+    fn read<'p>(
+        &mut self,
+        payload: &'p [u8],
+        reference_ms: i64,
+    ) -> Result<detectors::Event<'p>, Rejected> {
+        if payload.len() > self.shared.pipeline.max_record_bytes {
+            return Err(Rejected::Oversize);
+        }
+        let mut ev = self.decoder.decode(payload).map_err(Rejected::Invalid)?;
+        self.engine.bound_time(&mut ev, reference_ms);
+        Ok(ev)
     }
 
     /// The first record after a resume is past the one asked for. Some
