@@ -17,19 +17,51 @@ fn setup(
     partitions: i32,
     lines: &[String],
 ) -> (Broker, Database, std::path::PathBuf, std::path::PathBuf) {
+    // A killed consumer's membership lapses after the session timeout; keep
+    // it short so restarts do not wait for ghosts.
+    setup_with(
+        name,
+        partitions,
+        lines,
+        "[kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+    )
+}
+
+/// [`setup`] with `kafka` config lines of the test's own.
+fn setup_with(
+    name: &str,
+    partitions: i32,
+    lines: &[String],
+    kafka: &str,
+) -> (Broker, Database, std::path::PathBuf, std::path::PathBuf) {
     let dir = scratch(name);
     let broker = Broker::start(&dir.join("tansu.log"));
     broker.create_topic("gw", partitions);
     broker.create_topic("gw-dlq", 1);
     broker.produce("gw", partitions, lines);
     let db = Database::create(name);
-    // A killed consumer's membership lapses after the session timeout; keep
-    // it short so restarts do not wait for ghosts.
-    let extra = format!(
-        "[privacy]\nhash_key = \"{HASH_KEY}\"\n[kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n"
-    );
+    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n{kafka}");
     let cfg = run_config(&dir, &broker, "gw", &db, &extra);
     (broker, db, dir, cfg)
+}
+
+/// Offsets committed to Postgres, summed over the partitions of `gw`.
+fn committed(db: &Database) -> i64 {
+    db.try_query(
+        "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
+    )
+    .ok()
+    .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
+    .unwrap_or(0)
+}
+
+/// Waits until at least `n` offsets are committed.
+fn wait_progress(db: &Database, n: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed(db) < n {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -261,40 +293,21 @@ fn a_gateway_polling_the_feed_sees_every_budget_block() {
 fn a_restart_after_sigkill_resumes_within_seconds() {
     let lines = trace(2000, 24.0, 45, 0);
     let exp = expected(&lines, 2);
-    let dir = scratch("resume");
-    let broker = Broker::start(&dir.join("tansu.log"));
-    broker.create_topic("gw", 2);
-    broker.create_topic("gw-dlq", 1);
-    broker.produce("gw", 2, &lines);
-    let db = Database::create("resume");
     // No session settings: keywatch's defaults are what is measured.
-    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
-    let cfg = run_config(&dir, &broker, "gw", &db, &extra);
+    let (broker, db, dir, cfg) = setup_with("resume", 2, &lines, "");
     let log = dir.join("run.log");
-    let committed = || -> i64 {
-        db.try_query(
-            "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
-        )
-        .ok()
-        .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
-        .unwrap_or(0)
-    };
     let total: i64 = exp.ends.values().sum();
     let mut run = start_run(&cfg, &log);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while committed() < total / 10 {
-        assert!(Instant::now() < deadline, "no progress before the kill");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_progress(&db, total / 10, "no progress before the kill");
     run.kill9();
-    let at_kill = committed();
+    let at_kill = committed(&db);
     assert!(
         at_kill < total,
         "all committed before the kill: make the trace longer"
     );
     let restarted = Instant::now();
     let mut run = start_run(&cfg, &log);
-    while committed() <= at_kill {
+    while committed(&db) <= at_kill {
         assert!(
             restarted.elapsed() < Duration::from_secs(30),
             "no commit within 30 s of the restart"
@@ -318,20 +331,8 @@ fn postgres_down_mid_stream_loses_and_doubles_nothing() {
     let exp = expected(&lines, 2);
     let (broker, db, dir, cfg) = setup("pgdown", 2, &lines);
     let total: i64 = exp.ends.values().sum();
-    let committed = || -> i64 {
-        db.try_query(
-            "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
-        )
-        .ok()
-        .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
-        .unwrap_or(0)
-    };
     let mut run = start_run(&cfg, &dir.join("run.log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while committed() < total / 5 {
-        assert!(Instant::now() < deadline, "no progress before the outage");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_progress(&db, total / 5, "no progress before the outage");
     db.go_down();
     // 5 s: many batch timeouts (200 ms) and several commit retries.
     std::thread::sleep(Duration::from_secs(5));
@@ -341,7 +342,7 @@ fn postgres_down_mid_stream_loses_and_doubles_nothing() {
         std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
     );
     db.come_back();
-    let at_return = committed();
+    let at_return = committed(&db);
     assert!(
         at_return < total,
         "everything was committed before the outage ended"

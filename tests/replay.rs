@@ -170,22 +170,7 @@ fn stdin_and_config_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("unknown field `burst_factr`"), "{err}");
 
-    use std::io::Write;
-    let mut child = keywatch()
-        .args(["replay", "--json-summary", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{GOOD}\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success());
+    let o = common::replay_stdin(&["--json-summary"], format!("{GOOD}\n").as_bytes());
     assert_eq!(summary(&o)["decoded"], 1);
 }
 
@@ -344,7 +329,6 @@ fn a_far_future_record_cannot_move_the_clock() {
 /// pass and never held, and the same from a file.
 #[test]
 fn an_over_long_line_is_a_dead_letter_from_a_file_and_from_a_pipe() {
-    use std::io::Write;
     let dir = common::scratch("replay-oversize");
     let cfg = dir.join("keywatch.toml");
     std::fs::write(&cfg, "[pipeline]\nmax_record_bytes = 2048\n").unwrap();
@@ -366,27 +350,10 @@ fn an_over_long_line_is_a_dead_letter_from_a_file_and_from_a_pipe() {
         "--json-summary",
         input.to_str().unwrap(),
     ]);
-    let mut child = common::keywatch()
-        .args([
-            "replay",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--json-summary",
-            "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let from_pipe = child.wait_with_output().unwrap();
-    assert!(from_pipe.status.success());
+    let from_pipe = common::replay_stdin(
+        &["--config", cfg.to_str().unwrap(), "--json-summary"],
+        text.as_bytes(),
+    );
     for o in [&from_file, &from_pipe] {
         let s = common::summary(o);
         assert_eq!(s["records"], 3, "{s}");

@@ -56,6 +56,29 @@ pub fn replay(args: &[&str]) -> Output {
     o
 }
 
+/// Runs `keywatch replay ARGS -` with `input` on its standard input; asserts
+/// it succeeded and returns its output.
+pub fn replay_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = keywatch()
+        .arg("replay")
+        .args(args)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 /// The JSON summary a `--json-summary` replay printed on stderr.
 pub fn summary(o: &Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&o.stderr);
