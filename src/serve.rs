@@ -22,6 +22,9 @@ use crate::ConfigArg;
 
 /// Postgres connections of the feed server (besides `postgres.max_connections`).
 const FEED_CONNECTIONS: u32 = 4;
+/// How long a feed request waits for a Postgres connection before it
+/// answers `503`.
+const FEED_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The dispatcher and the feed server, running on a runtime.
 pub struct Outward {
@@ -90,6 +93,9 @@ impl Outward {
                 .block_on(
                     sqlx::postgres::PgPoolOptions::new()
                         .max_connections(FEED_CONNECTIONS)
+                        // With Postgres down, a poll or /healthz answers 503
+                        // after this rather than hang (sqlx waits 30 s).
+                        .acquire_timeout(FEED_ACQUIRE_TIMEOUT)
                         .connect(&url),
                 )
                 .context("connecting the feed to Postgres")?;

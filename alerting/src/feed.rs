@@ -24,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Extension, Query, State};
+use axum::extract::{ConnectInfo, Extension, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use crate::config::FeedConfig;
 use crate::listen::{self, Conn, ConnMetrics, Limits};
 use crate::metrics::{Exposition, Sources};
+use crate::request::{self, Poll};
 
 /// The body of every `401`, whatever was wrong.
 const UNAUTHORIZED: &str = "{\"error\":\"unauthorized\"}";
@@ -367,11 +368,7 @@ fn admit(
 ) -> Result<String, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        // The scheme is case-insensitive (RFC 7235).
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .and_then(|v| request::bearer_token(v.as_bytes()));
     let client = token.and_then(|t| {
         let h: [u8; 32] = Sha256::digest(t.as_bytes()).into();
         // Compare with every client, so the time taken says nothing about which matched.
@@ -463,46 +460,25 @@ fn unavailable(e: sqlx::Error) -> Response {
     )
 }
 
-fn param<T: std::str::FromStr>(
-    q: &HashMap<String, String>,
-    name: &str,
-) -> Result<Option<T>, Box<Response>> {
-    match q.get(name) {
-        None => Ok(None),
-        Some(v) => v.parse::<T>().map(Some).map_err(|_| {
-            Box::new(bad_request(format!(
-                "query parameter {name}: expected a non-negative integer, got {v:?}"
-            )))
-        }),
-    }
-}
-
 async fn revocations(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     conn: Option<Extension<Conn>>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     const EP: &str = "revocations";
     if let Err(r) = admit(&st, &headers, peer, conn.as_deref(), EP) {
         return *r;
     }
-    let (after, wait, limit) = match (
-        param::<u64>(&q, "after"),
-        param::<u64>(&q, "wait"),
-        param::<u32>(&q, "limit"),
-    ) {
-        (Ok(a), Ok(w), Ok(l)) => (
-            a.unwrap_or(0).min(i64::MAX as u64) as i64,
-            w.unwrap_or(0).min(st.cfg.max_wait_secs),
-            l.unwrap_or(st.cfg.max_actions).clamp(1, st.cfg.max_actions),
-        ),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => {
-            st.metrics.count(EP, StatusCode::BAD_REQUEST);
-            return *r;
-        }
-    };
+    let Poll { after, wait, limit } =
+        match request::parse_poll(query.as_deref(), st.cfg.max_wait_secs, st.cfg.max_actions) {
+            Ok(p) => p,
+            Err(e) => {
+                st.metrics.count(EP, StatusCode::BAD_REQUEST);
+                return bad_request(e);
+            }
+        };
     // `wait` is at most `max_wait_secs` (validated to an hour); checked all
     // the same, so no config can make a poll panic.
     let now = tokio::time::Instant::now();
@@ -591,14 +567,7 @@ async fn blocklist(
     let etag = format!("\"{}\"", &hex(&Sha256::digest(body.as_bytes()))[..32]);
     let matches = headers
         .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            // If-None-Match compares weakly (RFC 9110 13.1.2): `W/"x"` matches `"x"`.
-            v.split(',').any(|t| {
-                let t = t.trim();
-                t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
-            })
-        });
+        .is_some_and(|v| request::etag_matches(v.as_bytes(), &etag));
     let etag_value = HeaderValue::from_str(&etag).expect("hex is a valid header");
     if matches {
         st.metrics.count(EP, StatusCode::NOT_MODIFIED);

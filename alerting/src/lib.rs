@@ -9,6 +9,7 @@ pub mod feed;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod request;
 pub mod sign;
 pub mod slack;
 pub mod ssrf;

@@ -1081,6 +1081,30 @@ fn redact_bytes(b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The checks the fuzzer (`fuzz/fuzz_targets/redact.rs`) and the test
+/// suite run on one input: [`redact`] never panics on any bytes, and a
+/// secret written as the value of `api_key` or `prompt` at the start of a
+/// record never reaches a dead letter, whatever bytes follow it (a cut
+/// record, invalid UTF-8, more fields, another copy of the name).
+#[doc(hidden)]
+pub fn fuzz_redact(data: &[u8]) {
+    const SECRET: &[u8] = b"sk-fuzz-7Hq2Lw9Xv4";
+    let count = |b: &[u8]| b.windows(SECRET.len()).filter(|w| *w == SECRET).count();
+    let _ = redact(data);
+    for name in ["api_key", "prompt"] {
+        let mut rec = format!("{{\"{name}\": \"").into_bytes();
+        rec.extend_from_slice(SECRET);
+        rec.push(b'"');
+        rec.extend_from_slice(data);
+        let out = redact(&rec);
+        assert!(
+            count(&out) <= count(data),
+            "{name}'s value reached the dead letter: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
+
 /// A handle on a running pipeline.
 pub struct Pipeline {
     shared: Arc<Shared>,
@@ -1260,5 +1284,24 @@ mod tests {
             redact(br#"{"user_id":"u","prompt_tokens":"many""#),
             br#"{"user_id":"u","prompt_tokens":"many""#
         );
+    }
+
+    proptest::proptest! {
+        /// The fuzz target's checks, on bytes rich in JSON's structure, in every test run.
+        #[test]
+        fn whatever_follows_a_secret_it_is_redacted(
+            data in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just(&b"\""[..]), proptest::prelude::Just(&b"\\"[..]),
+                    proptest::prelude::Just(&b":"[..]), proptest::prelude::Just(&b","[..]),
+                    proptest::prelude::Just(&b"}"[..]), proptest::prelude::Just(&b"api_key"[..]),
+                    proptest::prelude::Just(&b"prompt"[..]), proptest::prelude::Just(&b"\\u0022"[..]),
+                    proptest::prelude::Just(&b"\xff"[..]), proptest::prelude::Just(&b" x"[..]),
+                ],
+                0..40,
+            ),
+        ) {
+            fuzz_redact(&data.concat());
+        }
     }
 }

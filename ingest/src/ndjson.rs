@@ -38,7 +38,8 @@ pub struct LineReader<R> {
     max: usize,
     eof: bool,
     line_no: u64,
-    /// Bytes searched for a newline (a test checks it stays linear).
+    /// Bytes searched for a newline, each up to the first one found (a
+    /// test checks it stays linear).
     searched: u64,
 }
 
@@ -68,8 +69,8 @@ impl<R: Read> LineReader<R> {
     pub fn next_line(&mut self) -> io::Result<Option<(u64, Line<'_>)>> {
         loop {
             if let Some(dropped) = self.skipping {
-                self.searched += (self.end - self.pos) as u64;
                 let found = memchr::memchr(b'\n', &self.buf[self.pos..self.end]);
+                self.searched += found.map_or(self.end - self.pos, |nl| nl + 1) as u64;
                 let upto = found.map_or(self.end, |nl| self.pos + nl);
                 let dropped = dropped + (upto - self.pos) as u64;
                 if found.is_some() || (self.eof && dropped > 0) {
@@ -88,8 +89,10 @@ impl<R: Read> LineReader<R> {
                 continue;
             }
             let from = self.scanned.max(self.pos);
-            self.searched += (self.end - from) as u64;
-            if let Some(nl) = memchr::memchr(b'\n', &self.buf[from..self.end]) {
+            let found = memchr::memchr(b'\n', &self.buf[from..self.end]);
+            // The bytes memchr looked at: up to the newline it stopped at.
+            self.searched += found.map_or(self.end - from, |nl| nl + 1) as u64;
+            if let Some(nl) = found {
                 let start = self.pos;
                 let stop = from + nl;
                 self.pos = stop + 1;
@@ -177,6 +180,74 @@ fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// A reader that hands out at most `.1` bytes of `.0` per read, as a pipe
+/// does (`.2` counts the reads).
+#[doc(hidden)]
+pub struct Trickle<'a>(pub &'a [u8], pub usize, pub usize);
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.2 += 1;
+        let n = self.1.min(out.len()).min(self.0.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+/// The checks the fuzzer (`fuzz/fuzz_targets/ndjson.rs`) and the test
+/// suite run on one input: the first two bytes pick the bytes per read
+/// (1-64) and the line limit (1-64), the rest is the text. Whatever the
+/// bytes and however the reads are cut, the reader yields what splitting
+/// the whole text gives, lines over the limit reported by their length;
+/// it searches each byte a bounded number of times and holds at most the
+/// limit and one read.
+#[doc(hidden)]
+pub fn fuzz_one(data: &[u8]) {
+    let (per_read, max, text) = match data {
+        [a, b, rest @ ..] => (usize::from(a % 64) + 1, usize::from(b % 64) + 1, rest),
+        _ => (1, 1, data),
+    };
+    let want = lines(text).map(|(n, l)| {
+        let raw = text
+            .split(|&b| b == b'\n')
+            .nth(n as usize - 1)
+            .unwrap_or_default();
+        (
+            n,
+            if l.len() > max {
+                Err(raw.len() as u64)
+            } else {
+                Ok(l)
+            },
+        )
+    });
+    let mut r = LineReader::with_limit(Trickle(text, per_read, 0), max);
+    let mut want = want.fuse();
+    loop {
+        assert!(
+            r.buf.len() <= max + 2 + CHUNK,
+            "a buffer of {} bytes",
+            r.buf.len()
+        );
+        let got = r.next_line().expect("reading a slice cannot fail");
+        match (got, want.next()) {
+            (None, None) => break,
+            (Some((n, Line::Text(l))), Some((m, Ok(w)))) => assert!(n == m && l == w, "line {n}"),
+            (Some((n, Line::TooLong(len))), Some((m, Err(w)))) => {
+                assert!(n == m && len == w, "line {n}")
+            }
+            (got, want) => panic!("read {got:?}, the whole text gives {want:?}"),
+        }
+    }
+    assert!(
+        r.searched <= 2 * text.len() as u64 + 2,
+        "{} bytes searched of {}",
+        r.searched,
+        text.len()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,19 +270,6 @@ mod tests {
 
     fn lines(input: &[u8]) -> Vec<(u64, Result<Vec<u8>, u64>)> {
         read_all(LineReader::new(input))
-    }
-
-    /// A reader that hands out at most `n` bytes per read, as a pipe does.
-    struct Trickle<'a>(&'a [u8], usize, usize);
-
-    impl Read for Trickle<'_> {
-        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-            self.2 += 1;
-            let n = self.1.min(out.len()).min(self.0.len());
-            out[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
     }
 
     #[test]
@@ -306,30 +364,19 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever the bytes and however the reads are cut, the reader
-        /// yields what splitting the whole text gives, with lines over the
-        /// limit reported by their length.
+        /// The fuzz target's checks, on text rich in line ends, in every test run.
         #[test]
         fn any_input_in_any_reads_matches_the_whole_text(
             text in proptest::collection::vec(
                 proptest::prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'x'), proptest::num::u8::ANY],
                 0..400,
             ),
-            per_read in 1usize..64,
-            max in 1usize..40,
+            per_read in 0u8..64,
+            max in 0u8..40,
         ) {
-            let want: Vec<(u64, Result<Vec<u8>, u64>)> = super::lines(&text)
-                .map(|(n, l)| (n, if l.len() > max { Err(raw_len(&text, n)) } else { Ok(l.to_vec()) }))
-                .collect();
-            let got = read_all(LineReader::with_limit(Trickle(&text, per_read, 0), max));
-            proptest::prop_assert_eq!(got, want);
+            let mut data = vec![per_read, max];
+            data.extend_from_slice(&text);
+            fuzz_one(&data);
         }
-    }
-
-    /// The length of line `n` (1-based) with a trailing `\r` if it has one:
-    /// what the reader reports for a line over its limit.
-    fn raw_len(text: &[u8], n: u64) -> u64 {
-        let line = text.split(|&b| b == b'\n').nth(n as usize - 1).unwrap();
-        line.len() as u64
     }
 }

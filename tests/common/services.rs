@@ -45,30 +45,60 @@ pub fn tansu_binary() -> PathBuf {
     p
 }
 
-/// A tansu broker process with in-memory storage, stopped on drop.
+/// A tansu broker process, stopped on drop: in-memory storage, or a
+/// SQLite file that outlives the process ([`Broker::start_persistent`]).
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    port: u16,
+    /// The directory of the SQLite file, for a persistent broker.
+    data: Option<PathBuf>,
+    log: PathBuf,
 }
 
 impl Broker {
-    /// Starts a broker on a free port and waits until it accepts connections.
+    /// Starts a broker with in-memory storage on a free port and waits
+    /// until it accepts connections.
     pub fn start(log: &Path) -> Broker {
-        let port = free_port();
+        Self::launch(free_port(), None, log)
+    }
+
+    /// Starts a broker whose topics, records and groups live in a SQLite
+    /// file in `data`, so that [`Broker::restart`] finds them again.
+    pub fn start_persistent(data: &Path, log: &Path) -> Broker {
+        std::fs::create_dir_all(data).unwrap();
+        Self::launch(free_port(), Some(data.to_path_buf()), log)
+    }
+
+    fn launch(port: u16, data: Option<PathBuf>, log: &Path) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
+        // tansu reads a sqlite:// path relative to its working directory.
+        let storage = match data {
+            Some(_) => "sqlite://tansu.db",
+            None => "memory://tansu/",
+        };
+        let mut cmd = Command::new(tansu_binary());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            storage,
+        ]);
+        if let Some(d) = &data {
+            cmd.current_dir(d);
+        }
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
+            .stderr(err)
             .spawn()
             .expect("starting tansu");
         let addr = format!("127.0.0.1:{port}");
@@ -76,11 +106,34 @@ impl Broker {
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "tansu did not start listening on {addr}"
+                "tansu did not start listening on {addr}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker { child, addr }
+        Broker {
+            child: Some(child),
+            addr,
+            port,
+            data,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Kills the broker (SIGKILL: no clean shutdown) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the killed broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill");
+        assert!(self.data.is_some(), "an in-memory broker restarts empty");
+        let mut again = Self::launch(self.port, self.data.clone(), &self.log);
+        self.child = again.child.take();
     }
 
     /// Creates a topic with `partitions` partitions.
@@ -154,8 +207,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -202,6 +254,156 @@ pub fn partition_of(user: &str, partitions: i32) -> i32 {
     (detectors::hash::stable_hash(99, user.as_bytes()) % partitions as u64) as i32
 }
 
+/// A Postgres server of the test's own (initdb into a scratch directory,
+/// on a free port), so that a test can stop and start a real server
+/// without touching the machine's. Stopped and removed on drop.
+pub struct PgServer {
+    dir: PathBuf,
+    port: u16,
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub admin_url: String,
+}
+
+impl PgServer {
+    /// Creates and starts a server in `dir` (which must not exist yet).
+    pub fn start(dir: &Path) -> PgServer {
+        std::fs::create_dir_all(dir).unwrap();
+        if as_root() {
+            // Postgres refuses to run as root: the files are its user's.
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown {}", dir.display());
+        }
+        let data = dir.join("data");
+        pg_tool(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        );
+        let port = free_port();
+        let server = PgServer {
+            dir: dir.to_path_buf(),
+            port,
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        server.up();
+        server
+    }
+
+    /// Starts the stopped server and waits until it accepts connections.
+    pub fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+            self.port,
+            self.dir.display()
+        );
+        pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-l",
+                self.dir.join("server.log").to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server as a crash or a failover does: at once (`immediate`),
+    /// every connection cut; it recovers from its log when started again.
+    pub fn down(&self) {
+        pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = Command::new(pg_bin("pg_ctl"))
+            .args([
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// A Postgres server program: on PATH, else in Debian's versioned directory.
+fn pg_bin(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("{name} not found on PATH or in /usr/lib/postgresql/*/bin (the PostgreSQL server package)")
+    })
+}
+
+/// Runs a Postgres server program, as the postgres user when the test runs as root.
+fn pg_tool(name: &str, args: &[&str]) {
+    let bin = pg_bin(name);
+    let mut cmd = if as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    let out = cmd.args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A fresh database, dropped on drop.
 pub struct Database {
     admin_url: String,
@@ -215,6 +417,12 @@ impl Database {
     pub fn create(test: &str) -> Database {
         let admin_url = std::env::var("KEYWATCH_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        Self::create_at(admin_url, test)
+    }
+
+    /// Creates a database named after the test on the server `admin_url`
+    /// reaches (a [`PgServer`]'s, say).
+    pub fn create_at(admin_url: String, test: &str) -> Database {
         let name = format!("kw_{}_{}_{}", test, std::process::id(), free_port());
         psql(&admin_url, &format!("CREATE DATABASE {name}"));
         let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
@@ -256,36 +464,10 @@ impl Database {
     }
 }
 
-impl Database {
-    /// An outage of this database alone (the shared server keeps running):
-    /// new connections are refused and every open one is cut, as a restart
-    /// looks to clients, until [`Database::come_back`].
-    pub fn go_down(&self) {
-        psql(
-            &self.admin_url,
-            &format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name),
-        );
-        psql(
-            &self.admin_url,
-            &format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
-                self.name
-            ),
-        );
-    }
-
-    /// Ends [`Database::go_down`]'s outage.
-    pub fn come_back(&self) {
-        psql(
-            &self.admin_url,
-            &format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name),
-        );
-    }
-}
-
 impl Drop for Database {
     fn drop(&mut self) {
-        psql(
+        // Not fatal: a test's own server may be gone with its databases.
+        let _ = try_psql(
             &self.admin_url,
             &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
         );
@@ -293,19 +475,18 @@ impl Drop for Database {
 }
 
 fn psql(url: &str, sql: &str) {
+    try_psql(url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn try_psql(url: &str, sql: &str) -> Result<(), sqlx::Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
-            .await
-            .unwrap();
-        sqlx::query(sql)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    });
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
+        sqlx::query(sql).execute(&mut conn).await.map(|_| ())
+    })
 }
 
 /// `pipeline.max_record_bytes` in the tests' pipelines: a poison record is longer.
