@@ -333,6 +333,17 @@ fn a_restart_after_sigkill_resumes_within_seconds() {
     verify(&db, &exp, &dir, &broker.addr, "gw");
 }
 
+/// Lets an outage of `what` last 5 s (many batch timeouts of 200 ms and
+/// several commit retries) and checks that `keywatch run` is still running.
+fn outlast_outage(run: &mut Running, dir: &Path, what: &str) {
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        run.is_running(),
+        "keywatch run exited while {what} was down: {}",
+        std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
+    );
+}
+
 /// Issue 12 (outages): the Postgres server stops mid-stream as a crash or
 /// a failover stops it (`pg_ctl stop -m immediate`: every connection cut,
 /// new ones refused), stays down for longer than many batch timeouts, and
@@ -351,13 +362,7 @@ fn a_postgres_restart_mid_stream_loses_and_doubles_nothing() {
     let mut run = start_run(&cfg, &dir.join("run.log"));
     wait_progress(&db, total / 5, "no progress before the outage");
     server.down();
-    // 5 s: many batch timeouts (200 ms) and several commit retries.
-    std::thread::sleep(Duration::from_secs(5));
-    assert!(
-        run.is_running(),
-        "keywatch run exited during the outage: {}",
-        std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
-    );
+    outlast_outage(&mut run, &dir, "Postgres");
     server.up();
     let at_return = committed(&db);
     assert!(
@@ -391,12 +396,7 @@ fn a_broker_restart_mid_stream_loses_and_doubles_nothing() {
         "no progress before the broker went down",
     );
     broker.kill();
-    std::thread::sleep(Duration::from_secs(5));
-    assert!(
-        run.is_running(),
-        "keywatch run exited while the broker was down: {}",
-        std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
-    );
+    outlast_outage(&mut run, &dir, "the broker");
     broker.restart();
     let at_return = committed(&db);
     broker.produce("gw", 2, &lines[half..]);

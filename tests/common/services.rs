@@ -24,16 +24,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `name` in a directory of PATH, if there is one.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
 /// The tansu binary: `KEYWATCH_TANSU`, else on PATH, else cargo's bin dir.
 pub fn tansu_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KEYWATCH_TANSU") {
         return p.into();
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("tansu");
-        if p.is_file() {
-            return p;
-        }
+    if let Some(p) = on_path("tansu") {
+        return p;
     }
     let home = std::env::var("CARGO_HOME")
         .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
@@ -342,35 +348,36 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let _ = Command::new(pg_bin("pg_ctl"))
-            .args([
-                "-D",
-                self.dir.join("data").to_str().unwrap(),
-                "-m",
-                "immediate",
-                "stop",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // Not fatal (it may be down already), but as the postgres user:
+        // pg_ctl run as root refuses, and the server would outlive the test.
+        let data = self.dir.join("data");
+        let args = [
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ];
+        let _ = pg_command("pg_ctl", &args).output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    })
 }
 
 /// A Postgres server program: on PATH, else in Debian's versioned directory.
 fn pg_bin(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return p;
-        }
+    if let Some(p) = on_path(name) {
+        return p;
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -385,8 +392,9 @@ fn pg_bin(name: &str) -> PathBuf {
     })
 }
 
-/// Runs a Postgres server program, as the postgres user when the test runs as root.
-fn pg_tool(name: &str, args: &[&str]) {
+/// A Postgres server program's command, as the postgres user when the
+/// test runs as root (the server programs refuse to run as root).
+fn pg_command(name: &str, args: &[&str]) -> Command {
     let bin = pg_bin(name);
     let mut cmd = if as_root() {
         let mut c = Command::new("runuser");
@@ -395,7 +403,13 @@ fn pg_tool(name: &str, args: &[&str]) {
     } else {
         Command::new(&bin)
     };
-    let out = cmd.args(args).stdin(Stdio::null()).output().unwrap();
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a Postgres server program; panics with its output when it fails.
+fn pg_tool(name: &str, args: &[&str]) {
+    let out = pg_command(name, args).output().unwrap();
     assert!(
         out.status.success(),
         "{name} {args:?}: {}{}",
