@@ -324,7 +324,7 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
     if let Some(e) = &s.engine {
         writeln!(
             w,
-            "  duplicates {}, too late for their budget period {}, ahead of the reference clock (counted at its bound) {}",
+            "  duplicates {}, older than the previous budget period (charged to the current) {}, ahead of the reference clock (counted at its bound) {}",
             group(e.duplicates),
             group(e.late),
             group(e.ahead)

@@ -253,7 +253,9 @@ fn hostile_descriptive_fields_do_not_hide_a_flood() {
 /// period (and the partition's clock) to the year 9999, so the flood after
 /// it was "too late for its budget period" and raised no budget alert.
 /// A record's time is now held to its reference clock plus
-/// `engine.event_time.max_ahead_secs`; the flood is seen whole.
+/// `engine.event_time.max_ahead_secs`; the flood is seen whole. A record
+/// older than its account's previous budget period is charged to the
+/// current one.
 #[test]
 fn a_far_future_record_cannot_move_the_clock() {
     let dir = common::scratch("replay-future");
@@ -318,10 +320,20 @@ fn a_far_future_record_cannot_move_the_clock() {
     );
     // A reference a week later (the wall clock, replaying history) still
     // bounds the year 9999, but the poison then lands a week after the
-    // flood, which is too late for its period: `--now` is for history.
-    let (_, later) = run("2026-11-30T00:00:00Z");
+    // flood, which is too late for its own period (`--now` is for
+    // history). Late spend is charged to the current period, so the
+    // flood still crosses the budget, once per percent.
+    let (later_kinds, later) = run("2026-11-30T00:00:00Z");
     assert_eq!(later["engine"]["ahead"], 2);
-    assert!(later["engine"]["late"].as_u64().unwrap() > 0, "{later}");
+    assert_eq!(later["engine"]["late"], 300, "{later}");
+    assert_eq!(
+        later_kinds
+            .iter()
+            .filter(|k| k.starts_with("budget_threshold"))
+            .count(),
+        3,
+        "late spend still crosses 50, 80 and 100%: {later_kinds:?}"
+    );
 }
 
 /// Issue 12: a record's size is capped (`pipeline.max_record_bytes`); a

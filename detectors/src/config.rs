@@ -221,12 +221,17 @@ pub struct ContextConfig {
     /// A network or user agent is the account's usual one once the account used it again this many
     /// minutes or more after first; an account with none such has no usual context yet.
     pub familiar_after_minutes: u32,
+    /// A network or user agent first seen in the `familiar_after_minutes` before or during an
+    /// open spike incident on the account becomes usual only when used again with no incident
+    /// open: an attack that comes first does not become the account's usual context.
+    pub hold_during_incidents: bool,
 }
 
 impl Default for ContextConfig {
     fn default() -> Self {
         ContextConfig {
             familiar_after_minutes: 30,
+            hold_during_incidents: true,
         }
     }
 }

@@ -123,7 +123,7 @@ pub struct EngineStats {
     pub events: u64,
     /// Duplicates ignored.
     pub duplicates: u64,
-    /// Records too late for their budget period (counted by the detectors, not the budgets).
+    /// Records older than their account's previous budget period (charged to the current one).
     pub late: u64,
     /// Records whose time was past their reference by more than
     /// `event_time.max_ahead_secs` (counted at the bound).
@@ -537,8 +537,18 @@ impl Engine {
         let origin = Origin::of(ev.ip, ev.asn, ev.user_agent.as_deref());
         let ctx = user.familiar.judge(origin);
         if counts_request {
-            user.familiar
-                .observe(t.minute, origin, cfg.context.familiar_after_minutes);
+            // An attack does not become the account's usual context.
+            let incident = cfg.context.hold_during_incidents
+                && (user.rate.in_incident(t.minute)
+                    || key.rate.in_incident(t.minute)
+                    || user.tokens.in_incident(t.minute)
+                    || user.pace.in_incident(t.minute));
+            user.familiar.observe(
+                t.minute,
+                origin,
+                cfg.context.familiar_after_minutes,
+                incident,
+            );
         }
         let fp_hash = ev
             .prompt_fingerprint

@@ -8,7 +8,10 @@
 //! triple). Periods are calendar days and months in the configured UTC
 //! offset. The ledger keeps the current and the previous period of each
 //! kind, so a record that arrives a little after midnight still counts
-//! toward the day it happened; anything older is reported as late.
+//! toward the day it happened. Anything older is charged to the current
+//! period and reported as late: spend is never left out of every budget,
+//! so a record stamped days in the past (a gateway's clock, a log shipper
+//! that held it back) cannot slip under the limits.
 
 use serde::{Deserialize, Serialize};
 
@@ -128,7 +131,8 @@ impl PeriodClock {
 pub enum Posted {
     /// Counted in its period.
     Counted,
-    /// Older than the previous period: not counted (reported as late).
+    /// Older than the previous period: charged to the current one instead
+    /// (reported as late).
     Late,
 }
 
@@ -140,6 +144,8 @@ pub fn percent_bar(limit_micros: u64, pct: u8) -> u64 {
     limit_micros.saturating_mul(pct as u64).div_ceil(100)
 }
 
+/// The slot of the period starting at `start`, opening it when it is newer
+/// than the current one; `None` when it is older than the previous one.
 fn slot(slots: &mut [PeriodSpend; 2], start: i64) -> Option<&mut PeriodSpend> {
     if slots[0].start_ms == start {
         return Some(&mut slots[0]);
@@ -193,8 +199,13 @@ impl Ledger {
         lim: &BudgetLimits<'_>,
         out: &mut impl FnMut(BudgetEvent),
     ) -> Posted {
-        let Some(day) = slot(&mut self.day, day_start) else {
-            return Posted::Late;
+        let mut posted = Posted::Counted;
+        let day = match slot(&mut self.day, day_start) {
+            Some(day) => day,
+            None => {
+                posted = Posted::Late;
+                &mut self.day[0]
+            }
         };
         day.limit_micros = lim.daily_micros;
         if micros > 0 {
@@ -220,17 +231,20 @@ impl Ledger {
         }
         if let Some(limit) = lim.monthly_micros {
             let months = self.month.get_or_insert_with(Default::default);
-            if let Some(month) = slot(months, month_start) {
-                month.limit_micros = limit;
-                if micros > 0 {
-                    cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
-                }
-                month.tokens = month
-                    .tokens
-                    .saturating_add(tokens.min(u32::MAX as u64) as u32);
+            // Older than the previous month: charged to the current one.
+            let month = match slot(months, month_start) {
+                Some(month) => month,
+                None => &mut months[0],
+            };
+            month.limit_micros = limit;
+            if micros > 0 {
+                cross(month, PeriodKind::Month, micros, limit, lim.percents, out);
             }
+            month.tokens = month
+                .tokens
+                .saturating_add(tokens.min(u32::MAX as u64) as u32);
         }
-        Posted::Counted
+        posted
     }
 
     /// Spend in the current month, micro-dollars, if its period is `month_start`.
@@ -300,18 +314,28 @@ mod tests {
         );
         // A late record for yesterday counts there and fires nothing new.
         assert!(post(&mut l, t0 + 10, 1).is_empty());
-        // Two days late: not counted.
-        let mut dummy = vec![];
+        // Two days late: charged to today, where it crosses 80%.
+        let mut late = vec![];
         assert_eq!(
             l.post(
                 PeriodClock::new(0).starts(t0 - DAY_MS),
-                1,
+                200_000,
                 0,
                 &lim(),
-                &mut |e| dummy.push(e)
+                &mut |e| late.push(e)
             ),
             Posted::Late
         );
+        assert_eq!(l.day[0].start_ms, PeriodClock::new(0).starts(t0 + DAY_MS).0);
+        assert_eq!(l.day[0].micros, 800_000);
+        assert!(matches!(
+            late.as_slice(),
+            [BudgetEvent::Spend(Crossing {
+                period: PeriodKind::Day,
+                percent: 80,
+                ..
+            })]
+        ));
     }
 
     #[test]

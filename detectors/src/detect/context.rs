@@ -18,7 +18,14 @@
 //! or more after first: an attacker's network seen for the first time at
 //! the onset is not established during the onset, and an attack that
 //! comes first and stops within that span does not become the account's
-//! usual context. When the slots are full, a new value replaces the
+//! usual context. Nor does one that goes on longer: a value first seen
+//! within `familiar_after` minutes before or during an open incident on
+//! the account (a spike alert of any severity, and its cooldown) is
+//! *held*, established only when used again with no incident open, so an
+//! attack that comes first and runs for hours leaves the account with no
+//! usual context rather than with the attacker's, and its owner's later
+//! traffic is not judged novel. Values the account had before the incident
+//! are not held. When the slots are full, a new value replaces the
 //! youngest not yet established, so established values stay and churn (a
 //! roaming phone, an attacker's many addresses) costs one slot. An account
 //! with nothing established yet has no context ([`Context::Unknown`]): a
@@ -116,10 +123,12 @@ impl Origin {
 
 /// Set in `Seen::first` once the value is established.
 const ESTABLISHED: u32 = 1 << 31;
+/// Set in `Seen::first` while the value waits for a use outside an incident.
+const HELD: u32 = 1 << 30;
 
 impl Seen {
     fn minute(&self) -> u32 {
-        self.first & !ESTABLISHED
+        self.first & !(ESTABLISHED | HELD)
     }
 
     fn is_established(&self) -> bool {
@@ -127,13 +136,22 @@ impl Seen {
     }
 }
 
-fn note(slots: &mut [Seen], tag: u32, now_min: u32, after_min: u32) {
+fn note(slots: &mut [Seen], tag: u32, now_min: u32, after_min: u32, incident: bool) {
     if tag == 0 {
         return;
     }
+    if incident {
+        // Values that arrived with the incident wait for it to end.
+        for s in slots.iter_mut() {
+            if s.tag != 0 && !s.is_established() && s.minute().saturating_add(after_min) > now_min {
+                s.first |= HELD;
+            }
+        }
+    }
     if let Some(s) = slots.iter_mut().find(|s| s.tag == tag) {
-        if !s.is_established() && now_min >= s.minute().saturating_add(after_min) {
-            s.first |= ESTABLISHED;
+        let held = incident && s.first & HELD != 0;
+        if !held && !s.is_established() && now_min >= s.minute().saturating_add(after_min) {
+            s.first = (s.first & !HELD) | ESTABLISHED;
         }
         return;
     }
@@ -147,7 +165,7 @@ fn note(slots: &mut [Seen], tag: u32, now_min: u32, after_min: u32) {
     };
     slots[i] = Seen {
         tag,
-        first: now_min & !ESTABLISHED,
+        first: (now_min & !(ESTABLISHED | HELD)) | if incident { HELD } else { 0 },
     };
 }
 
@@ -157,14 +175,15 @@ fn established(slots: &[Seen], tag: u32) -> bool {
 
 impl Familiar {
     /// Learns a record's origin at `now_min`: a value seen again
-    /// `after_min` minutes or more after it was first seen is established.
+    /// `after_min` minutes or more after it was first seen is established,
+    /// unless it is held and `incident` (one is open on the account).
     #[inline]
-    pub fn observe(&mut self, now_min: u32, o: Origin, after_min: u32) {
+    pub fn observe(&mut self, now_min: u32, o: Origin, after_min: u32, incident: bool) {
         if self.since == 0 {
             self.since = now_min.max(1);
         }
-        note(&mut self.nets, o.net, now_min, after_min);
-        note(&mut self.agents, o.agent, now_min, after_min);
+        note(&mut self.nets, o.net, now_min, after_min, incident);
+        note(&mut self.agents, o.agent, now_min, after_min, incident);
     }
 
     /// Judges a record's origin against the established values; an
@@ -199,7 +218,7 @@ mod tests {
         let mut f = Familiar::default();
         let home = origin("203.0.113.7", "OpenAI/Python 1.54.4");
         for m in 1000..1100 {
-            f.observe(m, home, 30);
+            f.observe(m, home, 30, false);
         }
         assert_eq!(f.judge(home), Context::Familiar);
         // Another address in the same /16: the same network.
@@ -208,7 +227,7 @@ mod tests {
             Context::Familiar
         );
         let thief = origin("45.10.0.1", "python-requests/2.32.3");
-        f.observe(1100, thief, 30);
+        f.observe(1100, thief, 30, false);
         assert_eq!(
             f.judge(thief),
             Context::Novel {
@@ -226,9 +245,9 @@ mod tests {
             Context::Changed
         );
         // Used again 30 minutes on, it becomes usual.
-        f.observe(1120, thief, 30);
+        f.observe(1120, thief, 30, false);
         assert!(f.judge(thief).is_novel());
-        f.observe(1130, thief, 30);
+        f.observe(1130, thief, 30, false);
         assert_eq!(f.judge(thief), Context::Familiar);
         let fresh = Familiar::default();
         assert_eq!(fresh.judge(home), Context::Unknown);
@@ -236,9 +255,36 @@ mod tests {
         // usual context yet: its owner's later traffic is not novel.
         let mut taken = Familiar::default();
         for m in 0..20 {
-            taken.observe(5000 + m, thief, 30);
+            taken.observe(5000 + m, thief, 30, false);
         }
         assert_eq!(taken.judge(home), Context::Unknown);
+        // Nor does one that runs for hours while its incident is open
+        // (detected from its third minute).
+        let mut held = Familiar::default();
+        for m in 0..180 {
+            held.observe(5000 + m, thief, 30, m >= 2);
+        }
+        assert_eq!(held.judge(home), Context::Unknown);
+        assert_eq!(held.judge(thief), Context::Unknown);
+        // Once it is over, a value seen again is established at once.
+        held.observe(5300, thief, 30, false);
+        assert_eq!(held.judge(thief), Context::Familiar);
+        // What the account used before an incident is not held by it.
+        let mut busy = Familiar::default();
+        busy.observe(100, home, 30, false);
+        busy.observe(140, home, 30, true);
+        assert_eq!(busy.judge(home), Context::Familiar);
+        let mut early = Familiar::default();
+        early.observe(100, home, 30, false);
+        for m in 0..60 {
+            early.observe(110 + m, thief, 30, true);
+        }
+        early.observe(171, home, 30, true);
+        assert_eq!(
+            early.judge(home),
+            Context::Unknown,
+            "first seen 10 minutes before"
+        );
     }
 
     #[test]
@@ -247,13 +293,13 @@ mod tests {
         let a = origin("198.51.100.1", "ua-a");
         let b = origin("192.0.2.1", "ua-a");
         for m in [10, 50] {
-            f.observe(m, a, 30);
-            f.observe(m + 1, b, 30);
+            f.observe(m, a, 30, false);
+            f.observe(m + 1, b, 30, false);
         }
         // A roaming client: a new /16 every minute.
         for i in 0..200u32 {
             let ip = format!("{}.{}.0.1", 10 + i % 200, i % 250);
-            f.observe(100 + i, origin(&ip, "ua-a"), 30);
+            f.observe(100 + i, origin(&ip, "ua-a"), 30, false);
         }
         assert_eq!(f.judge(a), Context::Familiar);
         assert_eq!(f.judge(b), Context::Familiar);
@@ -262,8 +308,8 @@ mod tests {
     #[test]
     fn a_record_without_address_or_agent_is_judged_by_what_it_has() {
         let mut f = Familiar::default();
-        f.observe(10, Origin::of(None, None, Some("old")), 30);
-        f.observe(50, Origin::of(None, None, Some("old")), 30);
+        f.observe(10, Origin::of(None, None, Some("old")), 30, false);
+        f.observe(50, Origin::of(None, None, Some("old")), 30, false);
         assert_eq!(f.judge(Origin::of(None, None, None)), Context::Familiar);
         assert!(f.judge(Origin::of(None, None, Some("new"))).is_novel());
     }

@@ -124,6 +124,11 @@ impl RateState {
         self.incident.alerts(m, p.cooldown_minutes, level)
     }
 
+    /// Whether an incident of this detector is open at minute `m`.
+    pub fn in_incident(&self, m: u32) -> bool {
+        self.incident.is_open(m)
+    }
+
     /// Minutes of evidence behind the learned rate.
     pub fn evidence(&self) -> f64 {
         self.base.evidence()

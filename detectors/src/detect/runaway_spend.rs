@@ -130,6 +130,11 @@ impl SpendPace {
     pub fn escalates(&mut self, m: u32, level: u8, p: &PaceParams) -> Option<Raise> {
         self.incident.alerts(m, p.cooldown_minutes, level)
     }
+
+    /// Whether an incident of this detector is open at minute `m`.
+    pub fn in_incident(&self, m: u32) -> bool {
+        self.incident.is_open(m)
+    }
 }
 
 #[cfg(test)]

@@ -413,6 +413,11 @@ impl TokenState {
         self.incident.alerts(t.minute, p.cooldown_minutes, level)
     }
 
+    /// Whether an incident of this detector is open at minute `m`.
+    pub fn in_incident(&self, m: u32) -> bool {
+        self.incident.is_open(m)
+    }
+
     /// For gateways that log `request` and `response` records apart: a
     /// request arriving while big-prompt requests are left generating for
     /// `in_flight_secs` (normal answers take seconds; a prompt built to
