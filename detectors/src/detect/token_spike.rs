@@ -252,7 +252,9 @@ impl TokenState {
             && tokens >= last + answer / 2
             && tokens <= last + answer + CONTINUATION_SLACK;
         let b = self.prompt_baseline(p);
-        !grown && x >= b.upper(p.prompt_z) && x >= p.prompt_factor * b.median()
+        !grown
+            && x >= b.upper_predictive(p.prompt_z, PRIOR_WEIGHT, p.alpha_min)
+            && x >= p.prompt_factor * b.median()
     }
 
     fn learn_prompt(&mut self, tokens: u64, big: bool, attack: bool, p: &TokenParams) {
