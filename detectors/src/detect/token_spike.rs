@@ -10,8 +10,10 @@
 //! - **Exhaustion**: an answer at the cap (`cap`, a share of the tier's max
 //!   output) to a prompt far above the account's learned prompt size (more
 //!   than `prompt_z` standard deviations above its exponentially weighted
-//!   log-normal, at least `prompt_factor` times its median and at least
-//!   `prompt_min` tokens). `exhaustion_count` of them within the window is
+//!   log-normal, as a Student-t predictive bar so that a size learned from
+//!   a dozen prompts is not trusted like one learned from a thousand; at
+//!   least `prompt_factor` times its median and at least `prompt_min`
+//!   tokens). `exhaustion_count` of them within the window is
 //!   an attack: two signals agree on every one. With split request/response
 //!   logs the answer's size arrives only when generation ends, minutes
 //!   later for a capped answer; a request with such a prompt still
