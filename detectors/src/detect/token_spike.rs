@@ -164,9 +164,14 @@ pub struct TokenState {
     /// Answers in the window.
     #[serde(default)]
     answers: SlidingSum,
-    /// Capped answers in the window.
+    /// The latest capped answers in the window, with their times.
     #[serde(default)]
     capped: Recent,
+    /// Every capped answer in the window, counted as `answers` is: `capped`
+    /// keeps at most [`MAX_RECENT`], so on its own it would judge 6 capped
+    /// of 22 answers where 22 of 22 were.
+    #[serde(default)]
+    capped_all: SlidingSum,
     /// Big prompts answered at the cap in the window.
     #[serde(default)]
     strong: Recent,
@@ -347,6 +352,7 @@ impl TokenState {
             }
             if capped {
                 let (hits, left) = self.capped.push(now_s, cutoff);
+                self.capped_all.add(now_s, p.window_secs, 1);
                 self.learn_capped(left, open, p);
                 if big {
                     let count = self.strong.push(now_s, cutoff).0 + aged_big(pending, now_s, p);
@@ -395,7 +401,9 @@ impl TokenState {
         }
     }
 
-    fn share_jump(&self, hits: u32, now_s: u32, bar: f64, p: &TokenParams) -> Option<TokenCause> {
+    fn share_jump(&self, recent: u32, now_s: u32, bar: f64, p: &TokenParams) -> Option<TokenCause> {
+        let all = self.capped_all.estimate(now_s, p.window_secs).round() as u32;
+        let hits = recent.max(all);
         let answers = (self.answers.estimate(now_s, p.window_secs).round() as u32).max(hits);
         let learned = self.share.mean(p.share_prior);
         // Cheap bar first: hits well above what the learned share expects.
@@ -562,6 +570,40 @@ mod tests {
             matches!(c, TokenCause::CappedShare { hits: 4, .. }),
             "{c:?}"
         );
+    }
+
+    /// Found on gateway-model tuning seed 13: a stolen key sending two
+    /// capped answers a minute on an account whose own answers hit the cap
+    /// a quarter of the time. Only the latest six capped answers are
+    /// remembered, and six of the window's 20 answers is that account's
+    /// usual share; all 20 of them are not.
+    #[test]
+    fn capped_answers_past_the_remembered_few_still_count_toward_the_share() {
+        let p = params();
+        let mut s = TokenState::default();
+        // A quarter at the cap, prompts of 150-550 tokens, every 2 minutes.
+        for i in 0..600i64 {
+            let ct = if i % 4 == 0 {
+                4000
+            } else {
+                150 + (i * 37 % 400) as u64
+            };
+            let pt = 150 + (i * 53 % 400) as u64;
+            assert_eq!(exchange(&mut s, i * 120_000, pt, ct, &p), None, "{i}");
+        }
+        // Prompts the size of the account's own, every answer at the cap,
+        // two a minute.
+        let onset = 600 * 120_000;
+        let mut first = None;
+        for i in 0..20i64 {
+            let pt = 200 + (i * 53 % 300) as u64;
+            if let Some(c) = exchange(&mut s, onset + i * 30_000, pt, 4000, &p) {
+                first.get_or_insert((i, c));
+            }
+        }
+        let (i, c) = first.expect("a jump from about 25% to 100% of answers at the cap");
+        assert!(matches!(c, TokenCause::CappedShare { .. }), "{c:?}");
+        assert!(i < 12, "within 6 minutes: {i} {c:?}");
     }
 
     #[test]
