@@ -1585,8 +1585,10 @@ mod tests {
     fn per_user_state_is_compact() {
         // The fixed part of a user's and a key's state; ids, map slots and
         // prompt sightings come on top (measured by `keywatch replay`).
+        // 384 since the capped-share test counts every capped answer (12
+        // bytes, 8 after padding).
         assert!(
-            std::mem::size_of::<UserState>() <= 376,
+            std::mem::size_of::<UserState>() <= 384,
             "{}",
             std::mem::size_of::<UserState>()
         );
