@@ -474,36 +474,6 @@ impl SlidingMinute {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_predictive_bar_is_student_t_and_tends_to_the_normal_one() {
-        use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
-        let z = 2.5;
-        let p = Normal::new(0.0, 1.0).unwrap().cdf(z);
-        for n in [9u32, 12, 20, 40, 100] {
-            let b = LogBaseline {
-                mean: 7.0,
-                var: 1.0,
-                n: n - 1,
-            };
-            // prior_weight 0: n observations, n - 1 degrees of freedom.
-            let nu = n as f64 - 1.0;
-            let exact = StudentsT::new(0.0, 1.0, nu).unwrap().inverse_cdf(p);
-            let sd = (1.0 + 1.0 / n as f64).sqrt();
-            let want = (7.0 + exact * sd).exp_m1();
-            let got = b.upper_predictive(z, 0.0, 1e-6);
-            let err = (got.ln_1p() - want.ln_1p()).abs() / (want.ln_1p() - 7.0);
-            assert!(err < 0.01, "n {n}: {got} against {want}");
-            assert!(got > b.upper(z), "a short history widens the bar");
-        }
-        let learned = LogBaseline {
-            mean: 7.0,
-            var: 1.0,
-            n: 10_000,
-        };
-        let ratio = (learned.upper_predictive(z, 8.0, 1.0 / 60.0).ln_1p() - 7.0) / z;
-        assert!((1.0..1.02).contains(&ratio), "{ratio}");
-    }
     use proptest::prelude::*;
 
     const PRIOR: RatePrior = RatePrior {
@@ -683,5 +653,35 @@ mod tests {
                 prop_assert!(e <= (w.cur + w.prev) as f64 + 1e-9);
             }
         }
+    }
+
+    #[test]
+    fn the_predictive_bar_is_student_t_and_tends_to_the_normal_one() {
+        use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
+        let z = 2.5;
+        let p = Normal::new(0.0, 1.0).unwrap().cdf(z);
+        for n in [9u32, 12, 20, 40, 100] {
+            let b = LogBaseline {
+                mean: 7.0,
+                var: 1.0,
+                n: n - 1,
+            };
+            // prior_weight 0: n observations, n - 1 degrees of freedom.
+            let nu = n as f64 - 1.0;
+            let exact = StudentsT::new(0.0, 1.0, nu).unwrap().inverse_cdf(p);
+            let sd = (1.0 + 1.0 / n as f64).sqrt();
+            let want = (7.0 + exact * sd).exp_m1();
+            let got = b.upper_predictive(z, 0.0, 1e-6);
+            let err = (got.ln_1p() - want.ln_1p()).abs() / (want.ln_1p() - 7.0);
+            assert!(err < 0.01, "n {n}: {got} against {want}");
+            assert!(got > b.upper(z), "a short history widens the bar");
+        }
+        let learned = LogBaseline {
+            mean: 7.0,
+            var: 1.0,
+            n: 10_000,
+        };
+        let ratio = (learned.upper_predictive(z, 8.0, 1.0 / 60.0).ln_1p() - 7.0) / z;
+        assert!((1.0..1.02).contains(&ratio), "{ratio}");
     }
 }

@@ -199,13 +199,9 @@ impl Ledger {
         lim: &BudgetLimits<'_>,
         out: &mut impl FnMut(BudgetEvent),
     ) -> Posted {
-        let mut posted = Posted::Counted;
-        let day = match slot(&mut self.day, day_start) {
-            Some(day) => day,
-            None => {
-                posted = Posted::Late;
-                &mut self.day[0]
-            }
+        let (day, posted) = match slot(&mut self.day, day_start) {
+            Some(day) => (day, Posted::Counted),
+            None => (&mut self.day[0], Posted::Late),
         };
         day.limit_micros = lim.daily_micros;
         if micros > 0 {
