@@ -22,8 +22,8 @@ WORKDIR /src
 # (tests/compose.rs checks this list against Cargo.toml).
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-COPY benches ./benches
 COPY detectors ./detectors
+COPY sim ./sim
 COPY ingest ./ingest
 COPY storage ./storage
 COPY alerting ./alerting

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Independent gateway-traffic models for judging keywatch's detectors.
 
-Written apart from keywatch's own simulator (ingest/src/simulate*) and
+Written apart from keywatch's own simulator (sim/src/) and
 from the detectors' thresholds: nothing here reads keywatch's config or
 code. Two models, both writing canonical gateway records (NDJSON, in
 event-time order) and a ground-truth file that `keywatch replay --truth`

@@ -28,10 +28,10 @@ use axum::Router;
 use detectors::time::format_rfc3339;
 use detectors::Alert;
 use ingest::kafka::{Pipeline, PipelineMetrics};
-use ingest::simulate::{SimConfig, Simulator};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{json, Value};
+use sim::{SimConfig, Simulator};
 use storage::{Backend, MemoryStore};
 
 use crate::config::Config;

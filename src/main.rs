@@ -1,5 +1,6 @@
 //! `keywatch`: the command line. Wiring only; the logic lives in the crates.
 
+#[cfg(feature = "heap-stats")]
 mod alloc;
 mod config;
 mod demo;
@@ -13,8 +14,20 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Production allocations pay nothing for this: the counting allocator is
+// built in only with `--features heap-stats` (replay's heap figure).
+#[cfg(feature = "heap-stats")]
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
+
+/// Live heap bytes, when built with the counting allocator.
+fn live_heap_bytes() -> Option<usize> {
+    #[cfg(feature = "heap-stats")]
+    let live = Some(alloc::live_bytes());
+    #[cfg(not(feature = "heap-stats"))]
+    let live = None;
+    live
+}
 
 /// keywatch watches an LLM gateway's request logs and catches the abuse that
 /// costs money: request floods, token-exhaustion prompts, prompt farming,

@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use detectors::{Alert, Decoder, Engine, EngineStats, Outcome, Tracked};
 use ingest::ndjson::{Line, LineReader};
-use ingest::simulate::{evaluate, AlertRef, Truth};
 use serde::Serialize;
+use sim::{evaluate, AlertRef, Truth};
 
 use crate::config::Config;
 use crate::ConfigArg;
@@ -108,7 +108,8 @@ struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     tracked: Option<Tracked>,
     alerts: u64,
-    heap_bytes: usize,
+    /// Heap held at the end (null unless built with `--features heap-stats`).
+    heap_bytes: Option<usize>,
     heap_bytes_per_user: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     evaluation: Option<serde_json::Value>,
@@ -144,7 +145,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let mut alerts: Vec<Alert> = Vec::new();
     let mut kept: Vec<Alert> = Vec::new();
     let mut shown = 0usize;
-    let heap_before = crate::alloc::live_bytes();
+    let heap_before = crate::live_heap_bytes();
 
     let reference_ms = args.now.unwrap_or_else(detectors::time::wall_clock_ms);
     let started = Instant::now();
@@ -233,6 +234,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         // SAFETY: the map is read-only and lives only for this loop; a file
         // truncated underneath by another process is outside what replay
         // promises (as with any reader of a file being rewritten).
+        #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {}", args.input.display()))?;
         for (line_no, line) in ingest::ndjson::lines(&map) {
@@ -242,11 +244,15 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     out.flush()?;
     s.seconds = started.elapsed().as_secs_f64();
     s.records_per_second = s.records as f64 / s.seconds.max(1e-9);
-    s.heap_bytes = crate::alloc::live_bytes().saturating_sub(heap_before);
+    s.heap_bytes = crate::live_heap_bytes()
+        .zip(heap_before)
+        .map(|(now, before)| now.saturating_sub(before));
     if !args.decode_only {
         let tracked = engine.tracked();
-        s.heap_bytes_per_user =
-            (tracked.users > 0).then(|| s.heap_bytes as f64 / tracked.users as f64);
+        s.heap_bytes_per_user = s
+            .heap_bytes
+            .filter(|_| tracked.users > 0)
+            .map(|b| b as f64 / tracked.users as f64);
         s.tracked = Some(tracked);
         s.engine = Some(engine.stats().clone());
     }
@@ -280,15 +286,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
 }
 
 fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    detectors::text::group_digits(n.into())
 }
 
 fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
@@ -366,14 +364,20 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
     if let Some(t) = &s.tracked {
         writeln!(
             w,
-            "  state: {} users, {} keys, {} prompt sightings; heap {:.1} MiB{}",
+            "  state: {} users, {} keys, {} prompt sightings; {}",
             group(t.users as u64),
             group(t.keys as u64),
             group(t.prompt_sightings as u64),
-            s.heap_bytes as f64 / (1024.0 * 1024.0),
-            s.heap_bytes_per_user
-                .map(|b| format!(" ({b:.0} bytes per tracked user, all state included)"))
-                .unwrap_or_default()
+            match (s.heap_bytes, s.heap_bytes_per_user) {
+                (Some(b), per_user) => format!(
+                    "heap {:.1} MiB{}",
+                    b as f64 / (1024.0 * 1024.0),
+                    per_user
+                        .map(|u| format!(" ({u:.0} bytes per tracked user, all state included)"))
+                        .unwrap_or_default()
+                ),
+                (None, _) => "heap not counted (build with --features heap-stats)".into(),
+            }
         )?;
     }
     if s.hash_key_built_in {

@@ -11,8 +11,10 @@ use alerting::metrics::{Render, Sources};
 use alerting::Receiver;
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
+use detectors::time::format_rfc3339;
 use sqlx::postgres::PgPool;
-use sqlx::Row;
+use storage::feed::{Feed, ManualAction};
+use storage::outbox::Outbox;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -210,7 +212,8 @@ enum KeysCommand {
 /// `keywatch keys ...`.
 pub fn keys(args: KeysArgs) -> Result<ExitCode> {
     let (_, rt, store) = open(&args.config)?;
-    let pool = store.pool();
+    let feed = Feed::new(store.pool().clone());
+    let feed = &feed;
     rt.block_on(async {
         match args.command {
             KeysCommand::Block {
@@ -229,10 +232,10 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                         );
                     }
                 }
-                let user = subject(pool, key_id.as_deref(), user).await?;
+                let user = subject(feed, key_id.as_deref(), user).await?;
                 let action = if throttle { "throttle" } else { "block" };
                 let seq = record(
-                    pool,
+                    feed,
                     key_id.as_deref(),
                     &user,
                     action,
@@ -257,12 +260,7 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                     // An unblock lifts the blocks of (user, key): under another
                     // user it would lift nothing, and gateways applying it by
                     // key would disagree with /v1/blocklist.
-                    let owners: Vec<String> = sqlx::query_scalar(
-                        "SELECT DISTINCT user_id FROM active_revocations WHERE key_id = $1 ORDER BY 1",
-                    )
-                    .bind(k)
-                    .fetch_all(pool)
-                    .await?;
+                    let owners = feed.owners_in_force(k).await?;
                     if !owners.is_empty() && !owners.iter().any(|o| o == u) {
                         bail!(
                             "{} is blocked under user {}, not {} (give that --user, or leave --user out)",
@@ -272,9 +270,9 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                         );
                     }
                 }
-                let user = subject(pool, key_id.as_deref(), user).await?;
+                let user = subject(feed, key_id.as_deref(), user).await?;
                 let seq = record(
-                    pool,
+                    feed,
                     key_id.as_deref(),
                     &user,
                     "unblock",
@@ -289,12 +287,7 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                 );
             }
             KeysCommand::List => {
-                let rows = sqlx::query(
-                    "SELECT seq, user_id, key_id, action, reason, expires_at::text AS expires
-                     FROM active_revocations ORDER BY seq",
-                )
-                .fetch_all(pool)
-                .await?;
+                let rows = feed.in_force().await?;
                 println!("seq\tuser\tkey\taction\texpires\treason");
                 for r in rows {
                     // Ids and reasons come from traffic and operators:
@@ -302,14 +295,14 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                     // a row or drive the terminal.
                     println!(
                         "{}\t{}\t{}\t{}\t{}\t{}",
-                        r.get::<i64, _>("seq"),
-                        printable(&r.get::<String, _>("user_id")),
-                        r.get::<Option<String>, _>("key_id")
-                            .map_or_else(|| "(all keys)".into(), |k| printable(&k)),
-                        printable(&r.get::<String, _>("action")),
-                        r.get::<Option<String>, _>("expires")
-                            .unwrap_or_else(|| "never".into()),
-                        printable(&r.get::<String, _>("reason")),
+                        r.seq,
+                        printable(&r.user_id),
+                        r.key_id
+                            .as_deref()
+                            .map_or_else(|| "(all keys)".into(), printable),
+                        printable(&r.action),
+                        r.expires_ms.map_or_else(|| "never".into(), format_rfc3339),
+                        printable(&r.reason),
                     );
                 }
             }
@@ -362,7 +355,7 @@ fn describe(key_id: Option<&str>) -> String {
 
 /// The user a manual action is about: given, or the key's user from its
 /// latest alert or traffic of the last 30 days.
-async fn subject(pool: &PgPool, key_id: Option<&str>, user: Option<String>) -> Result<String> {
+async fn subject(feed: &Feed, key_id: Option<&str>, user: Option<String>) -> Result<String> {
     if let Some(u) = user {
         if u.is_empty() {
             bail!("--user: must not be empty");
@@ -372,18 +365,7 @@ async fn subject(pool: &PgPool, key_id: Option<&str>, user: Option<String>) -> R
     let Some(key) = key_id else {
         bail!("give a KEY_ID, or --user USER for every key of a user");
     };
-    let found: Option<String> = sqlx::query_scalar(
-        "SELECT user_id FROM (
-             (SELECT user_id, 1 AS pref FROM alerts WHERE key_id = $1 ORDER BY ts DESC LIMIT 1)
-             UNION ALL
-             (SELECT user_id, 2 FROM rollup_minute
-              WHERE key_id = $1 AND minute > now() - interval '30 days'
-              ORDER BY minute DESC LIMIT 1)) s
-         ORDER BY pref LIMIT 1",
-    )
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
+    let found = feed.user_of_key(key).await?;
     found.with_context(|| {
         format!("key {key}: no alert or traffic in the last 30 days names its user; give --user")
     })
@@ -392,7 +374,7 @@ async fn subject(pool: &PgPool, key_id: Option<&str>, user: Option<String>) -> R
 /// Records a manual action in the feed (same table, order and notification
 /// as the detectors' actions); returns its sequence number.
 async fn record(
-    pool: &PgPool,
+    feed: &Feed,
     key_id: Option<&str>,
     user: &str,
     action: &str,
@@ -403,20 +385,18 @@ async fn record(
     if reason.trim().is_empty() {
         bail!("--reason: must not be empty");
     }
-    let seq = sqlx::query_scalar(
-        "INSERT INTO revocation_actions (key_id, user_id, action, reason, issued_at, expires_at, actor)
-         VALUES ($1, $2, $3, $4, now(), now() + $5 * interval '1 hour', $6)
-         RETURNING seq",
-    )
-    .bind(key_id)
-    .bind(user)
-    .bind(action)
-    .bind(reason)
-    .bind(hours)
-    .bind(format!("operator:{operator}"))
-    .fetch_one(pool)
-    .await
-    .context("recording the action")?;
+    let seq = feed
+        .record_manual(&ManualAction {
+            key_id,
+            user_id: user,
+            action,
+            reason,
+            hours,
+            operator,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e.detail()))
+        .context("recording the action")?;
     Ok(seq)
 }
 
@@ -480,37 +460,20 @@ enum ReceiversCommand {
 /// `keywatch receivers ...`.
 pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
     let (cfg, rt, store) = open(&args.config)?;
-    let pool = store.pool();
+    let outbox = Outbox::new(store.pool().clone());
     rt.block_on(async {
         match args.command {
             ReceiversCommand::List => {
                 println!("receiver\ttype\tstatus\tpending\tdelivered\tfailed\tsuppressed");
                 for r in &cfg.alerting.receivers {
-                    let row = sqlx::query(
-                        "SELECT
-                             (SELECT disabled_reason FROM receiver_status
-                              WHERE receiver = $1 AND disabled_at IS NOT NULL) AS disabled,
-                             count(*) FILTER (WHERE state = 'pending') AS pending,
-                             count(*) FILTER (WHERE state = 'delivered') AS delivered,
-                             count(*) FILTER (WHERE state = 'failed') AS failed,
-                             count(*) FILTER (WHERE state = 'suppressed') AS suppressed
-                         FROM alert_deliveries WHERE receiver = $1",
-                    )
-                    .bind(&r.name)
-                    .fetch_one(pool)
-                    .await?;
-                    let status = match row.get::<Option<String>, _>("disabled") {
+                    let row = outbox.receiver_summary(&r.name).await?;
+                    let status = match &row.disabled {
                         Some(why) => format!("DISABLED ({why})"),
                         None => "enabled".into(),
                     };
                     println!(
                         "{}\t{:?}\t{status}\t{}\t{}\t{}\t{}",
-                        r.name,
-                        r.kind,
-                        row.get::<i64, _>("pending"),
-                        row.get::<i64, _>("delivered"),
-                        row.get::<i64, _>("failed"),
-                        row.get::<i64, _>("suppressed"),
+                        r.name, r.kind, row.pending, row.delivered, row.failed, row.suppressed,
                     );
                 }
             }
@@ -518,15 +481,7 @@ pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
                 if !cfg.alerting.receivers.iter().any(|r| r.name == name) {
                     bail!("no receiver named {name:?} in alerting.receivers");
                 }
-                let n = sqlx::query(
-                    "UPDATE receiver_status SET disabled_at = NULL, disabled_reason = NULL
-                     WHERE receiver = $1 AND disabled_at IS NOT NULL",
-                )
-                .bind(&name)
-                .execute(pool)
-                .await?
-                .rows_affected();
-                if n == 0 {
+                if !outbox.enable_receiver(&name).await? {
                     println!("receiver {name} was not disabled");
                 } else {
                     println!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use ingest::simulate::{Profile, SimConfig, Simulator, Truth};
+use sim::{Profile, SimConfig, Simulator, Truth};
 
 /// Arguments of `keywatch simulate`.
 #[derive(clap::Args, Debug)]

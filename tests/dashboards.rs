@@ -31,7 +31,7 @@ const DASHBOARD_UIDS: [&str; 3] = ["keywatch-overview", "keywatch-budgets", "key
 /// (dashboard uid, panel title). None today.
 const MAY_BE_EMPTY: &[(&str, &str)] = &[];
 
-/// The simulator's first instant: 2026-11-23T00:00:00Z (ingest::simulate).
+/// The simulator's first instant: 2026-11-23T00:00:00Z (the sim crate).
 const TRACE_START: i64 = 1_795_392_000;
 /// The trace's hours.
 const TRACE_HOURS: f64 = 6.0;

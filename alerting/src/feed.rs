@@ -33,7 +33,8 @@ use detectors::time::format_rfc3339;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgListener, PgPool};
-use sqlx::Row;
+use storage::feed::{Feed, FeedRow};
+use storage::StorageError;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
@@ -215,7 +216,7 @@ impl Limiter {
 }
 
 struct AppState {
-    pool: PgPool,
+    feed: Feed,
     cfg: FeedConfig,
     clients: Vec<(String, [u8; 32])>,
     limiter: Limiter,
@@ -247,12 +248,13 @@ pub async fn serve(
         })
         .collect();
     let (tx, latest) = watch::channel(0i64);
-    let watcher = tokio::spawn(watch_feed(pool.clone(), tx, stop.clone()));
+    let feed = Feed::new(pool);
+    let watcher = tokio::spawn(watch_feed(feed.clone(), tx, stop.clone()));
     let metrics = Arc::new(FeedMetrics::default());
     let connections = Arc::clone(&metrics.connections);
     let state = Arc::new(AppState {
         limiter: Limiter::new(cfg.requests_per_minute),
-        pool,
+        feed,
         stop: stop.clone(),
         cfg: cfg.clone(),
         clients,
@@ -274,19 +276,11 @@ pub async fn serve(
     r
 }
 
-/// The newest committed sequence number (0 for an empty feed).
-async fn newest_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM revocation_actions")
-        .fetch_one(pool)
-        .await
-        .map(|m| m.unwrap_or(0))
-}
-
 /// Keeps `tx` at the newest committed sequence number: LISTEN for the
 /// trigger's notifications, and read the maximum after every (re)connect.
-async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<bool>) {
+async fn watch_feed(feed: Feed, tx: watch::Sender<i64>, stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
-        let mut l = match PgListener::connect_with(&pool).await {
+        let mut l = match PgListener::connect_with(feed.pool()).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("keywatch feed: LISTEN connection failed ({e}); polls fall back to re-reading every second");
@@ -298,7 +292,7 @@ async fn watch_feed(pool: PgPool, tx: watch::Sender<i64>, stop: watch::Receiver<
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        if let Ok(m) = newest_seq(&pool).await {
+        if let Ok(m) = feed.newest_seq().await {
             tx.send_if_modified(|v| std::mem::replace(v, (*v).max(m)) < m);
         }
         // Ok(None) or Err: the connection was lost; reconnect and re-read the maximum.
@@ -341,22 +335,18 @@ struct Blocklist {
     entries: Vec<FeedAction>,
 }
 
-fn action_of(row: &sqlx::postgres::PgRow) -> FeedAction {
+fn action_of(row: FeedRow) -> FeedAction {
     FeedAction {
-        seq: row.get("seq"),
-        key_id: row.get("key_id"),
-        user_id: row.get("user_id"),
-        action: row.get("action"),
-        reason: row.get("reason"),
-        alert_id: row.get("alert_id"),
-        issued_at: format_rfc3339(row.get("issued_ms")),
-        expires_at: row.get::<Option<i64>, _>("expires_ms").map(format_rfc3339),
+        seq: row.seq,
+        key_id: row.key_id,
+        user_id: row.user_id,
+        action: row.action,
+        reason: row.reason,
+        alert_id: row.alert_id,
+        issued_at: format_rfc3339(row.issued_ms),
+        expires_at: row.expires_ms.map(format_rfc3339),
     }
 }
-
-const ACTION_COLUMNS: &str = "seq, key_id, user_id, action, reason, alert_id,
-    (extract(epoch FROM issued_at) * 1000)::int8 AS issued_ms,
-    (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms";
 
 /// Authenticates and rate-limits; the client's name, or the answer to send.
 fn admit(
@@ -452,8 +442,8 @@ fn bad_request(msg: String) -> Response {
     )
 }
 
-fn unavailable(e: sqlx::Error) -> Response {
-    eprintln!("keywatch feed: Postgres: {e}");
+fn unavailable(e: StorageError) -> Response {
+    eprintln!("keywatch feed: {}", e.detail());
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "{\"error\":\"the feed's database is unavailable; retry\"}".into(),
@@ -489,13 +479,7 @@ async fn revocations(
     let mut first = true;
     loop {
         latest.mark_unchanged();
-        let rows = sqlx::query(&format!(
-            "SELECT {ACTION_COLUMNS} FROM revocation_actions WHERE seq > $1 ORDER BY seq LIMIT $2"
-        ))
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&st.pool)
-        .await;
+        let rows = st.feed.after(after, limit).await;
         let rows = match rows {
             Ok(r) => r,
             Err(e) => {
@@ -506,7 +490,7 @@ async fn revocations(
         let mut newest = None;
         if rows.is_empty() && first {
             // Only on the first read: a cursor cannot pass the feed while it waits.
-            match newest_seq(&st.pool).await {
+            match st.feed.newest_seq().await {
                 Ok(m) => newest = Some(m).filter(|&m| after > m),
                 Err(e) => {
                     st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
@@ -517,7 +501,7 @@ async fn revocations(
         first = false;
         let now = tokio::time::Instant::now();
         if !rows.is_empty() || newest.is_some() || now >= deadline || *st.stop.borrow() {
-            let actions: Vec<FeedAction> = rows.iter().map(action_of).collect();
+            let actions: Vec<FeedAction> = rows.into_iter().map(action_of).collect();
             let next_after = newest.unwrap_or_else(|| actions.last().map_or(after, |a| a.seq));
             st.metrics.count(EP, StatusCode::OK);
             let page = Page {
@@ -550,11 +534,7 @@ async fn blocklist(
         return *r;
     }
     // The view (migration 0003) defines "in force": not expired, not lifted.
-    let rows = sqlx::query(&format!(
-        "SELECT {ACTION_COLUMNS} FROM active_revocations ORDER BY seq"
-    ))
-    .fetch_all(&st.pool)
-    .await;
+    let rows = st.feed.in_force().await;
     let rows = match rows {
         Ok(r) => r,
         Err(e) => {
@@ -562,7 +542,7 @@ async fn blocklist(
             return unavailable(e);
         }
     };
-    let entries: Vec<FeedAction> = rows.iter().map(action_of).collect();
+    let entries: Vec<FeedAction> = rows.into_iter().map(action_of).collect();
     let body = serde_json::to_string(&Blocklist { entries }).expect("a blocklist serializes");
     let etag = format!("\"{}\"", &hex(&Sha256::digest(body.as_bytes()))[..32]);
     let matches = headers
@@ -589,10 +569,10 @@ async fn blocklist(
 }
 
 async fn healthz(State(st): State<Arc<AppState>>) -> Response {
-    match sqlx::query("SELECT 1").execute(&st.pool).await {
+    match st.feed.ping().await {
         Ok(_) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => {
-            eprintln!("keywatch feed: health check: Postgres: {e}");
+            eprintln!("keywatch feed: health check: {}", e.detail());
             (StatusCode::SERVICE_UNAVAILABLE, "postgres unavailable\n").into_response()
         }
     }

@@ -308,27 +308,19 @@ impl Conn {
 fn fitted_cap(wanted: usize) -> usize {
     #[cfg(unix)]
     {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit and setrlimit only read and write `lim`.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-                return wanted;
-            }
-            if lim.rlim_cur < lim.rlim_max {
-                let raised = libc::rlimit {
-                    rlim_cur: lim.rlim_max,
-                    rlim_max: lim.rlim_max,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                    lim.rlim_cur = lim.rlim_max;
-                }
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut lim = getrlimit(Resource::Nofile);
+        if lim.current != lim.maximum {
+            let raised = rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                lim.current = lim.maximum;
             }
         }
-        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
-        let soft = lim.rlim_cur as u64;
+        // None is unlimited.
+        let soft = lim.current.unwrap_or(u64::MAX);
         let room = if soft > 2 * RESERVED_FDS {
             soft - RESERVED_FDS
         } else {
@@ -341,7 +333,7 @@ fn fitted_cap(wanted: usize) -> usize {
 }
 
 /// Serves `app` on `listener` under `limits` until `stop` turns true; then
-/// stops accepting and gives open connections [`DRAIN`] to finish.
+/// stops accepting and gives open connections 5 s (`DRAIN`) to finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,

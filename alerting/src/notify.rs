@@ -923,18 +923,8 @@ fn group_thousands(x: f64) -> String {
     if x.abs() >= 1e15 {
         return format!("{x:e}");
     }
-    let digits = format!("{}", x.abs() as u64);
-    let mut out = String::new();
-    if x < 0.0 {
-        out.push('-');
-    }
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    // Truncated toward zero, as callers pass whole numbers.
+    detectors::text::group_digits(x.trunc() as i128)
 }
 
 /// Money: `$40.12`; sub-cent amounts keep four decimals (`$0.0031`).

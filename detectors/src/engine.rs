@@ -319,21 +319,9 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
     })
 }
 
-/// Groups digits: 12345 -> "12,345".
+/// Groups digits: 12345 -> "12,345" (rounded; saturating far out of range).
 fn thousands(n: f64) -> String {
-    let n = n.round() as i64;
-    let s = n.unsigned_abs().to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3 + 1);
-    if n < 0 {
-        out.push('-');
-    }
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::text::group_digits(n.round() as i64 as i128)
 }
 
 fn ratio(observed: f64, baseline: f64) -> String {

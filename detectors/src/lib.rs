@@ -7,8 +7,6 @@
 //! replay of the same records always makes the same decisions, with the same
 //! alert ids.
 
-#![warn(missing_docs)]
-
 pub mod alert;
 pub mod baseline;
 pub mod config;
@@ -18,6 +16,7 @@ pub mod engine;
 pub mod event;
 pub mod hash;
 pub mod price;
+pub mod text;
 pub mod time;
 
 mod dedup;

@@ -76,6 +76,19 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// The error and every cause under it, `: `-separated, for a log line
+    /// (`Display` alone names only the step that failed).
+    pub fn detail(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+
     /// Whether the same call may succeed if tried again after a pause: lost or
     /// refused connections, pool timeouts, serialization failures and deadlocks,
     /// a server shutting down or starting up, and file system errors (a full disk

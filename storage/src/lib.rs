@@ -49,10 +49,10 @@
 //! `jsonb`, so a batch holding one fails with a non-transient
 //! [`StorageError::Query`] every time it is retried.
 
-#![warn(missing_docs)]
-
 mod error;
+pub mod feed;
 pub mod memory;
+pub mod outbox;
 pub mod parquet;
 mod store;
 

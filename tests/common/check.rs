@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use detectors::{Decoder, Engine, EngineConfig, Outcome};
 use ingest::batch::Rollups;
-use ingest::simulate::{SimConfig, Simulator};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use sim::{SimConfig, Simulator};
 use storage::RollupRow;
 
 use super::services::{partition_of, user_of, Database};

@@ -2,6 +2,8 @@
 //! bytes malloc reserved for them. A test binary installs it with
 //! `#[global_allocator] static GLOBAL: counting::Counting = counting::Counting;`.
 
+#![allow(unsafe_code)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

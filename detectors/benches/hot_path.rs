@@ -1,11 +1,14 @@
 //! The hot path, measured with criterion: decoding a record, and decoding
 //! plus every detector, over simulated gateway traffic (~400-byte records).
 //!
-//! `cargo bench --bench hot_path`
+//! `cargo bench -p detectors --bench hot_path`
+
+// criterion_group! makes an undocumented public fn.
+#![allow(missing_docs)]
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use detectors::{Decoder, Engine, EngineConfig};
-use ingest::simulate::{SimConfig, Simulator};
+use sim::{SimConfig, Simulator};
 
 /// Simulated records, one per line.
 fn trace(users: u32, hours: f64) -> Vec<String> {

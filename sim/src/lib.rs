@@ -57,7 +57,8 @@ mod rng;
 mod tables;
 
 pub use eval::{
-    evaluate, AlertRef, BenignScore, Evaluation, KindScore, CORE_KINDS, FAST_KINDS, FAST_MS,
+    evaluate, AlertRef, BenignScore, Evaluation, KindScore, COLD_START_MS, CORE_KINDS, FAST_KINDS,
+    FAST_MS,
 };
 
 use std::cmp::Ordering;
