@@ -262,6 +262,28 @@ mod tests {
                 && !e.contains("KEYWATCH__POSTGRES__URL"),
             "{e}"
         );
+        // Closed sets of values are enums: a value outside one names the
+        // field and the values it takes.
+        for (text, field, variant) in [
+            ("[kafka]\nstart_from = \"newest\"\n", "kafka.start_from", "newest"),
+            ("[engine.repeated_prompt]\naction = \"ban\"\n", "engine.repeated_prompt.action", "ban"),
+            (
+                "[[alerting.receivers]]\nname = \"a\"\ntype = \"slack\"\nmin_severity = \"urgent\"\n",
+                "alerting.receivers[0].min_severity",
+                "urgent",
+            ),
+            (
+                "[[alerting.receivers]]\nname = \"a\"\ntype = \"slack\"\nkinds = [\"budget\"]\n",
+                "alerting.receivers[0].kinds[0]",
+                "budget",
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains(&format!("unknown variant `{variant}`")),
+                "{text}: {e}"
+            );
+        }
         let e = load("", &[("KEYWATCH__FEED__MAX_WAIT_SECS", "-3")])
             .unwrap_err()
             .to_string();

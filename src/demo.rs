@@ -41,6 +41,9 @@ use crate::ConfigArg;
 const TOPIC: &str = "gateway-events";
 const PARTITIONS: i32 = 4;
 const PAGE: &str = include_str!("demo.html");
+/// Simulated time produced at full speed before pacing starts: the hour
+/// before the simulator's first attack, so baselines exist when it comes.
+const WARM_UP_MS: i64 = 3_600_000;
 
 /// Arguments of `keywatch demo`.
 #[derive(clap::Args, Debug)]
@@ -110,7 +113,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     kafka.topics = vec![TOPIC.into()];
     kafka.group_id = "keywatch-demo".into();
     kafka.dead_letter_topic = "gateway-events-dlq".into();
-    kafka.start_from = "earliest".into();
+    kafka.start_from = ingest::config::StartFrom::Earliest;
     let mut pipeline_cfg = cfg.pipeline.clone();
     pipeline_cfg.parquet_dir = Some(args.data_dir.join("lake"));
     pipeline_cfg.batch_max_ms = pipeline_cfg.batch_max_ms.min(250);
@@ -174,6 +177,9 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
             users: args.users,
             hours: args.hours,
             seed: args.seed,
+            // One attack of each kind right after the first hour, which
+            // goes in at full speed (baselines): alerts within seconds.
+            opening: true,
             ..SimConfig::default()
         };
         std::thread::Builder::new()
@@ -230,7 +236,9 @@ fn produce(brokers: &str, sim: SimConfig, live: &Live, stop: &AtomicBool) {
         let Some(ts) = sim.next_record(&mut line) else {
             break;
         };
-        let t0 = *first.get_or_insert(ts);
+        // The first hour (no attacks: baselines) goes in at full speed;
+        // from then on, records are paced on event time.
+        let t0 = *first.get_or_insert(ts) + WARM_UP_MS;
         let due = Duration::from_secs_f64(((ts - t0).max(0) as f64 / 1000.0) / live.speed);
         if let Some(wait) = due.checked_sub(live.started.elapsed()) {
             std::thread::sleep(wait.min(Duration::from_millis(200)));

@@ -69,6 +69,7 @@ pub fn run(a: SimulateArgs) -> Result<ExitCode> {
         attacks_per_1k_user_days: a.attacks_per_1k_user_days,
         split_fraction: a.split_fraction,
         duplicate_fraction: a.duplicate_fraction,
+        opening: false,
     };
     let mut sim = Simulator::new(cfg);
     let sink: Box<dyn Write> = match &a.output {

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use detectors::{AlertKind, Severity};
 use serde::{Deserialize, Serialize};
 
 /// Outbound alert delivery.
@@ -109,9 +110,10 @@ pub struct ReceiverConfig {
     #[serde(rename = "type")]
     pub kind: ReceiverKind,
     /// Routing: alert kinds sent here (empty: every kind).
-    pub kinds: Vec<String>,
-    /// Routing: the lowest severity sent here (`info`, `warning`, `critical`).
-    pub min_severity: String,
+    pub kinds: Vec<AlertKind>,
+    /// Routing: the lowest severity sent here (`info`, `warning`,
+    /// `critical`; default `info`, everything).
+    pub min_severity: Severity,
     /// Routing: user tiers sent here (empty: every tier, and alerts without one).
     pub tiers: Vec<String>,
     /// Overrides `alerting.group_wait_secs` for this receiver.

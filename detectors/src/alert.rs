@@ -59,11 +59,14 @@ impl AlertKind {
     ];
 }
 
-/// How urgent an alert is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// How urgent an alert is (ordered: `Info < Warning < Critical`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     /// For the record.
+    #[default]
     Info,
     /// Someone should look today.
     Warning,
@@ -95,16 +98,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// Parses `notify`, `throttle` or `block`.
-    pub fn parse(s: &str) -> Option<Action> {
-        match s {
-            "notify" => Some(Action::Notify),
-            "throttle" => Some(Action::Throttle),
-            "block" => Some(Action::Block),
-            _ => None,
-        }
-    }
-
     /// The contract's name of the action.
     pub fn as_str(self) -> &'static str {
         match self {

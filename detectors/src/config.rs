@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::Action;
 use crate::price::{default_prices, ModelPrice};
 
 /// Why a configuration was refused.
@@ -247,7 +248,7 @@ pub struct RepeatedPromptConfig {
     /// The sliding window, in minutes.
     pub window_minutes: u32,
     /// Action for a user's repeats (`notify`, `throttle` or `block`).
-    pub action: String,
+    pub action: Action,
     /// This many distinct users each repeating the same fingerprint in the window is coordinated farming (0 turns it off).
     pub farming_min_users: u32,
     /// An early warning (notify) when one user sends the same fingerprint this many times within
@@ -406,7 +407,7 @@ impl Default for RepeatedPromptConfig {
             enabled: true,
             max_repeats: 5,
             window_minutes: 60,
-            action: "block".into(),
+            action: Action::Block,
             farming_min_users: 10,
             early_count: 3,
             early_window_minutes: 10,
@@ -645,15 +646,6 @@ impl EngineConfig {
                 "must be from 0 to 1",
             ));
         }
-        crate::alert::Action::parse(&rp.action).ok_or_else(|| {
-            bad(
-                "repeated_prompt.action",
-                format!(
-                    "expected \"notify\", \"throttle\" or \"block\", got {:?}",
-                    rp.action
-                ),
-            )
-        })?;
         let lk = &self.leaked_key;
         if lk.window_minutes == 0 {
             return Err(bad("leaked_key.window_minutes", "must be at least 1"));
@@ -752,9 +744,6 @@ mod tests {
         c.budgets.utc_offset = "CET".into();
         assert_eq!(c.validate().unwrap_err().field, "budgets.utc_offset");
         c.budgets.utc_offset = "+01:00".into();
-        c.repeated_prompt.action = "ban".into();
-        assert_eq!(c.validate().unwrap_err().field, "repeated_prompt.action");
-        c.repeated_prompt.action = "block".into();
         c.budgets.alert_percents = vec![50, 50];
         assert_eq!(c.validate().unwrap_err().field, "budgets.alert_percents");
     }

@@ -309,7 +309,7 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
             min_asns: cfg.leaked_key.min_asns,
             factor: cfg.leaked_key.factor,
         },
-        repeat_action: Action::parse(&cfg.repeated_prompt.action).expect("validated"),
+        repeat_action: cfg.repeated_prompt.action,
         idle_ttl_min: cfg.state.idle_ttl_hours * 60,
         dedup_horizon_ms: cfg.state.dedup_horizon_minutes as i64 * MINUTE_MS,
         max_ahead_ms: i64::from(cfg.event_time.max_ahead_secs) * 1000,

@@ -18,7 +18,7 @@ pub struct KafkaConfig {
     /// Topic for records that cannot be decoded, with headers naming their origin and the error.
     pub dead_letter_topic: String,
     /// Where a partition with no stored offset starts: `earliest` or `latest`.
-    pub start_from: String,
+    pub start_from: StartFrom,
     /// Further librdkafka settings passed through unchanged: security
     /// (`security.protocol`, `sasl.mechanisms`, `sasl.username`,
     /// `sasl.password`, `ssl.ca.location`, …) and tuning. Values are never
@@ -36,6 +36,27 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
 }
 
+/// Where a partition with no offset stored in Postgres starts reading.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The oldest record the broker still has.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+impl StartFrom {
+    /// librdkafka's `auto.offset.reset` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
@@ -43,7 +64,7 @@ impl Default for KafkaConfig {
             topics: vec!["gateway-events".into()],
             group_id: "keywatch".into(),
             dead_letter_topic: "gateway-events-dlq".into(),
-            start_from: "earliest".into(),
+            start_from: StartFrom::Earliest,
             settings: BTreeMap::new(),
             settings_from_env: BTreeMap::new(),
             instance_id: None,
@@ -125,9 +146,6 @@ impl KafkaConfig {
                 "kafka.dead_letter_topic",
                 "must be set and differ from the input topics",
             );
-        }
-        if !matches!(self.start_from.as_str(), "earliest" | "latest") {
-            return bad("kafka.start_from", "expected \"earliest\" or \"latest\"");
         }
         if let Some(id) = &self.instance_id {
             if id.trim().is_empty() || id.len() > 249 || id.chars().any(char::is_control) {

@@ -44,7 +44,7 @@ use rdkafka::ClientContext;
 use storage::{Backend, BatchCommit, BudgetRow, PartitionStart, StorageError};
 
 use crate::batch::{event_row, Rollups};
-use crate::config::{KafkaConfig, PipelineConfig};
+use crate::config::{KafkaConfig, PipelineConfig, StartFrom};
 
 /// How long a revoke waits for a partition's last batch to commit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -241,7 +241,9 @@ impl ConsumerContext for PipelineContext {
                         // writes one, so only an unreadable one gets here. Rebuild the
                         // state by re-reading from offset 0.
                         (None, Some(_)) => Offset::Offset(0),
-                        (None, None) if self.shared.kafka.start_from == "latest" => Offset::End,
+                        (None, None) if self.shared.kafka.start_from == StartFrom::Latest => {
+                            Offset::End
+                        }
                         // Offset 0 rather than the logical "beginning": it resolves to
                         // the log start through auto.offset.reset=earliest when
                         // retention has moved it, and avoids a lookup that
@@ -474,7 +476,9 @@ impl<'s> PartitionWorker<'s> {
             },
             // A fresh start or a rebuild reads from offset 0 (see the assignment):
             // expect it, so records a broker no longer has show up as a gap.
-            None if start.next_offset.is_some() || shared.kafka.start_from == "earliest" => {
+            None if start.next_offset.is_some()
+                || shared.kafka.start_from == StartFrom::Earliest =>
+            {
                 (fresh(), Some(0))
             }
             None => (fresh(), None),
@@ -1153,7 +1157,7 @@ impl Pipeline {
         c.set("group.id", &shared.kafka.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", &shared.kafka.start_from)
+            .set("auto.offset.reset", shared.kafka.start_from.as_str())
             .set("enable.partition.eof", "false");
         for (k, v) in [
             ("fetch.min.bytes", "1048576"),

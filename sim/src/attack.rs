@@ -260,6 +260,9 @@ pub(super) fn plan_attacks(
         let duration = (minutes * MINUTE_MS as f64) as i64;
         let latest = (run_end_ms - duration).max(earliest);
         let mut onset = earliest + rng.below((latest - earliest) as u64 + 1) as i64;
+        if cfg.opening && i < AttackKind::ALL.len() {
+            onset = (earliest + i as i64 * super::OPENING_STEP_MS).min(latest);
+        }
         // Campaign entries are grouped by (onset, end): keep them apart.
         while kind == AttackKind::CoordinatedFarming
             && planned.iter().any(|&(k, o, _)| k == kind && o == onset)

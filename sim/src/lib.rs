@@ -148,7 +148,15 @@ pub struct SimConfig {
     /// Share of records delivered twice: the exact same line again, up to
     /// 3 s later (default 0.005).
     pub duplicate_fraction: f64,
+    /// An opening for a live demo (default off): the first attack of each
+    /// kind starts right after the first hour, one every
+    /// [`OPENING_STEP_MS`], instead of at a random time. Every other draw
+    /// is the same, so the rest of the day's attacks are unchanged.
+    pub opening: bool,
 }
+
+/// With [`SimConfig::opening`], the time between the opening attacks' onsets.
+pub const OPENING_STEP_MS: i64 = 90_000;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -161,6 +169,7 @@ impl Default for SimConfig {
             attacks_per_1k_user_days: 20.0,
             split_fraction: 0.2,
             duplicate_fraction: 0.005,
+            opening: false,
         }
     }
 }

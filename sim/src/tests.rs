@@ -921,3 +921,56 @@ fn generation_speed_report() {
     println!("line length histogram: {}", hist.join(", "));
     assert!(lines > 0);
 }
+
+#[test]
+fn the_opening_starts_one_attack_of_each_kind_right_after_the_first_hour() {
+    let plain = Simulator::new(SimConfig {
+        users: 2000,
+        hours: 24.0,
+        seed: 7,
+        ..SimConfig::default()
+    });
+    let opening = Simulator::new(SimConfig {
+        users: 2000,
+        hours: 24.0,
+        seed: 7,
+        opening: true,
+        ..SimConfig::default()
+    });
+    let first = opening.start_ms() + HOUR_MS;
+    let window = first + AttackKind::ALL.len() as i64 * OPENING_STEP_MS;
+    for kind in AttackKind::ALL {
+        assert!(
+            opening
+                .attacks()
+                .iter()
+                .any(|a| a.kind == kind && (first..window).contains(&a.onset_ms)),
+            "no {kind:?} in the opening"
+        );
+    }
+    // Without it, attacks are spread over the day.
+    let early_kinds: HashSet<AttackKind> = plain
+        .attacks()
+        .iter()
+        .filter(|a| (first..window).contains(&a.onset_ms))
+        .map(|a| a.kind)
+        .collect();
+    assert!(early_kinds.len() < 3, "{early_kinds:?}");
+    // The rest of the day starts when and lasts as long as it would
+    // without the opening (victims may differ: they go in onset order).
+    let timing = |s: &Simulator| -> Vec<(AttackKind, i64, i64)> {
+        let mut v: Vec<_> = s
+            .attacks()
+            .iter()
+            .filter(|a| a.kind != AttackKind::CoordinatedFarming && a.onset_ms >= window)
+            .map(|a| (a.kind, a.onset_ms, a.end_ms))
+            .collect();
+        v.sort();
+        v
+    };
+    let (rest, all_plain) = (timing(&opening), timing(&plain));
+    assert!(rest.len() > 10, "{}", rest.len());
+    let missing: Vec<_> = rest.iter().filter(|t| !all_plain.contains(t)).collect();
+    assert!(missing.is_empty(), "{missing:?}");
+    assert!(all_plain.len() - rest.len() <= AttackKind::ALL.len());
+}
