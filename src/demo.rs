@@ -152,7 +152,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         let (_never, stop) = tokio::sync::watch::channel(false);
         let conns = Arc::default();
         if let Err(e) = alerting::listen::serve(listener, app, limits, conns, stop).await {
-            eprintln!("keywatch demo: web server stopped: {e}");
+            tracing::error!(error = %e, "demo web server stopped");
         }
     });
 
@@ -224,7 +224,7 @@ fn produce(brokers: &str, sim: SimConfig, live: &Live, stop: &AtomicBool) {
     {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("keywatch demo: traffic producer: {e}");
+            tracing::error!(error = %e, "demo traffic producer could not start");
             return;
         }
     };

@@ -79,6 +79,10 @@ pub struct ConfigArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = init_logging() {
+        eprintln!("keywatch: error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Migrate(args) => run::migrate(args),
@@ -97,4 +101,35 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Log lines go to stderr through `tracing`: `RUST_LOG` filters them (an
+/// `EnvFilter` directive such as `warn,ingest=debug`; default `info` for
+/// keywatch's own crates and `warn` for libraries), and
+/// `KEYWATCH_LOG_FORMAT=json` writes one JSON object per line for log
+/// shippers (default `text`). A command's own output (replay's summary,
+/// the demo's console) is not a log and is not affected.
+fn init_logging() -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    const DEFAULT: &str = "warn,keywatch=info,ingest=info,storage=info,alerting=info";
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).map_err(|e| {
+            format!("RUST_LOG: {e} (e.g. RUST_LOG=info or RUST_LOG=warn,ingest=debug)")
+        })?,
+        _ => EnvFilter::new(DEFAULT),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(filter);
+    match std::env::var("KEYWATCH_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().try_init(),
+        Ok("text") | Ok("") | Err(_) => builder.try_init(),
+        Ok(other) => {
+            return Err(format!(
+                "KEYWATCH_LOG_FORMAT: expected text or json, got {other:?}"
+            ))
+        }
+    }
+    .map_err(|e| format!("starting the logger: {e}"))
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use alerting::metrics::{Exposition, Render};
 use anyhow::{Context, Result};
 use ingest::kafka::{Pipeline, PipelineMetrics};
+use ingest::telemetry::{Kind, COMMIT_SECONDS};
 use storage::Store;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::serve::Outward;
@@ -53,7 +55,7 @@ pub(crate) async fn connect(cfg: &Config) -> Result<Store> {
 pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
     runtime()?.block_on(connect(&cfg))?;
-    eprintln!("keywatch migrate: schema is up to date");
+    info!("schema is up to date");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -63,7 +65,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
     let (key, built_in) = cfg.hash_key()?;
     if built_in {
-        eprintln!("keywatch run: warning: privacy.hash_key is not set; raw api_key/prompt fields are hashed with the built-in key");
+        warn!("privacy.hash_key is not set; raw api_key/prompt fields are hashed with the built-in key");
     }
     let rt = runtime()?;
     let store = rt.block_on(connect(&cfg))?;
@@ -72,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let stop = Arc::clone(&stop);
         rt.spawn(async move {
             shutdown_signal().await;
-            eprintln!("keywatch run: stopping: finishing and committing every partition's batch");
+            info!("stopping: finishing and committing every partition's batch");
             stop.store(true, Ordering::Release);
         });
     }
@@ -97,16 +99,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(pipeline_metrics(Arc::clone(&metrics))),
     )?;
     if let Some(a) = outward.addr {
-        eprintln!("keywatch run: feed and /metrics on http://{a}");
+        info!(address = %a, "feed and /metrics on http://{a}");
     }
-    eprintln!(
-        "keywatch run: consuming {} from {} as group {}",
-        cfg.kafka.topics.join(", "),
-        cfg.kafka.brokers,
-        cfg.kafka.group_id
+    info!(
+        topics = %cfg.kafka.topics.join(","),
+        brokers = %cfg.kafka.brokers,
+        group = %cfg.kafka.group_id,
+        "consuming"
     );
     let progress = (args.progress_secs > 0).then(|| {
-        let (m, stop, every) = (Arc::clone(&metrics), Arc::clone(&stop), Duration::from_secs(args.progress_secs));
+        let (m, stop, every) = (
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+            Duration::from_secs(args.progress_secs),
+        );
         std::thread::spawn(move || {
             let mut last = (Instant::now(), 0u64);
             while !stop.load(Ordering::Acquire) {
@@ -114,14 +120,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 let r = m.records.load(Ordering::Relaxed);
                 let rate = (r - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), r);
-                eprintln!(
-                    "keywatch run: {r} records ({rate:.0}/s), {} partitions, {} dead-lettered, {} alerts, {} batches (last commit {} ms), {} retries",
-                    m.partitions.load(Ordering::Relaxed),
-                    m.dead_lettered.load(Ordering::Relaxed),
-                    m.alerts.load(Ordering::Relaxed),
-                    m.batches.load(Ordering::Relaxed),
-                    m.last_commit_ms.load(Ordering::Relaxed),
-                    m.retries.load(Ordering::Relaxed),
+                let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                info!(
+                    records = r,
+                    rate = rate.round(),
+                    partitions = c(&m.partitions),
+                    dead_lettered = c(&m.dead_lettered),
+                    alerts = c(&m.alerts),
+                    batches = c(&m.batches),
+                    last_commit_ms = c(&m.last_commit_ms),
+                    retries = c(&m.retries),
+                    "progress"
                 );
             }
         })
@@ -132,14 +141,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let _ = p.join();
     }
     outward.stop(&rt);
-    eprintln!(
-        "keywatch run: stopped after {} records ({} re-read to rebuild state, {} dead-lettered, {} batches, {} offset gaps, {} stalled partitions)",
-        metrics.records.load(Ordering::Relaxed),
-        metrics.caught_up.load(Ordering::Relaxed),
-        metrics.dead_lettered.load(Ordering::Relaxed),
-        metrics.batches.load(Ordering::Relaxed),
-        metrics.gaps.load(Ordering::Relaxed),
-        metrics.stalled.load(Ordering::Relaxed),
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    info!(
+        rebuilt = c(&metrics.caught_up),
+        dead_lettered = c(&metrics.dead_lettered),
+        batches = c(&metrics.batches),
+        gaps = c(&metrics.gaps),
+        stalled = c(&metrics.stalled),
+        "stopped after {} records",
+        c(&metrics.records)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -156,111 +166,18 @@ pub(crate) async fn shutdown_signal() {
 
 /// The pipeline's part of `/metrics`.
 pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
+    // Names and help are the pipeline's own (ingest::telemetry).
     Arc::new(move |out: &mut Exposition| {
-        let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-        out.counter(
-            "keywatch_events_total",
-            "Gateway records read from Kafka (including re-reads after a restart).",
-            &[],
-            c(&m.records),
-        );
-        out.counter(
-            "keywatch_events_decoded_total",
-            "Records decoded and run through the detectors.",
-            &[],
-            c(&m.decoded),
-        );
-        out.counter(
-            "keywatch_events_repaired_total",
-            "Records counted with a descriptive field cut or dropped, or a time clamped (the lake's `repaired` column names which).",
-            &[],
-            c(&m.repaired),
-        );
-        out.counter(
-            "keywatch_events_ahead_total",
-            "Records whose time was past their Kafka message's timestamp by more than engine.event_time.max_ahead_secs (counted at that bound).",
-            &[],
-            c(&m.ahead),
-        );
-        out.counter(
-            "keywatch_decode_errors_total",
-            "Records that could not be decoded (dead-lettered).",
-            &[],
-            c(&m.dead_lettered),
-        );
-        for (kind, n) in m.alerts_by_kind.lock().expect("metrics lock").iter() {
-            out.counter(
-                "keywatch_alerts_total",
-                "Alerts committed, by kind (a replayed batch counts again; the alerts table has each once).",
-                &[("kind", kind)],
-                *n as f64,
-            );
-        }
-        out.counter(
-            "keywatch_batches_total",
-            "Batches committed.",
-            &[],
-            c(&m.batches),
-        );
-        out.counter(
-            "keywatch_commit_retries_total",
-            "Commit or dead-letter attempts that failed and were retried.",
-            &[],
-            c(&m.retries),
-        );
-        out.counter(
-            "keywatch_partitions_stalled_total",
-            "Partitions stopped by a commit the database refused for its content (logged; an operator acts).",
-            &[],
-            c(&m.stalled),
-        );
-        out.counter(
-            "keywatch_offset_gaps_total",
-            "Offset gaps a partition's worker saw (compaction or transaction markers; otherwise a bug).",
-            &[],
-            c(&m.gaps),
-        );
-        out.counter(
-            "keywatch_records_rebuilt_total",
-            "Records re-read up to the committed offset to rebuild state after an assignment (nothing written).",
-            &[],
-            c(&m.caught_up),
-        );
-        out.counter(
-            "keywatch_records_misrouted_total",
-            "Records that arrived on the consumer's main queue instead of their partition's (should stay 0).",
-            &[],
-            c(&m.unexpected),
-        );
-        out.counter(
-            "keywatch_fenced_total",
-            "Commits refused because another consumer owns the partition now.",
-            &[],
-            c(&m.fenced),
-        );
-        out.gauge(
-            "keywatch_partitions",
-            "Partitions this instance is working.",
-            &[],
-            c(&m.partitions),
-        );
-        for ((topic, partition), o) in m.offsets.lock().expect("metrics lock").iter() {
-            if let Some(lag) = o.lag() {
-                out.gauge(
-                    "keywatch_consumer_lag",
-                    "Records on the broker not yet committed to Postgres, per partition.",
-                    &[("topic", topic), ("partition", &partition.to_string())],
-                    lag as f64,
-                );
+        for s in m.samples() {
+            let labels: Vec<(&str, &str)> =
+                s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            match s.kind {
+                Kind::Counter => out.counter(s.name, s.help, &labels, s.value),
+                Kind::Gauge => out.gauge(s.name, s.help, &labels, s.value),
             }
         }
         let (buckets, sum, count) = m.commit_seconds.snapshot();
-        out.histogram(
-            "keywatch_batch_commit_seconds",
-            "Time to commit a batch: dead letters, Parquet and the Postgres transaction.",
-            &buckets,
-            sum,
-            count,
-        );
+        let (name, help) = COMMIT_SECONDS;
+        out.histogram(name, help, &buckets, sum, count);
     })
 }

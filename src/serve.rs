@@ -104,7 +104,7 @@ impl Outward {
             tasks.push(rt.spawn(async move {
                 if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await
                 {
-                    eprintln!("keywatch feed: server stopped: {e}");
+                    tracing::error!(error = %e, "feed server stopped");
                 }
             }));
         }
@@ -139,13 +139,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode> {
     let prepared = Outward::prepare(&rt, &cfg)?;
     let outward = Outward::start(&rt, &cfg, prepared, store.pool().clone(), None)?;
     match outward.addr {
-        Some(a) => eprintln!("keywatch serve: feed on http://{a}, dispatching alerts"),
-        None => {
-            eprintln!("keywatch serve: dispatching alerts (feed.listen is empty: no HTTP server)")
-        }
+        Some(a) => tracing::info!(address = %a, "feed on http://{a}, dispatching alerts"),
+        None => tracing::info!("dispatching alerts (feed.listen is empty: no HTTP server)"),
     }
     rt.block_on(crate::run::shutdown_signal());
-    eprintln!("keywatch serve: stopping");
+    tracing::info!("stopping");
     outward.stop(&rt);
     Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,7 @@ use storage::outbox::{Claimed, Marked, Outbox, Route};
 use storage::StorageError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::{error, warn};
 
 use crate::config::AlertingConfig;
 use crate::notify::{Outcome, Receiver};
@@ -121,19 +122,19 @@ impl Dispatcher {
                     Ok(mut l) => match l.listen("keywatch_outbox").await {
                         Ok(()) => Some(l),
                         Err(e) => {
-                            eprintln!("keywatch dispatcher: LISTEN failed (polling instead): {e}");
+                            warn!(error = %e, "LISTEN failed; polling instead");
                             None
                         }
                     },
                     Err(e) => {
-                        eprintln!("keywatch dispatcher: LISTEN failed (polling instead): {e}");
+                        warn!(error = %e, "LISTEN failed; polling instead");
                         None
                     }
                 };
             }
             if let Err(e) = self.round().await {
                 self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("keywatch {e}; retrying");
+                warn!(error = %e, "dispatcher round failed; retrying");
             }
             let woke = async {
                 match listener.as_mut() {
@@ -174,7 +175,7 @@ impl Dispatcher {
                 Ok(Ok(n)) => sent += n,
                 Ok(Err(e)) => first_err = first_err.or(Some(e)),
                 // A bug; the leases run out and the next round sends again.
-                Err(e) => eprintln!("keywatch dispatcher: a receiver's task failed: {e}"),
+                Err(e) => error!(error = %e, "BUG: a receiver's task failed"),
             }
         }
         self.outbox.close_finished().await?;
@@ -207,9 +208,7 @@ impl Dispatcher {
             .await?;
         for (id, e) in &routed.unreadable {
             // Written by this program, so this is a bug or a hand edit: keep it visible.
-            eprintln!(
-                "keywatch dispatcher: alert {id} in Postgres does not parse ({e}); not delivered"
-            );
+            error!(alert_id = %id, error = %e, "a stored alert does not parse; not delivered");
         }
         for r in &routed.suppressed {
             self.metrics.count(r, "suppressed", 1);
@@ -254,7 +253,7 @@ async fn send_due(
         .claim(&r.name, CLAIM_BATCH, horizon, cfg.lease_secs)
         .await?;
     for (id, error) in &claim.unreadable {
-        eprintln!("keywatch dispatcher: delivery {id}: {error}; given up");
+        error!(delivery_id = id, error = %error, "given up");
     }
     let claimed = claim.claimed;
     let n = claimed.len();
@@ -298,7 +297,7 @@ async fn send_due(
         match done {
             Ok(Ok(())) => {}
             Ok(Err(e)) => first_err = first_err.or(Some(e)),
-            Err(e) => eprintln!("keywatch dispatcher: a delivery task failed: {e}"),
+            Err(e) => error!(error = %e, "BUG: a delivery task failed"),
         }
     }
     match first_err {
@@ -410,7 +409,7 @@ async fn mark(
         .await?;
     if disabled {
         let name = &r.name;
-        eprintln!("keywatch dispatcher: receiver \"{name}\" answered 410 Gone: disabled (`keywatch receivers enable {name}` re-enables it)");
+        error!(receiver = %name, "receiver answered 410 Gone: disabled (`keywatch receivers enable {name}` re-enables it)");
     }
     m.count(&r.name, marked.name(), ids.len() as u64);
     Ok(())

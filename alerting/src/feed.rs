@@ -283,7 +283,7 @@ async fn watch_feed(feed: Feed, tx: watch::Sender<i64>, stop: watch::Receiver<bo
         let mut l = match PgListener::connect_with(feed.pool()).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("keywatch feed: LISTEN connection failed ({e}); polls fall back to re-reading every second");
+                tracing::warn!(error = %e, "LISTEN connection failed; polls fall back to re-reading every second");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -443,7 +443,7 @@ fn bad_request(msg: String) -> Response {
 }
 
 fn unavailable(e: StorageError) -> Response {
-    eprintln!("keywatch feed: {}", e.detail());
+    tracing::warn!(error = %e.detail(), "feed request: Postgres unavailable");
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "{\"error\":\"the feed's database is unavailable; retry\"}".into(),
@@ -572,7 +572,7 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
     match st.feed.ping().await {
         Ok(_) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => {
-            eprintln!("keywatch feed: health check: {}", e.detail());
+            tracing::warn!(error = %e.detail(), "health check: Postgres unavailable");
             (StatusCode::SERVICE_UNAVAILABLE, "postgres unavailable\n").into_response()
         }
     }

@@ -343,9 +343,10 @@ pub async fn serve(
 ) -> io::Result<()> {
     let cap = fitted_cap(limits.max_connections);
     if cap < limits.max_connections {
-        eprintln!(
-            "keywatch feed: at most {cap} connections (feed.max_connections is {}, but the file-descriptor limit leaves room for {cap}; raise `ulimit -n`)",
-            limits.max_connections
+        tracing::warn!(
+            connections = cap,
+            configured = limits.max_connections,
+            "at most {cap} connections: the file-descriptor limit leaves no room for feed.max_connections; raise `ulimit -n`"
         );
         limits.max_connections = cap;
     }
@@ -370,7 +371,7 @@ pub async fn serve(
                 metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
                 accept_failures += 1;
                 if accept_failures.is_power_of_two() {
-                    eprintln!("keywatch feed: accept failed ({e}; {accept_failures} so far)");
+                    tracing::warn!(error = %e, failures = accept_failures, "accept failed");
                 }
                 // Out of descriptors or memory: let connections end first.
                 tokio::time::sleep(Duration::from_millis(50)).await;

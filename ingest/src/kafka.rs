@@ -27,8 +27,8 @@
 //! no record ever reaches the main queue), holds one batch, and does not
 //! read on while that batch commits: that is the backpressure.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ use storage::{Backend, BatchCommit, BudgetRow, PartitionStart, StorageError};
 
 use crate::batch::{event_row, Rollups};
 use crate::config::{KafkaConfig, PipelineConfig, StartFrom};
+pub use crate::telemetry::PipelineMetrics;
+use crate::telemetry::{self, Part, PartitionOffsets};
 
 /// How long a revoke waits for a partition's last batch to commit.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -69,108 +71,6 @@ pub enum PipelineError {
     /// A Kafka setting was refused.
     #[error("kafka config")]
     Config(#[from] crate::config::PipelineConfigError),
-}
-
-/// Counters of a running pipeline (one place, so a metric and a log line agree).
-#[derive(Debug, Default)]
-pub struct PipelineMetrics {
-    /// Records read from Kafka (including those re-read after a restart).
-    pub records: AtomicU64,
-    /// Records re-read up to the committed offset to rebuild state (no writes).
-    pub caught_up: AtomicU64,
-    /// Records decoded and observed.
-    pub decoded: AtomicU64,
-    /// Records dead-lettered.
-    pub dead_lettered: AtomicU64,
-    /// Records counted with a descriptive field cut or dropped.
-    pub repaired: AtomicU64,
-    /// Records whose time was past their message's timestamp by more than
-    /// `engine.event_time.max_ahead_secs` (counted at that bound).
-    pub ahead: AtomicU64,
-    /// Alerts committed (before de-duplication by id).
-    pub alerts: AtomicU64,
-    /// Batches committed.
-    pub batches: AtomicU64,
-    /// Commits refused because another consumer owns the partition now.
-    pub fenced: AtomicU64,
-    /// Commit or dead-letter attempts that failed and were retried.
-    pub retries: AtomicU64,
-    /// Partitions stopped by a commit that cannot succeed (a bug or a data error).
-    pub stalled: AtomicU64,
-    /// Records that arrived on the consumer's main queue instead of their partition's (should stay 0).
-    pub unexpected: AtomicU64,
-    /// Offset gaps a partition's worker saw (compaction or transactions; else a bug).
-    pub gaps: AtomicU64,
-    /// Partitions being worked right now.
-    pub partitions: AtomicU64,
-    /// Milliseconds the last batch commit took.
-    pub last_commit_ms: AtomicU64,
-    /// Batch commit durations (dead letters, Parquet and the Postgres transaction).
-    pub commit_seconds: Histogram,
-    /// Alerts committed, by kind (before de-duplication by id).
-    pub alerts_by_kind: Mutex<BTreeMap<&'static str, u64>>,
-    /// Per partition: the broker's high watermark (from librdkafka's
-    /// statistics, every 5 s) and the offset committed to Postgres.
-    pub offsets: Mutex<BTreeMap<(String, i32), PartitionOffsets>>,
-}
-
-/// Where a partition stands, for the consumer-lag metric.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PartitionOffsets {
-    /// The broker's high watermark (next offset to be written); -1: not known yet.
-    pub high_watermark: i64,
-    /// The next offset keywatch has yet to commit; -1: nothing committed this run.
-    pub committed: i64,
-}
-
-impl PartitionOffsets {
-    /// Records not yet committed, when both ends are known.
-    pub fn lag(&self) -> Option<i64> {
-        (self.high_watermark >= 0 && self.committed >= 0)
-            .then(|| (self.high_watermark - self.committed).max(0))
-    }
-}
-
-/// A fixed-bucket latency histogram (seconds), lock-free.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; Histogram::BOUNDS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Upper bounds of the buckets, in seconds.
-    pub const BOUNDS: [f64; 12] = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ];
-
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, b) in Self::BOUNDS.iter().enumerate() {
-            if secs <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Cumulative `(upper bound, count)` pairs, the sum in seconds and the count.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let buckets = Self::BOUNDS
-            .iter()
-            .zip(&self.counts)
-            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
-            .collect();
-        (
-            buckets,
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            self.count.load(Ordering::Relaxed),
-        )
-    }
 }
 
 /// Everything a partition worker needs, shared.
@@ -268,13 +168,17 @@ impl ConsumerContext for PipelineContext {
                     consumer.assign(tpl)
                 };
                 if let Err(e) = r {
-                    eprintln!("keywatch: assigning partitions failed: {e}");
+                    telemetry::rebalance_failed("assign", &e);
                     return;
                 }
                 for ((topic, partition, start), queue) in starts.into_iter().zip(queues) {
                     match queue {
                         Some(q) => self.shared.spawn_worker(q, topic, partition, start),
-                        None => eprintln!("keywatch: {topic}[{partition}]: no partition queue"),
+                        None => Part {
+                            topic: &topic,
+                            partition,
+                        }
+                        .no_queue(),
                     }
                 }
             }
@@ -291,11 +195,11 @@ impl ConsumerContext for PipelineContext {
                     consumer.unassign()
                 };
                 if let Err(e) = r {
-                    eprintln!("keywatch: unassigning partitions failed: {e}");
+                    telemetry::rebalance_failed("unassign", &e);
                 }
             }
             other => {
-                eprintln!("keywatch: rebalance error: {other:?}");
+                telemetry::rebalance_failed("rebalance", &other);
                 self.shared.stop_all_workers();
                 let _ = consumer.unassign();
             }
@@ -315,15 +219,14 @@ impl Shared {
                 Ok(mut s) => {
                     if let Some((at, bytes)) = &s.checkpoint {
                         if let Err(e) = serde_json::from_slice::<EngineState>(bytes) {
-                            eprintln!("keywatch: {topic}[{partition}]: checkpoint at {at} unreadable ({e}); rebuilding from offset 0");
+                            Part { topic, partition }.checkpoint_unreadable(*at, &e);
                             s.checkpoint = None;
                         }
                     }
                     return s;
                 }
                 Err(e) => {
-                    eprintln!("keywatch: {topic}[{partition}]: loading offset and checkpoint: {}; retrying", chain(&e));
-                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    Part { topic, partition }.load_retry(&self.metrics, &chain(&e));
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -399,7 +302,7 @@ impl Shared {
             if w.thread.is_finished() {
                 let _ = w.thread.join();
             } else {
-                eprintln!("keywatch: a partition worker did not finish within {DRAIN_TIMEOUT:?}; its batch will be re-read by the next owner");
+                telemetry::worker_not_drained(DRAIN_TIMEOUT);
             }
         }
     }
@@ -456,6 +359,14 @@ struct PartitionWorker<'s> {
 }
 
 impl<'s> PartitionWorker<'s> {
+    /// This worker's partition, as events name it.
+    fn part(&self) -> Part<'_> {
+        Part {
+            topic: &self.topic,
+            partition: self.partition,
+        }
+    }
+
     fn new(
         shared: &'s Shared,
         topic: String,
@@ -527,10 +438,7 @@ impl<'s> PartitionWorker<'s> {
                         .unwrap_or_else(detectors::time::wall_clock_ms);
                     self.handle(m.offset(), m.payload(), m.key(), reference)
                 }
-                Some(Err(e)) => eprintln!(
-                    "keywatch: {}[{}]: consume error: {e}",
-                    self.topic, self.partition
-                ),
+                Some(Err(e)) => self.part().consume_error(&e),
                 None => {}
             }
             if self.fenced {
@@ -569,11 +477,7 @@ impl<'s> PartitionWorker<'s> {
             self.resume_verified = true;
             if offset > n {
                 // Compaction and transaction markers leave gaps; so would a bug.
-                self.shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "keywatch: {}[{}]: offsets {n}..{offset} were not delivered",
-                    self.topic, self.partition
-                );
+                self.part().offset_gap(&self.shared.metrics, n, offset);
             }
         }
         self.next_expected = Some(offset + 1);
@@ -602,12 +506,7 @@ impl<'s> PartitionWorker<'s> {
                     self.resumed = true;
                     storage::parquet::existing_batch_end(dir, &self.topic, self.partition, offset)
                         .unwrap_or_else(|e| {
-                            eprintln!(
-                                "keywatch: {}[{}]: looking for a file to rewrite: {}",
-                                self.topic,
-                                self.partition,
-                                chain(&e)
-                            );
+                            self.part().lake_lookup_failed(&chain(&e));
                             None
                         })
                 }
@@ -696,10 +595,7 @@ impl<'s> PartitionWorker<'s> {
         ) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!(
-                    "keywatch: {}[{}]: seeking back to {back}: {e}",
-                    self.topic, self.partition
-                );
+                self.part().seek_failed(back, &e);
                 false
             }
         }
@@ -754,12 +650,7 @@ impl<'s> PartitionWorker<'s> {
                 ) {
                     Ok(_) => break,
                     Err(e) => {
-                        eprintln!(
-                            "keywatch: {}[{}]: writing Parquet: {}; retrying",
-                            self.topic,
-                            self.partition,
-                            chain(&e)
-                        );
+                        self.part().parquet_retry(&chain(&e));
                         if !self.backoff(&mut backoff) {
                             return;
                         }
@@ -792,21 +683,13 @@ impl<'s> PartitionWorker<'s> {
             {
                 Ok(()) => break,
                 Err(StorageError::Fenced { stored, .. }) => {
-                    eprintln!(
-                        "keywatch: {}[{}]: another consumer owns this partition now (stored offset {stored}, ours {start_offset}); stopping",
-                        self.topic, self.partition
-                    );
-                    self.shared.metrics.fenced.fetch_add(1, Ordering::Relaxed);
+                    self.part()
+                        .fenced(&self.shared.metrics, stored, start_offset);
                     self.fenced = true;
                     return;
                 }
                 Err(e) if e.is_transient() => {
-                    eprintln!(
-                        "keywatch: {}[{}]: commit failed: {}; retrying",
-                        self.topic,
-                        self.partition,
-                        chain(&e)
-                    );
+                    self.part().commit_retry(&chain(&e));
                     if !self.backoff(&mut backoff) {
                         return;
                     }
@@ -814,13 +697,8 @@ impl<'s> PartitionWorker<'s> {
                 Err(e) => {
                     // Retrying the same batch would fail the same way, and skipping
                     // it would lose data: the partition stops advancing, loudly.
-                    eprintln!(
-                        "keywatch: {}[{}]: commit refused: {}; this partition stops at offset {start_offset} until an operator acts",
-                        self.topic,
-                        self.partition,
-                        chain(&e)
-                    );
-                    self.shared.metrics.stalled.fetch_add(1, Ordering::Relaxed);
+                    self.part()
+                        .stalled(&self.shared.metrics, start_offset, &chain(&e));
                     self.fenced = true;
                     return;
                 }
@@ -954,13 +832,8 @@ impl<'s> PartitionWorker<'s> {
                 self.dead.clear();
                 return true;
             }
-            eprintln!(
-                "keywatch: {}[{}]: {} of {} dead letters not acknowledged; the partition waits",
-                self.topic,
-                self.partition,
-                failed.len(),
-                self.dead.len()
-            );
+            self.part()
+                .dead_letters_unacked(failed.len(), self.dead.len());
             // Retry the whole set: a dead letter written twice is harmless, one lost is not.
             if !self.backoff(&mut backoff) {
                 return false;
@@ -1220,13 +1093,9 @@ impl Pipeline {
                 // Every assigned partition's queue is split off before assignment,
                 // so a message here is a bug: say so rather than guess its place.
                 Some(Ok(m)) => {
-                    self.shared
-                        .metrics
-                        .unexpected
-                        .fetch_add(1, Ordering::Relaxed);
-                    eprintln!("keywatch: BUG: a record of {}[{}] at {} reached the main queue and was not processed", m.topic(), m.partition(), m.offset());
+                    telemetry::misrouted(&self.shared.metrics, m.topic(), m.partition(), m.offset())
                 }
-                Some(Err(e)) => eprintln!("keywatch: consumer: {e}"),
+                Some(Err(e)) => telemetry::consumer_error(&e),
                 None => {}
             }
             self.reap_finished();

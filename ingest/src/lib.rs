@@ -3,10 +3,11 @@
 //! [`kafka`] is the service's consumer: one worker per assigned partition
 //! owning that partition's detector engine, committing each batch's effects
 //! and offsets to Postgres in one transaction ([`batch`] is what a batch
-//! accumulates, [`config`] its settings). [`ndjson`] cuts large reads into
-//! lines for `keywatch replay`. The traffic simulator is the `sim` crate.
+//! accumulates, [`config`] its settings, [`telemetry`] its metrics and
+//! log events). [`ndjson`] cuts large reads into lines for `keywatch replay`. The traffic simulator is the `sim` crate.
 
 pub mod batch;
 pub mod config;
 pub mod kafka;
 pub mod ndjson;
+pub mod telemetry;
