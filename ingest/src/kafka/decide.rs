@@ -1,0 +1,207 @@
+//! The partition worker's decisions, as pure functions of what it knows:
+//! where a partition starts reading, when a batch closes, what range a
+//! commit covers and when it carries a checkpoint. The worker and the
+//! rebalance callback only act on them, so each rule is tested here
+//! without a broker or a database.
+
+use std::time::Duration;
+
+use crate::config::StartFrom;
+
+/// Where an assigned partition's consumer is positioned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seek {
+    /// At this offset (0 resolves to the log start through
+    /// `auto.offset.reset=earliest` when retention has moved it).
+    At(i64),
+    /// After the last record (`kafka.start_from = "latest"`, nothing stored).
+    End,
+}
+
+/// Where a partition resumes, given its readable checkpoint's offset, its
+/// committed offset and `kafka.start_from`: the position to seek to, and
+/// the first offset the worker expects there (`None`: it cannot know; a
+/// known one makes records the broker no longer has show up as a gap).
+///
+/// A checkpoint is where the engine's state was saved: read from there
+/// (records up to the committed offset rebuild state, writing nothing). A
+/// committed partition without a readable checkpoint rebuilds its state
+/// from offset 0. A partition never committed starts where `start_from`
+/// says: offset 0 rather than the logical beginning (which librdkafka's
+/// mock cluster answers wrongly), or the end.
+pub(crate) fn resume_point(
+    checkpoint_at: Option<i64>,
+    committed: Option<i64>,
+    start_from: StartFrom,
+) -> (Seek, Option<i64>) {
+    match (checkpoint_at, committed, start_from) {
+        (Some(at), _, _) => (Seek::At(at), Some(at)),
+        (None, Some(_), _) | (None, None, StartFrom::Earliest) => (Seek::At(0), Some(0)),
+        (None, None, StartFrom::Latest) => (Seek::End, None),
+    }
+}
+
+/// Whether the open batch closes now: it holds `max_records` records
+/// (dead letters included), it has been open `max_age`, or it reached the
+/// end of a lake file it must rewrite (`at_boundary`).
+pub(crate) fn batch_closes(
+    records: usize,
+    max_records: usize,
+    open_for: Option<Duration>,
+    max_age: Duration,
+    at_boundary: bool,
+) -> bool {
+    records >= max_records || open_for.is_some_and(|d| d >= max_age) || at_boundary
+}
+
+/// What a commit covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CommitRange {
+    /// Where the batch starts: the stored offset (the fence), or the batch's
+    /// first record when nothing is stored yet.
+    pub(crate) start: i64,
+    /// Where the partition resumes once it is committed.
+    pub(crate) next: i64,
+}
+
+/// The range a commit covers, or `None` when there is nothing to commit.
+/// `first`/`last` are the open batch's first and last offsets; `committed`
+/// the stored offset; `checkpoint_at` the offset of the checkpoint the
+/// worker started from; `next_expected` the next offset its engine has not
+/// seen. Leaving (`final_commit`) with no open batch still commits an empty
+/// range at the stored offset to hand the next owner a checkpoint, so it
+/// need not re-read to rebuild state, but only when the engine has reached
+/// that offset and there is not already a checkpoint there.
+pub(crate) fn commit_range(
+    first: Option<i64>,
+    last: i64,
+    committed: Option<i64>,
+    final_commit: bool,
+    checkpoint_at: Option<i64>,
+    next_expected: Option<i64>,
+) -> Option<CommitRange> {
+    match (first, committed) {
+        (Some(first), committed) => Some(CommitRange {
+            start: committed.unwrap_or(first),
+            next: last + 1,
+        }),
+        (None, Some(c))
+            if final_commit
+                && checkpoint_at != Some(c)
+                && next_expected.is_some_and(|n| n >= c) =>
+        {
+            Some(CommitRange { start: c, next: c })
+        }
+        (None, _) => None,
+    }
+}
+
+/// Whether a commit carries the engine's checkpoint: the last one before
+/// the partition is released, the partition's first commit (so a restart
+/// never has to re-read from offset 0), and otherwise every `interval`.
+pub(crate) fn checkpoint_due(
+    final_commit: bool,
+    first_commit: bool,
+    since_last: Duration,
+    interval: Duration,
+) -> bool {
+    final_commit || first_commit || since_last >= interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_resumes_at_its_checkpoint_else_rebuilds_or_starts_as_configured() {
+        use StartFrom::{Earliest, Latest};
+        // The checkpoint wins whatever start_from says.
+        assert_eq!(
+            resume_point(Some(40), Some(90), Latest),
+            (Seek::At(40), Some(40))
+        );
+        assert_eq!(
+            resume_point(Some(40), None, Latest),
+            (Seek::At(40), Some(40))
+        );
+        // Committed but no readable checkpoint: rebuild from 0, even for latest.
+        assert_eq!(resume_point(None, Some(90), Latest), (Seek::At(0), Some(0)));
+        assert_eq!(
+            resume_point(None, Some(90), Earliest),
+            (Seek::At(0), Some(0))
+        );
+        // Never committed.
+        assert_eq!(resume_point(None, None, Earliest), (Seek::At(0), Some(0)));
+        assert_eq!(resume_point(None, None, Latest), (Seek::End, None));
+    }
+
+    #[test]
+    fn a_batch_closes_when_full_old_or_at_a_file_boundary() {
+        let age = Duration::from_millis(500);
+        let young = Some(Duration::from_millis(100));
+        assert!(!batch_closes(9, 10, young, age, false));
+        assert!(batch_closes(10, 10, young, age, false));
+        assert!(batch_closes(1, 10, Some(age), age, false));
+        assert!(batch_closes(1, 10, young, age, true));
+        // No open batch: nothing ages.
+        assert!(!batch_closes(0, 10, None, age, false));
+    }
+
+    #[test]
+    fn a_commit_covers_the_batch_from_the_fence() {
+        // The stored offset is the fence, not the batch's first record
+        // (records up to it only rebuilt state).
+        assert_eq!(
+            commit_range(Some(120), 150, Some(100), false, None, Some(151)),
+            Some(CommitRange {
+                start: 100,
+                next: 151
+            })
+        );
+        // First commit of a partition: from its first record.
+        assert_eq!(
+            commit_range(Some(0), 9, None, false, None, Some(10)),
+            Some(CommitRange { start: 0, next: 10 })
+        );
+        // Nothing open and not leaving: nothing to commit.
+        assert_eq!(
+            commit_range(None, 0, Some(100), false, None, Some(100)),
+            None
+        );
+        assert_eq!(commit_range(None, 0, None, true, None, Some(0)), None);
+    }
+
+    #[test]
+    fn leaving_hands_over_a_checkpoint_only_when_it_helps_and_is_true() {
+        // Caught up, and the checkpoint it started from is older: commit one.
+        assert_eq!(
+            commit_range(None, 0, Some(100), true, Some(60), Some(100)),
+            Some(CommitRange {
+                start: 100,
+                next: 100
+            })
+        );
+        // Already a checkpoint at the stored offset.
+        assert_eq!(
+            commit_range(None, 0, Some(100), true, Some(100), Some(100)),
+            None
+        );
+        // Still rebuilding (the engine has not reached the stored offset):
+        // a checkpoint there would be a lie.
+        assert_eq!(
+            commit_range(None, 0, Some(100), true, Some(60), Some(80)),
+            None
+        );
+        assert_eq!(commit_range(None, 0, Some(100), true, None, None), None);
+    }
+
+    #[test]
+    fn checkpoints_go_with_the_first_and_last_commit_and_every_interval() {
+        let every = Duration::from_secs(300);
+        let soon = Duration::from_secs(10);
+        assert!(!checkpoint_due(false, false, soon, every));
+        assert!(checkpoint_due(false, false, every, every));
+        assert!(checkpoint_due(true, false, soon, every));
+        assert!(checkpoint_due(false, true, soon, every));
+    }
+}
