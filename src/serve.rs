@@ -11,6 +11,7 @@ use alerting::metrics::{Render, Sources};
 use alerting::Receiver;
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
+use rand::RngCore as _;
 use detectors::time::format_rfc3339;
 use sqlx::postgres::PgPool;
 use storage::feed::{Feed, ManualAction};
@@ -411,8 +412,11 @@ pub struct TokenArgs {
 /// documented `keywatch token NAME >> keywatch.toml` must not write the
 /// secret into the file.
 pub fn token(args: TokenArgs) -> Result<ExitCode> {
+    // The operating system's generator (getrandom(2)), through rand.
     let mut bytes = [0u8; 32];
-    getrandom(&mut bytes)?;
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .context("reading the operating system's random generator")?;
     let token = format!(
         "kwf_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -426,13 +430,6 @@ pub fn token(args: TokenArgs) -> Result<ExitCode> {
     println!("name = {:?}", args.name);
     println!("token_sha256 = \"{}\"", alerting::feed::hash_token(&token));
     Ok(ExitCode::SUCCESS)
-}
-
-fn getrandom(buf: &mut [u8]) -> Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .context("reading /dev/urandom")
 }
 
 /// Arguments of `keywatch receivers`.
