@@ -463,42 +463,13 @@ impl Engine {
         } else {
             minute_of(now)
         };
-        if now_min >= self.state.last_sweep + SWEEP_EVERY_MINUTES {
-            self.state.last_sweep = now_min;
-            self.expire_prompts(t.secs.max((now / 1000) as u32));
-            // Idle users and keys live for days: an eighth of their lifetime is precise enough.
-            if now_min
-                >= self.state.last_idle_sweep + (self.r.idle_ttl_min / 8).max(SWEEP_EVERY_MINUTES)
-            {
-                self.expire();
-            }
-        }
+        self.sweep(t, now, now_min);
         let before = out.len();
         let (tier_idx, daily_override, monthly_override) = self.tier_of(ev);
 
         let counts_request = ev.phase.counts_request();
         let counts_response = ev.phase.counts_response();
-        let cost_micros = match (ev.cost_usd, counts_response) {
-            (Some(usd), _) => micros(usd),
-            (None, false) => 0,
-            (None, true) => {
-                let (c, priced) = self.prices.cost_micros(
-                    ev.model.as_deref(),
-                    ev.prompt_tokens,
-                    ev.completion_tokens,
-                );
-                if !priced && (ev.prompt_tokens > 0 || ev.completion_tokens > 0) {
-                    self.note_unpriced(ev.model.as_deref());
-                }
-                c
-            }
-        };
-        let tokens = if counts_request { ev.prompt_tokens } else { 0 }
-            + if counts_response {
-                ev.completion_tokens
-            } else {
-                0
-            };
+        let (cost_micros, tokens) = self.usage(ev, counts_request, counts_response);
 
         let tier = &self.r.tiers[tier_idx];
         let cfg = &self.r.cfg;
@@ -578,124 +549,26 @@ impl Engine {
             sustain_minutes: cfg.runaway_spend.sustain_minutes,
         };
 
+        let rec = Record {
+            ev,
+            t,
+            ctx,
+            tier,
+            cfg,
+            counts_request,
+            counts_response,
+            tokens,
+            daily_micros,
+        };
         if counts_request && cfg.request_spike.enabled {
-            // Key first: a key's spike names the key and throttles it.
-            let key_spike = key.rate.on_request(t, &tier.rate, &mut self.quantiles);
-            let user_spike = user.rate.on_request(t, &tier.rate, &mut self.quantiles);
-            let spike = key_spike
-                .map(|sp| (sp, true))
-                .or(user_spike.map(|sp| (sp, false)));
-            if let Some((sp, on_key)) = spike {
-                // Budget at risk: the last minutes' spend keeps a pace that
-                // would use a whole day's budget within the runaway window.
-                let at_risk = || {
-                    user.pace.sustained_micros(t, &pace) * cfg.runaway_spend.pace_minutes
-                        >= daily_micros as f64
-                };
-                let (severity, action) = match (ctx, on_key) {
-                    (Context::Novel { .. }, true) => (Severity::Critical, Action::Throttle),
-                    (Context::Novel { .. }, false) => (Severity::Warning, Action::Notify),
-                    (Context::Familiar | Context::Changed, _) if at_risk() => {
-                        (Severity::Warning, Action::Notify)
-                    }
-                    _ => (Severity::Info, Action::Notify),
-                };
-                let state = if on_key {
-                    &mut key.rate
-                } else {
-                    &mut user.rate
-                };
-                if let Some(raise) = state.escalates(t.minute, level(severity), &tier.rate) {
-                    out.push(request_spike_alert(
-                        ev,
-                        sp,
-                        on_key,
-                        (severity, action),
-                        ctx,
-                        raise,
-                    ));
-                }
-            }
+            request_spike(&rec, &pace, user, key, &mut self.quantiles, out);
         }
         if counts_request && cfg.leaked_key.enabled {
-            if let Some(ip) = ev.ip {
-                if let Some(l) = key.leak.on_address(t.minute, ip, ev.asn, &self.r.leak) {
-                    let id = Alert::make_id(
-                        AlertKind::LeakedKey,
-                        &format!("key:{}", ev.key_id),
-                        &format!("m{}", l.since),
-                    );
-                    out.push(Alert {
-                        severity: Severity::Critical,
-                        action: Action::Block,
-                        ip: Some(ip.to_string()),
-                        observed: Some(l.ips as f64),
-                        baseline: Some((l.baseline * 10.0).round() / 10.0),
-                        threshold: Some(l.threshold),
-                        reason: format!(
-                            "Key {} of {} was used from {} addresses in {} networks within {} minutes (usually {:.0}); it has probably leaked, so keywatch asks gateways to block it.",
-                            ev.key_id, ev.user_id, l.ips, l.networks, self.r.leak.window_minutes, l.baseline.max(1.0)
-                        ),
-                        ..alert(AlertKind::LeakedKey, id, ev, true)
-                    });
-                }
-            }
+            leaked_key(&rec, &self.r.leak, key, out);
         }
-
         if cfg.token_spike.enabled && (tokens > 0 || ev.phase != Phase::Exchange) {
-            let p = &tier.tokens;
-            let in_flight = match ev.phase {
-                Phase::Request => user.tokens.in_flight(t, &user.pending, ev.prompt_tokens, p),
-                _ => None,
-            };
-            let big_request = match ev.phase {
-                Phase::Request => Some(false),
-                _ => answered.map(|w| w.big),
-            };
-            let prompt = match (ev.phase, answered) {
-                (Phase::Response, Some(w)) => Some(w.prompt as u64),
-                (Phase::Response, None) => (ev.prompt_tokens > 0).then_some(ev.prompt_tokens),
-                _ => Some(ev.prompt_tokens),
-            };
-            let completion = counts_response.then_some(ev.completion_tokens);
-            let spike = match tokens {
-                0 => None,
-                _ => user.tokens.on_tokens(
-                    t,
-                    tokens,
-                    prompt,
-                    completion,
-                    big_request,
-                    &user.pending,
-                    ctx.is_novel(),
-                    p,
-                ),
-            };
-            let cause = match (in_flight, spike) {
-                (Some(a), Some(b)) if b.strength() > a.strength() => Some(b),
-                (a, b) => a.or(b),
-            };
-            if let Some(cause) = cause {
-                let (severity, action) = match (cause, ctx) {
-                    (TokenCause::Exhaustion { .. }, _) | (_, Context::Novel { .. }) => {
-                        (Severity::Critical, Action::Throttle)
-                    }
-                    _ => (Severity::Info, Action::Notify),
-                };
-                if let Some(raise) = user.tokens.escalates(t, level(severity), p) {
-                    out.push(token_spike_alert(
-                        ev,
-                        cause,
-                        (severity, action),
-                        ctx,
-                        raise,
-                        tier,
-                        cfg,
-                    ));
-                }
-            }
+            token_spike(&rec, answered, user, out);
         }
-
         if cost_micros > 0 || tokens > 0 {
             let limits = BudgetLimits {
                 daily_micros,
@@ -704,111 +577,32 @@ impl Engine {
                 percents: &self.r.percents,
             };
             let starts = self.periods.starts(ev.ts_ms);
-            let tier_name = tier.name.as_str();
-            let utc_offset_min = self.r.utc_offset_min;
-            let posted = user
-                .ledger
-                .post(starts, cost_micros, tokens, &limits, &mut |e| {
-                    out.push(match e {
-                        BudgetEvent::Spend(c) => budget_alert(ev, c, utc_offset_min),
-                        BudgetEvent::Tokens(q) => quota_alert(ev, q, tier_name, utc_offset_min),
-                    })
-                });
-            if posted == Posted::Late {
+            if budget(
+                &rec,
+                cost_micros,
+                starts,
+                &limits,
+                self.r.utc_offset_min,
+                user,
+                out,
+            ) == Posted::Late
+            {
                 self.stats.late += 1;
             }
             if cost_micros > 0 && cfg.runaway_spend.enabled {
-                if let Some(r) = user.pace.on_spend(t, cost_micros, &pace) {
-                    let (severity, action) = match (ctx, r.sustained) {
-                        (Context::Novel { .. }, _) => (Severity::Critical, Action::Throttle),
-                        (_, true) => (Severity::Warning, Action::Notify),
-                        (_, false) => (Severity::Info, Action::Notify),
-                    };
-                    if let Some(raise) = user.pace.escalates(t.minute, level(severity), &pace) {
-                        let spent_today = user.ledger.day[0].micros;
-                        let left = limits.daily_micros.saturating_sub(spent_today) as f64;
-                        let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
-                        let daily = limits.daily_micros as f64;
-                        let id = Alert::make_id(
-                            AlertKind::RunawaySpend,
-                            &format!("user:{}", ev.user_id),
-                            &window_of(r.onset_minute, raise, severity),
-                        );
-                        let doing = match action {
-                            Action::Notify => "no action was taken".to_string(),
-                            _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
-                        };
-                        out.push(Alert {
-                            severity,
-                            action,
-                            observed: Some((r.observed_micros / 1e4).round() / 100.0),
-                            baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
-                            threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
-                            reason: format!(
-                                "{} spent ${:.2} in the last minute{} (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so {doing}.",
-                                ev.user_id,
-                                r.observed_micros / 1e6,
-                                ctx.describe(),
-                                r.baseline_micros / 1e6,
-                                left / 1e6,
-                                daily / 1e6,
-                                minutes_left,
-                            ),
-                            ..alert(AlertKind::RunawaySpend, id, ev, true)
-                        });
-                    }
-                }
+                runaway_spend(&rec, cost_micros, &limits, &pace, user, out);
             }
         }
-
-        // A refused request (its retry is the same prompt again) and a probe
-        // (a health check answered in a token or two, an embedding) are
-        // not prompts being farmed.
-        // (A record with no usage at all says nothing about its answer.)
-        let no_usage = ev.prompt_tokens == 0 && ev.completion_tokens == 0;
-        let harvested = ev.phase == Phase::Request
-            || (ev.status.is_none_or(|s| s < 400)
-                && (no_usage || ev.completion_tokens > cfg.repeated_prompt.probe_max_tokens));
-        if cfg.repeated_prompt.enabled && !harvested {
-            // A split log's response: take back its request's sighting.
-            if let Some(w) = answered.filter(|w| w.fingerprint != 0) {
-                PromptTracker::unsight(&mut user.prompts, w.fingerprint);
-            }
-        }
-        if counts_request && cfg.repeated_prompt.enabled && harvested {
-            if let (Some(fp), Some(fh)) = (ev.prompt_fingerprint.as_deref(), fp_hash) {
-                let uh = stable_hash(3, ev.user_id.as_bytes());
-                let now_s = t.secs;
-                self.findings.clear();
-                // Early warnings: at any pace for an account known to rarely
-                // repeat itself (it pages when steady), at a steady pace for
-                // one not known yet or that sometimes does (for the record),
-                // none for one that often does.
-                let share = user.repeats.mean(self.r.repeat_prior);
-                let max_share = cfg.repeated_prompt.early_max_repeat_share;
-                let rare = share < max_share && user.repeats.trials >= 100.0;
-                let early = if rare {
-                    Early::Any
-                } else if share < 10.0 * max_share {
-                    Early::Steady
-                } else {
-                    Early::Off
-                };
-                let seen = self.state.prompts.sight(
-                    &mut user.prompts,
-                    uh,
-                    fh,
-                    now_s,
-                    early,
-                    &self.r.prompts,
-                    &mut self.findings,
-                );
-                user.repeats.observe(seen > 1, self.r.repeat_decay);
-                for f in &self.findings {
-                    out.push(prompt_alert(ev, fp, *f, &self.r, now_s, rare));
-                }
-            }
-        }
+        repeated_prompt(
+            &rec,
+            answered,
+            fp_hash,
+            user,
+            &mut self.state.prompts,
+            &mut self.findings,
+            &self.r,
+            out,
+        );
 
         for a in &mut out[before..] {
             *self.stats.alerts.entry(a.kind).or_default() += 1;
@@ -817,6 +611,49 @@ impl Engine {
             }
         }
         Outcome::Counted { cost_micros }
+    }
+
+    /// Every `SWEEP_EVERY_MINUTES` of engine time, prompt sightings out of
+    /// their windows go; idle users and keys every eighth of their lifetime.
+    fn sweep(&mut self, t: Tick, now: i64, now_min: u32) {
+        if now_min >= self.state.last_sweep + SWEEP_EVERY_MINUTES {
+            self.state.last_sweep = now_min;
+            self.expire_prompts(t.secs.max((now / 1000) as u32));
+            // Idle users and keys live for days: an eighth of their lifetime is precise enough.
+            if now_min
+                >= self.state.last_idle_sweep + (self.r.idle_ttl_min / 8).max(SWEEP_EVERY_MINUTES)
+            {
+                self.expire();
+            }
+        }
+    }
+
+    /// What a record counts: its cost (the record's own, else its usage
+    /// priced when it carries the answer) in micro-dollars, and its tokens
+    /// (a request's prompt, a response's completion, an exchange's both).
+    fn usage(&mut self, ev: &Event<'_>, counts_request: bool, counts_response: bool) -> (u64, u64) {
+        let cost_micros = match (ev.cost_usd, counts_response) {
+            (Some(usd), _) => micros(usd),
+            (None, false) => 0,
+            (None, true) => {
+                let (c, priced) = self.prices.cost_micros(
+                    ev.model.as_deref(),
+                    ev.prompt_tokens,
+                    ev.completion_tokens,
+                );
+                if !priced && (ev.prompt_tokens > 0 || ev.completion_tokens > 0) {
+                    self.note_unpriced(ev.model.as_deref());
+                }
+                c
+            }
+        };
+        let tokens = if counts_request { ev.prompt_tokens } else { 0 }
+            + if counts_response {
+                ev.completion_tokens
+            } else {
+                0
+            };
+        (cost_micros, tokens)
     }
 
     fn note_unpriced(&mut self, model: Option<&str>) {
@@ -864,6 +701,321 @@ impl Engine {
         for u in self.state.users.values_mut() {
             if u.prompts.is_some() {
                 PromptTracker::expire_user(&mut u.prompts, now_s, p);
+            }
+        }
+    }
+}
+
+/// One record as every detector sees it: what it counts, and whose doing
+/// it looks like (judged before this record teaches the account).
+#[derive(Clone, Copy)]
+struct Record<'a, 'e> {
+    ev: &'a Event<'e>,
+    t: Tick,
+    ctx: Context,
+    tier: &'a Tier,
+    cfg: &'a EngineConfig,
+    counts_request: bool,
+    counts_response: bool,
+    tokens: u64,
+    daily_micros: u64,
+}
+
+/// Request floods, by key and by account, against their learned rates.
+fn request_spike(
+    rec: &Record<'_, '_>,
+    pace: &PaceParams,
+    user: &mut UserState,
+    key: &mut KeyState,
+    quantiles: &mut QuantileCache,
+    out: &mut Vec<Alert>,
+) {
+    let Record {
+        ev,
+        t,
+        ctx,
+        tier,
+        cfg,
+        daily_micros,
+        ..
+    } = *rec;
+    // Key first: a key's spike names the key and throttles it.
+    let key_spike = key.rate.on_request(t, &tier.rate, quantiles);
+    let user_spike = user.rate.on_request(t, &tier.rate, quantiles);
+    let spike = key_spike
+        .map(|sp| (sp, true))
+        .or(user_spike.map(|sp| (sp, false)));
+    if let Some((sp, on_key)) = spike {
+        // Budget at risk: the last minutes' spend keeps a pace that
+        // would use a whole day's budget within the runaway window.
+        let at_risk = || {
+            user.pace.sustained_micros(t, pace) * cfg.runaway_spend.pace_minutes
+                >= daily_micros as f64
+        };
+        let (severity, action) = match (ctx, on_key) {
+            (Context::Novel { .. }, true) => (Severity::Critical, Action::Throttle),
+            (Context::Novel { .. }, false) => (Severity::Warning, Action::Notify),
+            (Context::Familiar | Context::Changed, _) if at_risk() => {
+                (Severity::Warning, Action::Notify)
+            }
+            _ => (Severity::Info, Action::Notify),
+        };
+        let state = if on_key {
+            &mut key.rate
+        } else {
+            &mut user.rate
+        };
+        if let Some(raise) = state.escalates(t.minute, level(severity), &tier.rate) {
+            out.push(request_spike_alert(
+                ev,
+                sp,
+                on_key,
+                (severity, action),
+                ctx,
+                raise,
+            ));
+        }
+    }
+}
+
+/// One key used from many networks at once.
+fn leaked_key(rec: &Record<'_, '_>, leak: &LeakParams, key: &mut KeyState, out: &mut Vec<Alert>) {
+    let Record { ev, t, .. } = *rec;
+    if let Some(ip) = ev.ip {
+        if let Some(l) = key.leak.on_address(t.minute, ip, ev.asn, leak) {
+            let id = Alert::make_id(
+                AlertKind::LeakedKey,
+                &format!("key:{}", ev.key_id),
+                &format!("m{}", l.since),
+            );
+            out.push(Alert {
+                    severity: Severity::Critical,
+                    action: Action::Block,
+                    ip: Some(ip.to_string()),
+                    observed: Some(l.ips as f64),
+                    baseline: Some((l.baseline * 10.0).round() / 10.0),
+                    threshold: Some(l.threshold),
+                    reason: format!(
+                        "Key {} of {} was used from {} addresses in {} networks within {} minutes (usually {:.0}); it has probably leaked, so keywatch asks gateways to block it.",
+                        ev.key_id, ev.user_id, l.ips, l.networks, leak.window_minutes, l.baseline.max(1.0)
+                    ),
+                    ..alert(AlertKind::LeakedKey, id, ev, true)
+                });
+        }
+    }
+}
+
+/// Token exhaustion, capped-share jumps and token bursts.
+fn token_spike(
+    rec: &Record<'_, '_>,
+    answered: Option<Waiting>,
+    user: &mut UserState,
+    out: &mut Vec<Alert>,
+) {
+    let Record {
+        ev,
+        t,
+        ctx,
+        tier,
+        cfg,
+        counts_response,
+        tokens,
+        ..
+    } = *rec;
+    let p = &tier.tokens;
+    let in_flight = match ev.phase {
+        Phase::Request => user.tokens.in_flight(t, &user.pending, ev.prompt_tokens, p),
+        _ => None,
+    };
+    let big_request = match ev.phase {
+        Phase::Request => Some(false),
+        _ => answered.map(|w| w.big),
+    };
+    let prompt = match (ev.phase, answered) {
+        (Phase::Response, Some(w)) => Some(w.prompt as u64),
+        (Phase::Response, None) => (ev.prompt_tokens > 0).then_some(ev.prompt_tokens),
+        _ => Some(ev.prompt_tokens),
+    };
+    let completion = counts_response.then_some(ev.completion_tokens);
+    let spike = match tokens {
+        0 => None,
+        _ => user.tokens.on_tokens(
+            t,
+            tokens,
+            prompt,
+            completion,
+            big_request,
+            &user.pending,
+            ctx.is_novel(),
+            p,
+        ),
+    };
+    let cause = match (in_flight, spike) {
+        (Some(a), Some(b)) if b.strength() > a.strength() => Some(b),
+        (a, b) => a.or(b),
+    };
+    if let Some(cause) = cause {
+        let (severity, action) = match (cause, ctx) {
+            (TokenCause::Exhaustion { .. }, _) | (_, Context::Novel { .. }) => {
+                (Severity::Critical, Action::Throttle)
+            }
+            _ => (Severity::Info, Action::Notify),
+        };
+        if let Some(raise) = user.tokens.escalates(t, level(severity), p) {
+            out.push(token_spike_alert(
+                ev,
+                cause,
+                (severity, action),
+                ctx,
+                raise,
+                tier,
+                cfg,
+            ));
+        }
+    }
+}
+
+/// Posts the record's spend and tokens to the account's ledger: budget
+/// alerts at each configured percent and the token quota, once each.
+fn budget(
+    rec: &Record<'_, '_>,
+    cost_micros: u64,
+    starts: (i64, i64),
+    limits: &BudgetLimits<'_>,
+    utc_offset_min: i32,
+    user: &mut UserState,
+    out: &mut Vec<Alert>,
+) -> Posted {
+    let Record {
+        ev, tier, tokens, ..
+    } = *rec;
+    let tier_name = tier.name.as_str();
+    user.ledger
+        .post(starts, cost_micros, tokens, limits, &mut |e| {
+            out.push(match e {
+                BudgetEvent::Spend(c) => budget_alert(ev, c, utc_offset_min),
+                BudgetEvent::Tokens(q) => quota_alert(ev, q, tier_name, utc_offset_min),
+            })
+        })
+}
+
+/// Spend at a pace that empties the daily budget within the runaway window.
+fn runaway_spend(
+    rec: &Record<'_, '_>,
+    cost_micros: u64,
+    limits: &BudgetLimits<'_>,
+    pace: &PaceParams,
+    user: &mut UserState,
+    out: &mut Vec<Alert>,
+) {
+    let Record { ev, t, ctx, .. } = *rec;
+    if let Some(r) = user.pace.on_spend(t, cost_micros, pace) {
+        let (severity, action) = match (ctx, r.sustained) {
+            (Context::Novel { .. }, _) => (Severity::Critical, Action::Throttle),
+            (_, true) => (Severity::Warning, Action::Notify),
+            (_, false) => (Severity::Info, Action::Notify),
+        };
+        if let Some(raise) = user.pace.escalates(t.minute, level(severity), pace) {
+            let spent_today = user.ledger.day[0].micros;
+            let left = limits.daily_micros.saturating_sub(spent_today) as f64;
+            let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
+            let daily = limits.daily_micros as f64;
+            let id = Alert::make_id(
+                AlertKind::RunawaySpend,
+                &format!("user:{}", ev.user_id),
+                &window_of(r.onset_minute, raise, severity),
+            );
+            let doing = match action {
+                Action::Notify => "no action was taken".to_string(),
+                _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
+            };
+            out.push(Alert {
+                    severity,
+                    action,
+                    observed: Some((r.observed_micros / 1e4).round() / 100.0),
+                    baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
+                    threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
+                    reason: format!(
+                        "{} spent ${:.2} in the last minute{} (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so {doing}.",
+                        ev.user_id,
+                        r.observed_micros / 1e6,
+                        ctx.describe(),
+                        r.baseline_micros / 1e6,
+                        left / 1e6,
+                        daily / 1e6,
+                        minutes_left,
+                    ),
+                    ..alert(AlertKind::RunawaySpend, id, ev, true)
+                });
+        }
+    }
+}
+
+/// The same prompt again and again from one account (and the crowd count
+/// of many accounts sending it).
+#[allow(clippy::too_many_arguments)]
+fn repeated_prompt(
+    rec: &Record<'_, '_>,
+    answered: Option<Waiting>,
+    fp_hash: Option<u64>,
+    user: &mut UserState,
+    prompts: &mut PromptTracker,
+    findings: &mut Vec<PromptFinding>,
+    r: &Resolved,
+    out: &mut Vec<Alert>,
+) {
+    let Record {
+        ev,
+        t,
+        cfg,
+        counts_request,
+        ..
+    } = *rec;
+    // A refused request (its retry is the same prompt again) and a probe
+    // (a health check answered in a token or two, an embedding) are
+    // not prompts being farmed.
+    // (A record with no usage at all says nothing about its answer.)
+    let no_usage = ev.prompt_tokens == 0 && ev.completion_tokens == 0;
+    let harvested = ev.phase == Phase::Request
+        || (ev.status.is_none_or(|s| s < 400)
+            && (no_usage || ev.completion_tokens > cfg.repeated_prompt.probe_max_tokens));
+    if cfg.repeated_prompt.enabled && !harvested {
+        // A split log's response: take back its request's sighting.
+        if let Some(w) = answered.filter(|w| w.fingerprint != 0) {
+            PromptTracker::unsight(&mut user.prompts, w.fingerprint);
+        }
+    }
+    if counts_request && cfg.repeated_prompt.enabled && harvested {
+        if let (Some(fp), Some(fh)) = (ev.prompt_fingerprint.as_deref(), fp_hash) {
+            let uh = stable_hash(3, ev.user_id.as_bytes());
+            let now_s = t.secs;
+            findings.clear();
+            // Early warnings: at any pace for an account known to rarely
+            // repeat itself (it pages when steady), at a steady pace for
+            // one not known yet or that sometimes does (for the record),
+            // none for one that often does.
+            let share = user.repeats.mean(r.repeat_prior);
+            let max_share = cfg.repeated_prompt.early_max_repeat_share;
+            let rare = share < max_share && user.repeats.trials >= 100.0;
+            let early = if rare {
+                Early::Any
+            } else if share < 10.0 * max_share {
+                Early::Steady
+            } else {
+                Early::Off
+            };
+            let seen = prompts.sight(
+                &mut user.prompts,
+                uh,
+                fh,
+                now_s,
+                early,
+                &r.prompts,
+                findings,
+            );
+            user.repeats.observe(seen > 1, r.repeat_decay);
+            for f in findings.iter() {
+                out.push(prompt_alert(ev, fp, *f, r, now_s, rare));
             }
         }
     }
