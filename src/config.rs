@@ -277,6 +277,16 @@ mod tests {
                 "alerting.receivers[0].kinds[0]",
                 "budget",
             ),
+            (
+                "[[alerting.receivers]]\nname = \"m\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b\"\ntls = \"ssl\"\n",
+                "alerting.receivers[0]",
+                "ssl",
+            ),
+            (
+                "[[alerting.receivers]]\nname = \"a\"\ntype = \"pager\"\n",
+                "alerting.receivers[0]",
+                "pager",
+            ),
         ] {
             let e = load(text, &[]).unwrap_err().to_string();
             assert!(
@@ -284,6 +294,19 @@ mod tests {
                 "{text}: {e}"
             );
         }
+        // A field that does not apply to a receiver's type is refused as
+        // the file is read, naming the receiver and the field.
+        let e = load(
+            "[[alerting.receivers]]\nname = \"ops\"\ntype = \"slack\"\nurl_env = \"X\"\nsecret = \"whsec_AAAA\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("alerting.receivers[0]")
+                && e.contains("receiver \"ops\": secret: does not apply to a slack receiver"),
+            "{e}"
+        );
         let e = load("", &[("KEYWATCH__FEED__MAX_WAIT_SECS", "-3")])
             .unwrap_err()
             .to_string();

@@ -468,7 +468,12 @@ pub fn receivers(args: ReceiversArgs) -> Result<ExitCode> {
                     };
                     println!(
                         "{}\t{:?}\t{status}\t{}\t{}\t{}\t{}",
-                        r.name, r.kind, row.pending, row.delivered, row.failed, row.suppressed,
+                        r.name,
+                        r.kind(),
+                        row.pending,
+                        row.delivered,
+                        row.failed,
+                        row.suppressed,
                     );
                 }
             }

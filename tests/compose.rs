@@ -1157,7 +1157,10 @@ fn the_email_receiver_builds_and_sends_to_mailpit() {
     let emails: Vec<_> = global
         .receivers
         .iter()
-        .filter(|r| r.kind == alerting::ReceiverKind::Email)
+        .filter_map(|r| match &r.transport {
+            alerting::config::TransportConfig::Email(e) => Some(e),
+            _ => None,
+        })
         .collect();
     assert!(!emails.is_empty(), "no email receiver");
     // Every receiver builds as `keywatch run` builds it at start-up
@@ -1172,11 +1175,15 @@ fn the_email_receiver_builds_and_sends_to_mailpit() {
             .unwrap_or_else(|e| panic!("receiver {}: {e}", r.name));
     }
     for r in emails {
-        let host = r.smtp_host.as_deref().unwrap();
+        let host = r.smtp_host.as_str();
         let image = service(&c, host)["image"].as_str().unwrap();
         assert!(image.starts_with("axllent/mailpit:"), "{host} is {image}");
         assert_eq!(r.smtp_port, Some(1025), "Mailpit's SMTP port");
-        assert_eq!(r.tls.as_deref(), Some("none"), "Mailpit speaks plain SMTP");
+        assert_eq!(
+            r.tls,
+            alerting::config::SmtpTls::None,
+            "Mailpit speaks plain SMTP"
+        );
         let deps: BTreeSet<String> = depends_on(keywatch_service(&c))
             .into_iter()
             .map(|(t, _)| t)

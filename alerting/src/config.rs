@@ -97,22 +97,20 @@ impl AlertingConfig {
     }
 }
 
-/// One destination of alerts. Which fields apply depends on `type`:
-/// `slack` needs the webhook URL (`url`, `url_env` or `url_file`: it is a
-/// secret); `webhook` needs `url` and signing secrets (`secret`,
-/// `secret_env` or `secret_file`); `email` needs `smtp_host`, `from`, `to`.
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+/// One destination of alerts: its name and routing, and a transport whose
+/// shape follows its `type`, so a field that does not apply to the type
+/// (a `secret` on a Slack receiver, a `url` on an email one) cannot be
+/// represented. The file keeps one flat table per receiver
+/// ([`ReceiverFile`]); reading it checks which fields apply and refuses
+/// the others, naming the receiver and the field.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "ReceiverFile", into = "ReceiverFile")]
 pub struct ReceiverConfig {
     /// Unique name; deliveries are recorded under it, so keep it stable.
     pub name: String,
-    /// `slack`, `email` or `webhook`.
-    #[serde(rename = "type")]
-    pub kind: ReceiverKind,
     /// Routing: alert kinds sent here (empty: every kind).
     pub kinds: Vec<AlertKind>,
-    /// Routing: the lowest severity sent here (`info`, `warning`,
-    /// `critical`; default `info`, everything).
+    /// Routing: the lowest severity sent here (default `info`, everything).
     pub min_severity: Severity,
     /// Routing: user tiers sent here (empty: every tier, and alerts without one).
     pub tiers: Vec<String>,
@@ -120,12 +118,112 @@ pub struct ReceiverConfig {
     pub group_wait_secs: Option<u64>,
     /// Overrides `alerting.repeat_interval_secs` for this receiver.
     pub repeat_interval_secs: Option<u64>,
+    /// How alerts travel, by type.
+    pub transport: TransportConfig,
+}
 
+/// A receiver's transport, by `type`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TransportConfig {
+    /// A Slack incoming webhook: its URL is a secret.
+    Slack {
+        /// The webhook URL (`url`, `url_env` or `url_file`).
+        url: SecretSource,
+    },
+    /// An HTTP endpoint, signed per Standard Webhooks.
+    Webhook {
+        /// The endpoint (`url`, `url_env` or `url_file`).
+        url: SecretSource,
+        /// The signing secrets (`secret`, `secret_env` or `secret_file`).
+        secrets: SecretSource,
+    },
+    /// Email over SMTP.
+    Email(EmailConfig),
+}
+
+/// An email receiver's SMTP settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmailConfig {
+    /// The SMTP server.
+    pub smtp_host: String,
+    /// Its port (default 25 for `none`, 587 for `starttls`, 465 for `tls`).
+    pub smtp_port: Option<u16>,
+    /// How the connection is protected.
+    pub tls: SmtpTls,
+    /// SMTP user (no authentication when absent).
+    pub username: Option<String>,
+    /// The SMTP password (`password_env` or `password_file`; never inline).
+    pub password: SecretSource,
+    /// Sender (`keywatch <alerts@example.com>`).
+    pub from: String,
+    /// Recipients.
+    pub to: Vec<String>,
+}
+
+/// How an SMTP connection is protected.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain text: for local catchers only.
+    None,
+    /// STARTTLS on the submission port (the default).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+impl ReceiverConfig {
+    /// Its type.
+    pub fn kind(&self) -> ReceiverKind {
+        match self.transport {
+            TransportConfig::Slack { .. } => ReceiverKind::Slack,
+            TransportConfig::Webhook { .. } => ReceiverKind::Webhook,
+            TransportConfig::Email(_) => ReceiverKind::Email,
+        }
+    }
+}
+
+impl fmt::Debug for ReceiverConfig {
+    /// Shows everything but secrets (a Slack URL is one; webhook URLs often
+    /// carry a token in their path or query too): [`SecretSource`]'s own
+    /// `Debug` hides inline values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("name", &self.name)
+            .field("kinds", &self.kinds)
+            .field("min_severity", &self.min_severity)
+            .field("tiers", &self.tiers)
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One receiver as the config file writes it: one flat table, `type`
+/// saying which of the transport fields apply.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverFile {
+    /// Unique name.
+    pub name: String,
+    /// `slack`, `email` or `webhook`.
+    #[serde(rename = "type")]
+    pub kind: Option<ReceiverKind>,
+    /// Routing: alert kinds sent here.
+    pub kinds: Vec<AlertKind>,
+    /// Routing: the lowest severity sent here.
+    pub min_severity: Severity,
+    /// Routing: user tiers sent here.
+    pub tiers: Vec<String>,
+    /// Overrides `alerting.group_wait_secs`.
+    pub group_wait_secs: Option<u64>,
+    /// Overrides `alerting.repeat_interval_secs`.
+    pub repeat_interval_secs: Option<u64>,
     /// Slack and webhook: the URL (for Slack, prefer `url_env`/`url_file`).
     pub url: Option<String>,
-    /// Slack: environment variable holding the webhook URL.
+    /// Slack and webhook: environment variable holding the URL.
     pub url_env: Option<String>,
-    /// Slack: file holding the webhook URL.
+    /// Slack and webhook: file holding the URL.
     pub url_file: Option<PathBuf>,
     /// Webhook: signing secrets (`whsec_` + base64), separated by spaces or
     /// commas; each one signs, so a receiver can rotate without a gap.
@@ -134,73 +232,160 @@ pub struct ReceiverConfig {
     pub secret_env: Option<String>,
     /// Webhook: file holding the secrets.
     pub secret_file: Option<PathBuf>,
-
     /// Email: SMTP server host.
     pub smtp_host: Option<String>,
-    /// Email: SMTP port (default 25 for `none`, 587 for `starttls`, 465 for `tls`).
+    /// Email: SMTP port.
     pub smtp_port: Option<u16>,
-    /// Email: `none` (plain, local catchers only), `starttls` or `tls` (default `starttls`).
-    pub tls: Option<String>,
-    /// Email: SMTP user (no authentication when absent).
+    /// Email: `none`, `starttls` or `tls` (default `starttls`).
+    pub tls: Option<SmtpTls>,
+    /// Email: SMTP user.
     pub username: Option<String>,
     /// Email: environment variable holding the SMTP password.
     pub password_env: Option<String>,
     /// Email: file holding the SMTP password.
     pub password_file: Option<PathBuf>,
-    /// Email: sender (`keywatch <alerts@example.com>`).
+    /// Email: sender.
     pub from: Option<String>,
     /// Email: recipients.
     pub to: Vec<String>,
 }
 
-impl fmt::Debug for ReceiverConfig {
-    /// Shows everything but inline secrets (a Slack URL is one).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
-        // Webhook URLs often carry a token in their path or query too.
-        let url = redacted(&self.url);
-        f.debug_struct("ReceiverConfig")
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("kinds", &self.kinds)
-            .field("min_severity", &self.min_severity)
-            .field("tiers", &self.tiers)
-            .field("url", &url)
-            .field("url_env", &self.url_env)
-            .field("secret", &redacted(&self.secret))
-            .field("secret_env", &self.secret_env)
-            .field("smtp_host", &self.smtp_host)
-            .field("to", &self.to)
-            .finish_non_exhaustive()
+impl TryFrom<ReceiverFile> for ReceiverConfig {
+    type Error = String;
+
+    fn try_from(f: ReceiverFile) -> Result<Self, String> {
+        let who = format!("receiver \"{}\"", f.name);
+        let kind = f
+            .kind
+            .ok_or_else(|| format!("{who}: type: required (slack, webhook or email)"))?;
+        let url = f.url.is_some() || f.url_env.is_some() || f.url_file.is_some();
+        let secret = f.secret.is_some() || f.secret_env.is_some() || f.secret_file.is_some();
+        let smtp = [
+            ("smtp_host", f.smtp_host.is_some()),
+            ("smtp_port", f.smtp_port.is_some()),
+            ("tls", f.tls.is_some()),
+            ("username", f.username.is_some()),
+            ("password_env", f.password_env.is_some()),
+            ("password_file", f.password_file.is_some()),
+            ("from", f.from.is_some()),
+            ("to", !f.to.is_empty()),
+        ];
+        let (article, stray) = match kind {
+            ReceiverKind::Slack => (
+                "a slack",
+                [("secret", secret)]
+                    .into_iter()
+                    .chain(smtp)
+                    .find(|(_, set)| *set),
+            ),
+            ReceiverKind::Webhook => ("a webhook", smtp.into_iter().find(|(_, set)| *set)),
+            ReceiverKind::Email => (
+                "an email",
+                [("url", url), ("secret", secret)]
+                    .into_iter()
+                    .find(|(_, set)| *set),
+            ),
+        };
+        if let Some((field, _)) = stray {
+            return Err(format!(
+                "{who}: {field}: does not apply to {article} receiver"
+            ));
+        }
+        let url_source = || SecretSource {
+            value: f.url.clone(),
+            env: f.url_env.clone(),
+            file: f.url_file.clone(),
+        };
+        let transport = match kind {
+            ReceiverKind::Slack => TransportConfig::Slack { url: url_source() },
+            ReceiverKind::Webhook => TransportConfig::Webhook {
+                url: url_source(),
+                secrets: SecretSource {
+                    value: f.secret.clone(),
+                    env: f.secret_env.clone(),
+                    file: f.secret_file.clone(),
+                },
+            },
+            ReceiverKind::Email => {
+                let required = |v: &Option<String>, field: &str| {
+                    v.as_deref()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("{who}: {field}: required for an email receiver"))
+                };
+                TransportConfig::Email(EmailConfig {
+                    smtp_host: required(&f.smtp_host, "smtp_host")?,
+                    smtp_port: f.smtp_port,
+                    tls: f.tls.unwrap_or_default(),
+                    username: f.username.clone().filter(|u| !u.is_empty()),
+                    password: SecretSource {
+                        value: None,
+                        env: f.password_env.clone(),
+                        file: f.password_file.clone(),
+                    },
+                    from: required(&f.from, "from")?,
+                    to: f.to.clone(),
+                })
+            }
+        };
+        Ok(ReceiverConfig {
+            name: f.name,
+            kinds: f.kinds,
+            min_severity: f.min_severity,
+            tiers: f.tiers,
+            group_wait_secs: f.group_wait_secs,
+            repeat_interval_secs: f.repeat_interval_secs,
+            transport,
+        })
     }
 }
 
-impl ReceiverConfig {
-    /// Slack: where the webhook URL comes from.
-    pub fn slack_url(&self) -> SecretSource {
-        SecretSource {
-            value: self.url.clone(),
-            env: self.url_env.clone(),
-            file: self.url_file.clone(),
+impl From<ReceiverConfig> for ReceiverFile {
+    fn from(c: ReceiverConfig) -> Self {
+        let mut f = ReceiverFile {
+            name: c.name,
+            kinds: c.kinds,
+            min_severity: c.min_severity,
+            tiers: c.tiers,
+            group_wait_secs: c.group_wait_secs,
+            repeat_interval_secs: c.repeat_interval_secs,
+            ..ReceiverFile::default()
+        };
+        let url = |f: &mut ReceiverFile, s: SecretSource| {
+            (f.url, f.url_env, f.url_file) = (s.value, s.env, s.file);
+        };
+        match c.transport {
+            TransportConfig::Slack { url: u } => {
+                f.kind = Some(ReceiverKind::Slack);
+                url(&mut f, u);
+            }
+            TransportConfig::Webhook { url: u, secrets } => {
+                f.kind = Some(ReceiverKind::Webhook);
+                url(&mut f, u);
+                (f.secret, f.secret_env, f.secret_file) =
+                    (secrets.value, secrets.env, secrets.file);
+            }
+            TransportConfig::Email(e) => {
+                f.kind = Some(ReceiverKind::Email);
+                f.smtp_host = Some(e.smtp_host);
+                f.smtp_port = e.smtp_port;
+                f.tls = Some(e.tls);
+                f.username = e.username;
+                (f.password_env, f.password_file) = (e.password.env, e.password.file);
+                f.from = Some(e.from);
+                f.to = e.to;
+            }
         }
-    }
-
-    /// Webhook: where the signing secrets come from.
-    pub fn signing_secrets(&self) -> SecretSource {
-        SecretSource {
-            value: self.secret.clone(),
-            env: self.secret_env.clone(),
-            file: self.secret_file.clone(),
-        }
+        f
     }
 }
 
 /// What kind of receiver.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ReceiverKind {
     /// A Slack incoming webhook.
-    #[default]
     Slack,
     /// Email over SMTP.
     Email,

@@ -1,5 +1,7 @@
-//! A receiver's config checked at start-up: fields that do not apply to
-//! its type, the SMTP relay's address and credentials, the dashboard link.
+//! A receiver's config checked at start-up: the SMTP relay's address and
+//! credentials, the dashboard link. (Fields that do not apply to a
+//! receiver's type are refused when the config is read: see
+//! `config::ReceiverFile`.)
 
 use super::*;
 
@@ -18,13 +20,11 @@ pub(crate) fn is_loopback_host(host: &str) -> bool {
 /// unspecified, multicast, documentation, reserved) is refused here too,
 /// for the literal host and for what its name resolves to at start-up.
 pub(crate) fn check_smtp_host(
-    cfg: &ReceiverConfig,
+    cfg: &EmailConfig,
     field: &dyn Fn(&str) -> String,
 ) -> Result<(), String> {
     use std::net::ToSocketAddrs;
-    let Some(host) = cfg.smtp_host.as_deref().map(str::trim) else {
-        return Ok(());
-    };
+    let host = cfg.smtp_host.trim();
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<std::net::IpAddr> = match bare.parse() {
         Ok(ip) => vec![ip],
@@ -56,42 +56,26 @@ pub(crate) fn check_smtp_host(
 
 /// The SMTP transport of an email receiver.
 pub(crate) fn email_transport(
-    cfg: &ReceiverConfig,
+    cfg: &EmailConfig,
     timeout: Duration,
     field: &dyn Fn(&str) -> String,
 ) -> Result<Transport, String> {
-    let host = cfg
-        .smtp_host
-        .as_deref()
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("{}: required for an email receiver", field("smtp_host")))?;
-    let tls = cfg.tls.as_deref().unwrap_or("starttls");
-    let builder = match tls {
-        "none" => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(25),
-        "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)
+    let host = cfg.smtp_host.trim();
+    let builder = match cfg.tls {
+        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(25),
+        SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)
             .map_err(|e| format!("{}: {}", field("smtp_host"), error_chain(&e)))?,
-        "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(host)
+        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(host)
             .map_err(|e| format!("{}: {}", field("smtp_host"), error_chain(&e)))?,
-        other => {
-            return Err(format!(
-                "{}: must be none, starttls or tls, not \"{other}\"",
-                field("tls")
-            ))
-        }
     };
     let mut builder = builder.timeout(Some(timeout));
     if let Some(port) = cfg.smtp_port {
         builder = builder.port(port);
     }
-    let password = SecretSource {
-        value: None,
-        env: cfg.password_env.clone(),
-        file: cfg.password_file.clone(),
-    };
+    let password = &cfg.password;
     let has_password = password.env.is_some() || password.file.is_some();
     match cfg.username.as_deref().filter(|u| !u.is_empty()) {
-        Some(_) if tls == "none" && !is_loopback_host(host) => {
+        Some(_) if cfg.tls == SmtpTls::None && !is_loopback_host(host) => {
             return Err(format!(
                 "{}: a password would travel in clear text with tls = \"none\"; use starttls or tls (none is for local catchers)",
                 field("username")
@@ -113,11 +97,7 @@ pub(crate) fn email_transport(
         }
         None => {}
     }
-    let from_text = cfg
-        .from
-        .as_deref()
-        .filter(|f| !f.trim().is_empty())
-        .ok_or_else(|| format!("{}: required for an email receiver", field("from")))?;
+    let from_text = cfg.from.as_str();
     let from: Mailbox = from_text.parse().map_err(|e| {
         format!(
             "{}: \"{from_text}\" is not an email address ({e})",
@@ -141,46 +121,6 @@ pub(crate) fn email_transport(
         from,
         to,
     })
-}
-
-/// Refuses fields that do not apply to the receiver's type: they are
-/// almost always a mistake (a `secret` on a Slack receiver signs nothing).
-pub(crate) fn check_fields_apply(
-    cfg: &ReceiverConfig,
-    field: &dyn Fn(&str) -> String,
-) -> Result<(), String> {
-    let url = cfg.url.is_some() || cfg.url_env.is_some() || cfg.url_file.is_some();
-    let secret = cfg.secret.is_some() || cfg.secret_env.is_some() || cfg.secret_file.is_some();
-    let smtp = [
-        ("smtp_host", cfg.smtp_host.is_some()),
-        ("smtp_port", cfg.smtp_port.is_some()),
-        ("tls", cfg.tls.is_some()),
-        ("username", cfg.username.is_some()),
-        ("password_env", cfg.password_env.is_some()),
-        ("password_file", cfg.password_file.is_some()),
-        ("from", cfg.from.is_some()),
-        ("to", !cfg.to.is_empty()),
-    ];
-    let (kind, stray) = match cfg.kind {
-        ReceiverKind::Slack => (
-            "a slack",
-            [("secret", secret)]
-                .into_iter()
-                .chain(smtp)
-                .find(|(_, set)| *set),
-        ),
-        ReceiverKind::Webhook => ("a webhook", smtp.into_iter().find(|(_, set)| *set)),
-        ReceiverKind::Email => (
-            "an email",
-            [("url", url), ("secret", secret)]
-                .into_iter()
-                .find(|(_, set)| *set),
-        ),
-    };
-    match stray {
-        Some((f, _)) => Err(format!("{}: does not apply to {kind} receiver", field(f))),
-        None => Ok(()),
-    }
 }
 
 /// A bad dashboard link would make Slack refuse every message (a button

@@ -30,7 +30,9 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 
-use crate::config::{AlertingConfig, ReceiverConfig, ReceiverKind, Secret, SecretSource};
+use crate::config::{
+    AlertingConfig, EmailConfig, ReceiverConfig, ReceiverKind, Secret, SmtpTls, TransportConfig,
+};
 use crate::sign::Signer;
 use crate::ssrf::{self, PolicyResolver, TargetError};
 
@@ -154,19 +156,19 @@ impl Receiver {
             return Err("alerting.receivers[\"\"].name: must not be empty".into());
         }
         let field = |f: &str| format!("alerting.receivers[\"{name}\"].{f}");
-        check_fields_apply(cfg, &field)?;
         let route = Route {
             kinds: cfg.kinds.clone(),
             min_severity: cfg.min_severity,
             tiers: cfg.tiers.clone(),
         };
         let timeout = Duration::from_secs(global.timeout_secs.max(1));
-        if !matches!(cfg.kind, ReceiverKind::Webhook) {
+        if cfg.kind() != ReceiverKind::Webhook {
             check_dashboard_url(&global.dashboard_url)?;
         }
-        let transport = match cfg.kind {
-            ReceiverKind::Slack | ReceiverKind::Webhook => {
-                let url_secret = cfg.slack_url().resolve(&field("url"))?;
+        let transport = match &cfg.transport {
+            TransportConfig::Slack { url: source }
+            | TransportConfig::Webhook { url: source, .. } => {
+                let url_secret = source.resolve(&field("url"))?;
                 let url =
                     ssrf::check_url(url_secret.expose().trim(), global.allow_private_addresses)
                         .map_err(|e| match e {
@@ -176,34 +178,35 @@ impl Receiver {
                 let client = http_client(global.allow_private_addresses, timeout)
                     .map_err(|e| format!("receiver \"{name}\": building the HTTP client: {e}"))?;
                 let redact = redactions(&url);
-                if matches!(cfg.kind, ReceiverKind::Slack) {
-                    Transport::Slack {
+                match &cfg.transport {
+                    TransportConfig::Webhook { secrets, .. } => {
+                        let secrets = secrets.resolve(&field("secret"))?;
+                        let signer = Signer::parse(secrets.expose())
+                            .map_err(|e| format!("{}: {e}", field("secret")))?;
+                        Transport::Webhook {
+                            client,
+                            url,
+                            signer,
+                            redact,
+                        }
+                    }
+                    _ => Transport::Slack {
                         client,
                         url,
                         redact,
-                    }
-                } else {
-                    let secrets = cfg.signing_secrets().resolve(&field("secret"))?;
-                    let signer = Signer::parse(secrets.expose())
-                        .map_err(|e| format!("{}: {e}", field("secret")))?;
-                    Transport::Webhook {
-                        client,
-                        url,
-                        signer,
-                        redact,
-                    }
+                    },
                 }
             }
-            ReceiverKind::Email => {
+            TransportConfig::Email(email) => {
                 if !global.allow_private_addresses {
-                    check_smtp_host(cfg, &field)?;
+                    check_smtp_host(email, &field)?;
                 }
-                email_transport(cfg, timeout, &field)?
+                email_transport(email, timeout, &field)?
             }
         };
         Ok(Receiver {
             name: cfg.name.clone(),
-            kind: cfg.kind,
+            kind: cfg.kind(),
             route,
             transport,
             timeout,

@@ -1,6 +1,8 @@
 use super::text::*;
 use super::*;
-use crate::config::ReceiverConfig;
+use crate::config::{
+    EmailConfig, ReceiverConfig, ReceiverFile, ReceiverKind, SecretSource, SmtpTls, TransportConfig,
+};
 use detectors::time::PeriodKind;
 use detectors::BudgetInfo;
 use std::sync::{Arc, Mutex};
@@ -59,34 +61,135 @@ fn global(allow: bool) -> AlertingConfig {
     }
 }
 
-fn slack_cfg(url: &str) -> ReceiverConfig {
-    ReceiverConfig {
-        name: "ops-slack".into(),
-        kind: ReceiverKind::Slack,
-        url: Some(url.into()),
-        ..ReceiverConfig::default()
+/// A receiver as the config file has it, read.
+fn from_file(f: ReceiverFile) -> ReceiverConfig {
+    ReceiverConfig::try_from(f).unwrap()
+}
+
+fn inline(v: &str) -> SecretSource {
+    SecretSource {
+        value: Some(v.into()),
+        ..SecretSource::default()
     }
 }
 
+fn slack_cfg(url: &str) -> ReceiverConfig {
+    from_file(ReceiverFile {
+        name: "ops-slack".into(),
+        kind: Some(ReceiverKind::Slack),
+        url: Some(url.into()),
+        ..ReceiverFile::default()
+    })
+}
+
 fn webhook_cfg(url: &str) -> ReceiverConfig {
-    ReceiverConfig {
+    from_file(ReceiverFile {
         name: "ops-hook".into(),
-        kind: ReceiverKind::Webhook,
+        kind: Some(ReceiverKind::Webhook),
         url: Some(url.into()),
         secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
-        ..ReceiverConfig::default()
+        ..ReceiverFile::default()
+    })
+}
+
+fn email_file() -> ReceiverFile {
+    ReceiverFile {
+        name: "ops-mail".into(),
+        kind: Some(ReceiverKind::Email),
+        smtp_host: Some("127.0.0.1".into()),
+        tls: Some(SmtpTls::None),
+        from: Some("keywatch <alerts@example.com>".into()),
+        to: vec!["oncall@example.com".into()],
+        ..ReceiverFile::default()
     }
 }
 
 fn email_cfg() -> ReceiverConfig {
-    ReceiverConfig {
-        name: "ops-mail".into(),
-        kind: ReceiverKind::Email,
-        smtp_host: Some("127.0.0.1".into()),
-        tls: Some("none".into()),
-        from: Some("keywatch <alerts@example.com>".into()),
-        to: vec!["oncall@example.com".into()],
-        ..ReceiverConfig::default()
+    from_file(email_file())
+}
+
+/// The email settings of an email receiver.
+fn email(c: &mut ReceiverConfig) -> &mut EmailConfig {
+    match &mut c.transport {
+        TransportConfig::Email(e) => e,
+        other => panic!("not an email receiver: {other:?}"),
+    }
+}
+
+/// The signing secrets of a webhook receiver.
+fn secrets(c: &mut ReceiverConfig) -> &mut SecretSource {
+    match &mut c.transport {
+        TransportConfig::Webhook { secrets, .. } => secrets,
+        other => panic!("not a webhook receiver: {other:?}"),
+    }
+}
+
+#[test]
+fn fields_that_do_not_apply_or_are_missing_are_refused_when_read() {
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        secret: Some("whsec_AAAA".into()),
+        ..ReceiverFile::from(slack_cfg("https://93.184.216.34/x"))
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "receiver \"ops-slack\": secret: does not apply to a slack receiver"
+    );
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        url: Some("https://example.com".into()),
+        ..email_file()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "receiver \"ops-mail\": url: does not apply to an email receiver"
+    );
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        smtp_port: Some(25),
+        ..ReceiverFile::from(webhook_cfg("https://93.184.216.34/x"))
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "receiver \"ops-hook\": smtp_port: does not apply to a webhook receiver"
+    );
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        smtp_host: None,
+        ..email_file()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "receiver \"ops-mail\": smtp_host: required for an email receiver"
+    );
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        from: Some("  ".into()),
+        ..email_file()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "receiver \"ops-mail\": from: required for an email receiver"
+    );
+    let e = ReceiverConfig::try_from(ReceiverFile {
+        kind: None,
+        ..email_file()
+    })
+    .unwrap_err();
+    assert!(
+        e.starts_with("receiver \"ops-mail\": type: required"),
+        "{e}"
+    );
+    // The file form round-trips.
+    for c in [
+        slack_cfg("https://x/y"),
+        webhook_cfg("https://x/y"),
+        email_cfg(),
+    ] {
+        assert_eq!(
+            ReceiverConfig::try_from(ReceiverFile::from(c.clone())).unwrap(),
+            c
+        );
     }
 }
 
@@ -105,7 +208,9 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = slack_cfg("x");
-    c.url = None;
+    c.transport = TransportConfig::Slack {
+        url: SecretSource::default(),
+    };
     let e = build_err(c, &g);
     assert!(
         e.starts_with("alerting.receivers[\"ops-slack\"].url: not set"),
@@ -113,7 +218,7 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = webhook_cfg("https://93.184.216.34/hook");
-    c.secret = None;
+    *secrets(&mut c) = SecretSource::default();
     let e = build_err(c, &g);
     assert!(
         e.starts_with("alerting.receivers[\"ops-hook\"].secret: not set"),
@@ -121,7 +226,7 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = webhook_cfg("https://93.184.216.34/hook");
-    c.secret = Some("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into());
+    *secrets(&mut c) = inline("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     let e = build_err(c, &g);
     assert!(
         e.starts_with(
@@ -140,55 +245,32 @@ fn build_errors_name_receiver_and_field() {
         "alerting.receivers[\"ops-hook\"].url: scheme must be http or https, not \"ftp\""
     );
 
-    let mut c = slack_cfg("https://93.184.216.34/x");
-    c.secret = Some("whsec_AAAA".into());
-    let e = build_err(c, &g);
-    assert_eq!(
-        e,
-        "alerting.receivers[\"ops-slack\"].secret: does not apply to a slack receiver"
-    );
-
-    let mut c = email_cfg();
-    c.tls = Some("ssl".into());
-    let e = build_err(c, &g);
-    assert_eq!(
-        e,
-        "alerting.receivers[\"ops-mail\"].tls: must be none, starttls or tls, not \"ssl\""
-    );
-
     // SMTP relays may be private or loopback, never a metadata or
     // link-local address.
     let mut c = email_cfg();
-    c.smtp_host = Some("169.254.169.254".into());
+    email(&mut c).smtp_host = "169.254.169.254".into();
     assert_eq!(
         build_err(c, &g),
         "alerting.receivers[\"ops-mail\"].smtp_host: 169.254.169.254 is a cloud metadata address (set alerting.allow_private_addresses to allow)"
     );
     let mut c = email_cfg();
-    c.smtp_host = Some("[fe80::1]".into());
+    email(&mut c).smtp_host = "[fe80::1]".into();
     assert!(build_err(c, &g).contains("fe80::1 is a link-local address"));
     let mut c = email_cfg();
-    c.smtp_host = Some("10.1.2.3".into());
+    email(&mut c).smtp_host = "10.1.2.3".into();
     Receiver::build(&c, &g).expect("a private relay is allowed");
-    c.smtp_host = Some("169.254.169.254".into());
+    email(&mut c).smtp_host = "169.254.169.254".into();
     Receiver::build(&c, &global(true)).expect("allowed by the switch");
 
     let mut c = email_cfg();
-    c.smtp_host = None;
-    assert_eq!(
-        build_err(c, &g),
-        "alerting.receivers[\"ops-mail\"].smtp_host: required for an email receiver"
-    );
-
-    let mut c = email_cfg();
-    c.to = vec![];
+    email(&mut c).to = vec![];
     assert_eq!(
         build_err(c, &g),
         "alerting.receivers[\"ops-mail\"].to: give at least one recipient"
     );
 
     let mut c = email_cfg();
-    c.to = vec!["not an address".into()];
+    email(&mut c).to = vec!["not an address".into()];
     let e = build_err(c, &g);
     assert!(
         e.starts_with(
@@ -198,7 +280,7 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = email_cfg();
-    c.from = Some("@@".into());
+    email(&mut c).from = "@@".into();
     let e = build_err(c, &g);
     assert!(
         e.starts_with("alerting.receivers[\"ops-mail\"].from:"),
@@ -206,7 +288,7 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = email_cfg();
-    c.password_env = Some("KW_TEST_SMTP_PASSWORD".into());
+    email(&mut c).password.env = Some("KW_TEST_SMTP_PASSWORD".into());
     let e = build_err(c, &g);
     assert!(
         e.starts_with("alerting.receivers[\"ops-mail\"].password_env: a password needs a username"),
@@ -214,18 +296,11 @@ fn build_errors_name_receiver_and_field() {
     );
 
     let mut c = email_cfg();
-    c.username = Some("kw".into());
+    email(&mut c).username = Some("kw".into());
     let e = build_err(c, &g);
     assert!(
         e.starts_with("alerting.receivers[\"ops-mail\"].password: not set"),
         "{e}"
-    );
-
-    let mut c = email_cfg();
-    c.url = Some("https://example.com".into());
-    assert_eq!(
-        build_err(c, &g),
-        "alerting.receivers[\"ops-mail\"].url: does not apply to an email receiver"
     );
 
     let bad_dash = AlertingConfig {
@@ -794,7 +869,7 @@ async fn smtp_server(mail_reply: &'static str) -> (u16, Arc<Mutex<String>>) {
 
 fn email_at(port: u16) -> Receiver {
     let mut c = email_cfg();
-    c.smtp_port = Some(port);
+    email(&mut c).smtp_port = Some(port);
     Receiver::build(&c, &global(true)).unwrap()
 }
 
