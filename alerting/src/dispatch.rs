@@ -73,7 +73,24 @@ pub struct DeliveryMetrics {
     pub errors: AtomicU64,
 }
 
+// The dispatcher's events: each one that a counter watches logs and counts
+// here, together.
 impl DeliveryMetrics {
+    /// A round failed on a Postgres error; the next round retries.
+    fn round_failed(&self, e: &DispatchError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, "dispatcher round failed; retrying");
+    }
+
+    /// An attempt's outcome for the `n` deliveries it carried; `disabled`
+    /// when its 410 disabled the receiver.
+    fn attempted(&self, receiver: &str, outcome: &'static str, n: u64, disabled: bool) {
+        self.count(receiver, outcome, n);
+        if disabled {
+            error!(receiver, "receiver answered 410 Gone: disabled (`keywatch receivers enable {receiver}` re-enables it)");
+        }
+    }
+
     fn count(&self, receiver: &str, outcome: &'static str, n: u64) {
         let mut m = self.by_outcome.lock().expect("metrics lock");
         *m.entry((receiver.to_owned(), outcome)).or_default() += n;
@@ -133,8 +150,7 @@ impl Dispatcher {
                 };
             }
             if let Err(e) = self.round().await {
-                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "dispatcher round failed; retrying");
+                self.metrics.round_failed(&e);
             }
             let woke = async {
                 match listener.as_mut() {
@@ -407,11 +423,7 @@ async fn mark(
             operator_alert(&r.name, at)
         })
         .await?;
-    if disabled {
-        let name = &r.name;
-        error!(receiver = %name, "receiver answered 410 Gone: disabled (`keywatch receivers enable {name}` re-enables it)");
-    }
-    m.count(&r.name, marked.name(), ids.len() as u64);
+    m.attempted(&r.name, marked.name(), ids.len() as u64, disabled);
     Ok(())
 }
 
