@@ -442,7 +442,9 @@ fn bad_request(msg: String) -> Response {
     )
 }
 
-fn unavailable(e: StorageError) -> Response {
+/// Postgres is unavailable: counted, logged, and answered 503.
+fn unavailable(st: &AppState, endpoint: &'static str, e: StorageError) -> Response {
+    st.metrics.count(endpoint, StatusCode::SERVICE_UNAVAILABLE);
     tracing::warn!(error = %e.detail(), "feed request: Postgres unavailable");
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -483,8 +485,7 @@ async fn revocations(
         let rows = match rows {
             Ok(r) => r,
             Err(e) => {
-                st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
-                return unavailable(e);
+                return unavailable(&st, EP, e);
             }
         };
         let mut newest = None;
@@ -493,8 +494,7 @@ async fn revocations(
             match st.feed.newest_seq().await {
                 Ok(m) => newest = Some(m).filter(|&m| after > m),
                 Err(e) => {
-                    st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
-                    return unavailable(e);
+                    return unavailable(&st, EP, e);
                 }
             }
         }
@@ -538,8 +538,7 @@ async fn blocklist(
     let rows = match rows {
         Ok(r) => r,
         Err(e) => {
-            st.metrics.count(EP, StatusCode::SERVICE_UNAVAILABLE);
-            return unavailable(e);
+            return unavailable(&st, EP, e);
         }
     };
     let entries: Vec<FeedAction> = rows.into_iter().map(action_of).collect();
