@@ -22,13 +22,13 @@ use crate::detect::budget::{
     TokenQuotaCrossing,
 };
 use crate::detect::context::{Context, Familiar, Origin};
-use crate::detect::leaked_key::{LeakParams, LeakState};
+use crate::detect::leaked_key::{Leak, LeakParams, LeakState};
 use crate::detect::pending::{Pending, Waiting};
 use crate::detect::repeated_prompt::{
     Early, PromptFinding, PromptParams, PromptTracker, UserPrompts,
 };
 use crate::detect::request_spike::{RateParams, RateState, Spike};
-use crate::detect::runaway_spend::{PaceParams, SpendPace};
+use crate::detect::runaway_spend::{PaceParams, Runaway, SpendPace};
 use crate::detect::token_spike::{TokenCause, TokenParams, TokenState};
 use crate::event::{Event, Phase};
 use crate::hash::{combine, stable_hash};
@@ -783,24 +783,7 @@ fn leaked_key(rec: &Record<'_, '_>, leak: &LeakParams, key: &mut KeyState, out: 
     let Record { ev, t, .. } = *rec;
     if let Some(ip) = ev.ip {
         if let Some(l) = key.leak.on_address(t.minute, ip, ev.asn, leak) {
-            let id = Alert::make_id(
-                AlertKind::LeakedKey,
-                &format!("key:{}", ev.key_id),
-                &format!("m{}", l.since),
-            );
-            out.push(Alert {
-                    severity: Severity::Critical,
-                    action: Action::Block,
-                    ip: Some(ip.to_string()),
-                    observed: Some(l.ips as f64),
-                    baseline: Some((l.baseline * 10.0).round() / 10.0),
-                    threshold: Some(l.threshold),
-                    reason: format!(
-                        "Key {} of {} was used from {} addresses in {} networks within {} minutes (usually {:.0}); it has probably leaked, so keywatch asks gateways to block it.",
-                        ev.key_id, ev.user_id, l.ips, l.networks, leak.window_minutes, l.baseline.max(1.0)
-                    ),
-                    ..alert(AlertKind::LeakedKey, id, ev, true)
-                });
+            out.push(leaked_key_alert(ev, ip, &l, leak.window_minutes));
         }
     }
 }
@@ -916,37 +899,18 @@ fn runaway_spend(
             (_, false) => (Severity::Info, Action::Notify),
         };
         if let Some(raise) = user.pace.escalates(t.minute, level(severity), pace) {
-            let spent_today = user.ledger.day[0].micros;
-            let left = limits.daily_micros.saturating_sub(spent_today) as f64;
-            let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
-            let daily = limits.daily_micros as f64;
-            let id = Alert::make_id(
-                AlertKind::RunawaySpend,
-                &format!("user:{}", ev.user_id),
-                &window_of(r.onset_minute, raise, severity),
-            );
-            let doing = match action {
-                Action::Notify => "no action was taken".to_string(),
-                _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
-            };
-            out.push(Alert {
-                    severity,
-                    action,
-                    observed: Some((r.observed_micros / 1e4).round() / 100.0),
-                    baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
-                    threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
-                    reason: format!(
-                        "{} spent ${:.2} in the last minute{} (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so {doing}.",
-                        ev.user_id,
-                        r.observed_micros / 1e6,
-                        ctx.describe(),
-                        r.baseline_micros / 1e6,
-                        left / 1e6,
-                        daily / 1e6,
-                        minutes_left,
-                    ),
-                    ..alert(AlertKind::RunawaySpend, id, ev, true)
-                });
+            let left = limits
+                .daily_micros
+                .saturating_sub(user.ledger.day[0].micros);
+            out.push(runaway_alert(
+                ev,
+                &r,
+                (severity, action),
+                ctx,
+                raise,
+                left,
+                limits.daily_micros,
+            ));
         }
     }
 }
@@ -1058,6 +1022,75 @@ fn window_of(minute: u32, raise: Raise, severity: Severity) -> String {
     match raise {
         Raise::New => format!("m{minute}"),
         Raise::Higher => format!("m{minute}:{}", severity.as_str()),
+    }
+}
+
+/// A leaked key: used from `l.ips` addresses within the window.
+fn leaked_key_alert(ev: &Event<'_>, ip: std::net::IpAddr, l: &Leak, window_minutes: u32) -> Alert {
+    let id = Alert::make_id(
+        AlertKind::LeakedKey,
+        &format!("key:{}", ev.key_id),
+        &format!("m{}", l.since),
+    );
+    Alert {
+        severity: Severity::Critical,
+        action: Action::Block,
+        ip: Some(ip.to_string()),
+        observed: Some(l.ips as f64),
+        baseline: Some((l.baseline * 10.0).round() / 10.0),
+        threshold: Some(l.threshold),
+        reason: format!(
+            "Key {} of {} was used from {} addresses in {} networks within {} minutes (usually {:.0}); it has probably leaked, so keywatch asks gateways to block it.",
+            ev.key_id,
+            ev.user_id,
+            l.ips,
+            l.networks,
+            window_minutes,
+            l.baseline.max(1.0)
+        ),
+        ..alert(AlertKind::LeakedKey, id, ev, true)
+    }
+}
+
+/// Runaway spend: `left_micros` of a `daily_micros` budget left at the
+/// pace the finding measured.
+fn runaway_alert(
+    ev: &Event<'_>,
+    r: &Runaway,
+    (severity, action): (Severity, Action),
+    ctx: Context,
+    raise: Raise,
+    left_micros: u64,
+    daily_micros: u64,
+) -> Alert {
+    let left = left_micros as f64;
+    let minutes_left = (left / r.observed_micros.max(1.0)).ceil();
+    let id = Alert::make_id(
+        AlertKind::RunawaySpend,
+        &format!("user:{}", ev.user_id),
+        &window_of(r.onset_minute, raise, severity),
+    );
+    let doing = match action {
+        Action::Notify => "no action was taken".to_string(),
+        _ => format!("keywatch asks gateways to throttle key {}", ev.key_id),
+    };
+    Alert {
+        severity,
+        action,
+        observed: Some((r.observed_micros / 1e4).round() / 100.0),
+        baseline: Some((r.baseline_micros / 1e4).round() / 100.0),
+        threshold: Some((r.threshold_micros / 1e4).round() / 100.0),
+        reason: format!(
+            "{} spent ${:.2} in the last minute{} (usually ${:.2} per active minute); at that pace the ${:.2} left of its ${:.2} daily budget lasts {} minutes, so {doing}.",
+            ev.user_id,
+            r.observed_micros / 1e6,
+            ctx.describe(),
+            r.baseline_micros / 1e6,
+            left / 1e6,
+            daily_micros as f64 / 1e6,
+            minutes_left,
+        ),
+        ..alert(AlertKind::RunawaySpend, id, ev, true)
     }
 }
 
