@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, warn};
 
-use crate::config::AlertingConfig;
+use crate::config::{AlertingConfig, ReceiverConfig};
 use crate::notify::{Outcome, Receiver};
 
 /// The user id of operator alerts (a receiver disabled), which are not about a user.
@@ -217,7 +217,7 @@ impl Dispatcher {
                         } else {
                             0
                         },
-                        repeat_secs: self.repeat_interval(r),
+                        repeat_secs: repeat_interval(&self.cfg, r),
                     })
                     .collect()
             })
@@ -234,22 +234,23 @@ impl Dispatcher {
             .fetch_add(routed.alerts as u64, Ordering::Relaxed);
         Ok(routed.alerts)
     }
+}
 
-    fn repeat_interval(&self, r: &Receiver) -> u64 {
-        self.cfg
-            .receivers
-            .iter()
-            .find(|c| c.name == r.name)
-            .and_then(|c| c.repeat_interval_secs)
-            .unwrap_or(self.cfg.repeat_interval_secs)
-    }
+/// `r`'s own entry in `alerting.receivers` (its per-receiver overrides).
+fn own_config<'c>(cfg: &'c AlertingConfig, r: &Receiver) -> Option<&'c ReceiverConfig> {
+    cfg.receivers.iter().find(|c| c.name == r.name)
+}
+
+/// How long the same condition is not sent to `r` again.
+fn repeat_interval(cfg: &AlertingConfig, r: &Receiver) -> u64 {
+    own_config(cfg, r)
+        .and_then(|c| c.repeat_interval_secs)
+        .unwrap_or(cfg.repeat_interval_secs)
 }
 
 /// How long `r`'s lower-severity deliveries wait to be grouped.
 fn group_wait(cfg: &AlertingConfig, r: &Receiver) -> u64 {
-    cfg.receivers
-        .iter()
-        .find(|c| c.name == r.name)
+    own_config(cfg, r)
         .and_then(|c| c.group_wait_secs)
         .unwrap_or(cfg.group_wait_secs)
 }

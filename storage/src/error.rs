@@ -75,6 +75,11 @@ pub enum StorageError {
     },
 }
 
+/// Wraps a driver error with the step that failed, for `map_err`.
+pub(crate) fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
+    move |source| StorageError::Query { what, source }
+}
+
 impl StorageError {
     /// The error and every cause under it, `: `-separated, for a log line
     /// (`Display` alone names only the step that failed).

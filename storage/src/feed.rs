@@ -11,11 +11,8 @@
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 
+use crate::error::query_error;
 use crate::StorageError;
-
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
-    move |source| StorageError::Query { what, source }
-}
 
 /// The revocation feed of one database. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]

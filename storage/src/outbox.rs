@@ -23,11 +23,8 @@ use detectors::Alert;
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 
+use crate::error::query_error;
 use crate::StorageError;
-
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
-    move |source| StorageError::Query { what, source }
-}
 
 /// The delivery tables of one database. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
-use crate::error::StorageError;
+use crate::error::{query_error, StorageError};
 
 /// The migrations in `storage/migrations`, compiled in: `(version, description, sql)`.
 /// A test checks that every file of the directory is listed here.
@@ -147,10 +147,6 @@ pub struct RollupRow {
     pub latency_sum_ms: i64,
     /// Largest response latency, milliseconds.
     pub latency_max_ms: i64,
-}
-
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
-    move |source| StorageError::Query { what, source }
 }
 
 impl Store {

@@ -105,18 +105,6 @@ struct Worker {
     thread: JoinHandle<()>,
 }
 
-/// An error with its causes, for log lines (`top: cause: root cause`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// A handle on a running pipeline.
 pub struct Pipeline {
     shared: Arc<Shared>,

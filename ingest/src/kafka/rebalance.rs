@@ -134,7 +134,7 @@ impl Shared {
                     return s;
                 }
                 Err(e) => {
-                    Part { topic, partition }.load_retry(&self.metrics, &chain(&e));
+                    Part { topic, partition }.load_retry(&self.metrics, &e.detail());
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

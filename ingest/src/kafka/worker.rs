@@ -204,7 +204,7 @@ impl<'s> PartitionWorker<'s> {
                     self.resumed = true;
                     storage::parquet::existing_batch_end(dir, &self.topic, self.partition, offset)
                         .unwrap_or_else(|e| {
-                            self.part().lake_lookup_failed(&chain(&e));
+                            self.part().lake_lookup_failed(&e.detail());
                             None
                         })
                 }
@@ -350,7 +350,7 @@ impl<'s> PartitionWorker<'s> {
                 ) {
                     Ok(_) => break,
                     Err(e) => {
-                        self.part().parquet_retry(&chain(&e));
+                        self.part().parquet_retry(&e.detail());
                         if !self.backoff(&mut backoff) {
                             return;
                         }
@@ -389,7 +389,7 @@ impl<'s> PartitionWorker<'s> {
                     return;
                 }
                 Err(e) if e.is_transient() => {
-                    self.part().commit_retry(&chain(&e));
+                    self.part().commit_retry(&e.detail());
                     if !self.backoff(&mut backoff) {
                         return;
                     }
@@ -398,7 +398,7 @@ impl<'s> PartitionWorker<'s> {
                     // Retrying the same batch would fail the same way, and skipping
                     // it would lose data: the partition stops advancing, loudly.
                     self.part()
-                        .stalled(&self.shared.metrics, start_offset, &chain(&e));
+                        .stalled(&self.shared.metrics, start_offset, &e.detail());
                     self.fenced = true;
                     return;
                 }
