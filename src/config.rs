@@ -32,6 +32,12 @@ pub struct Config {
     pub alerting: alerting::AlertingConfig,
     /// The revocation feed and metrics HTTP server (`keywatch run`, `keywatch serve`).
     pub feed: alerting::FeedConfig,
+    /// `POST /v1/logs` on the feed's listener: records gateways post,
+    /// produced to a Kafka topic the pipeline reads (docs/intake.md).
+    pub intake: ingest::intake::IntakeConfig,
+    /// Where the gateway adapters find an account or key a record does not
+    /// name itself (docs/gateways.md).
+    pub gateways: detectors::decode::GatewayOptions,
 }
 
 /// The database.
@@ -142,10 +148,56 @@ impl Config {
         cfg.pipeline.validate()?;
         cfg.alerting.validate().map_err(anyhow::Error::msg)?;
         alerting::feed::validate(&cfg.feed).map_err(anyhow::Error::msg)?;
+        cfg.validate_intake()?;
+        for (field, v) in [
+            ("gateways.account_header", &cfg.gateways.account_header),
+            ("gateways.key_header", &cfg.gateways.key_header),
+        ] {
+            if v.as_deref()
+                .is_some_and(|h| h.trim().is_empty() || h.len() > 256)
+            {
+                bail!("{field}: must be a header or field name of 1 to 256 characters");
+            }
+        }
         if cfg.postgres.max_connections == 0 {
             bail!("postgres.max_connections: must be at least 1");
         }
         Ok(cfg)
+    }
+
+    /// `[intake]`: its own fields, then what it shares with the rest: it is
+    /// served on `feed.listen`, and its token is not a feed client's.
+    fn validate_intake(&self) -> Result<()> {
+        self.intake.validate(&self.kafka)?;
+        if !self.intake.enabled {
+            return Ok(());
+        }
+        if self.feed.listen.is_empty() {
+            bail!("intake.enabled: the intake is served on feed.listen, which is empty");
+        }
+        let hash = self.intake.token()?.sha256_hex();
+        if let Some(c) = self
+            .feed
+            .clients
+            .iter()
+            .find(|c| c.token_sha256.eq_ignore_ascii_case(&hash))
+        {
+            bail!(
+                "intake.token: is the token of feed client {:?}; the intake needs a token of its own",
+                c.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The record decoder: the hash key in force and the gateway options;
+    /// and whether the key is the built-in one.
+    pub fn decoder(&self) -> Result<(detectors::Decoder, bool)> {
+        let (key, built_in) = self.hash_key()?;
+        Ok((
+            detectors::Decoder::with_options(&key, self.gateways.clone()),
+            built_in,
+        ))
     }
 
     /// The hash key in force, and whether it is the built-in one.
@@ -314,6 +366,52 @@ mod tests {
             e.starts_with(
                 "environment variable KEYWATCH__FEED__MAX_WAIT_SECS: feed.max_wait_secs:"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_intake_needs_the_feed_listener_and_a_token_of_its_own() {
+        let feed_token = "kwf_the-feed-gateways-token";
+        let feed = format!(
+            "[[feed.clients]]\nname = \"gw-a\"\ntoken_sha256 = \"{}\"\n",
+            alerting::feed::hash_token(feed_token)
+        );
+        let e = load(
+            &format!("{feed}[intake]\nenabled = true\n"),
+            &[("KEYWATCH__INTAKE__TOKEN", feed_token)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "intake.token: is the token of feed client \"gw-a\"; the intake needs a token of its own"
+        );
+        let c = load(
+            &format!("{feed}[intake]\nenabled = true\n"),
+            &[("KEYWATCH__INTAKE__TOKEN", "kwi_an-intake-token-of-its-own")],
+        )
+        .unwrap();
+        assert!(c.intake.enabled);
+        assert!(
+            !format!("{c:?}").contains("kwi_an-intake"),
+            "the token is never shown"
+        );
+        let e = load(
+            "[feed]\nlisten = \"\"\n[intake]\nenabled = true\ntoken = \"kwi_an-intake-token-of-its-own\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("intake.enabled: the intake is served on feed.listen"),
+            "{e}"
+        );
+        let e = load("[intake]\ntopic = \"elsewhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("intake.topic: \"elsewhere\" is not one of kafka.topics"),
             "{e}"
         );
     }

@@ -91,7 +91,7 @@ struct Live {
 /// Runs the demo.
 pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
-    let (key, _) = cfg.hash_key()?;
+    let (decoder, _) = cfg.decoder()?;
     anyhow::ensure!(args.speed > 0.0, "--speed: must be above 0");
     let rt = runtime()?;
 
@@ -121,7 +121,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         kafka,
         pipeline_cfg,
         cfg.engine.clone(),
-        &key,
+        decoder,
         backend,
         rt.handle().clone(),
     )?;

@@ -49,8 +49,9 @@ enum Command {
     /// simulated traffic and attacks in accelerated real time, the real
     /// consumer and detectors, the Parquet lake, and a live page.
     Demo(demo::DemoArgs),
-    /// The alert dispatcher and the revocation feed without the Kafka
-    /// pipeline (`run` includes both).
+    /// The alert dispatcher, the revocation feed and the log intake
+    /// (`POST /v1/logs`, when `[intake]` is enabled) without the Kafka
+    /// pipeline (`run` includes them all).
     Serve(serve::ServeArgs),
     /// Block or unblock a key (or every key of a user) by hand, or list what is blocked.
     Keys(serve::KeysArgs),

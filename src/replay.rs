@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use detectors::{Alert, Decoder, Engine, EngineStats, Outcome, Tracked};
+use detectors::decode::{split_records, Format, Origin, Piece};
+use detectors::{Alert, Engine, EngineStats, Outcome, Tracked};
 use ingest::ndjson::{Line, LineReader};
 use serde::Serialize;
 use sim::{evaluate, AlertRef, Truth};
@@ -21,8 +22,14 @@ use crate::ConfigArg;
 pub struct ReplayArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// NDJSON file of gateway records (one JSON object per line), or `-` for standard input.
+    /// NDJSON file of gateway records (one JSON object per line, or a JSON
+    /// array of them: a batched message), or `-` for standard input.
     input: PathBuf,
+    /// The records' log format: canonical, litellm, kong, apisix,
+    /// envoy-ai-gateway, or auto (each record's recognised by its shape).
+    /// Default: `kafka.format` from the config.
+    #[arg(long)]
+    format: Option<Format>,
     /// Decode every record but run no detectors: the decoder's limit on the same input.
     #[arg(long)]
     decode_only: bool,
@@ -89,6 +96,13 @@ fn write_group(w: &mut impl Write, name: &str, g: &ErrorGroup) -> std::io::Resul
 #[derive(Debug, Default, Serialize)]
 struct Summary {
     records: u64,
+    /// Lines that held a JSON array of records, and the records in them.
+    array_lines: u64,
+    array_records: u64,
+    /// The format the records were read in (`auto`: recognised per record).
+    format: &'static str,
+    /// Records decoded, by the format they were read as.
+    formats: BTreeMap<&'static str, u64>,
     bytes: u64,
     blank_lines: u64,
     decoded: u64,
@@ -118,8 +132,9 @@ struct Summary {
 /// Runs the command.
 pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
-    let (key, built_in) = cfg.hash_key()?;
-    let decoder = Decoder::new(&key);
+    let (decoder, built_in) = cfg.decoder()?;
+    let format = args.format.unwrap_or(cfg.kafka.format);
+    let source = args.input.display().to_string();
     let mut engine = Engine::new(&cfg.engine)?;
     let truth = match &args.truth {
         Some(p) => {
@@ -140,6 +155,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let mut s = Summary {
         decode_only: args.decode_only,
         hash_key_built_in: built_in,
+        format: format.as_str(),
         ..Default::default()
     };
     let mut alerts: Vec<Alert> = Vec::new();
@@ -156,72 +172,109 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             Line::Text(t) => Err(t.len() as u64),
             Line::TooLong(n) => Err(n),
         };
-        let decoded = match text {
+        let t = match text {
             Ok(t) => {
                 s.bytes += t.len() as u64 + 1;
                 if t.iter().all(u8::is_ascii_whitespace) {
                     s.blank_lines += 1;
                     return Ok(());
                 }
-                s.records += 1;
-                decoder
-                    .decode(t)
-                    .map_err(|e| (e.to_string(), format!("{}: {}", e.field, e.kind())))
+                t
             }
             // Over the cap: read and dropped, never held; a dead letter like
             // a record that does not decode.
             Err(n) => {
                 s.bytes += n + 1;
                 s.records += 1;
-                Err((
-                    format!(
-                        "record: {n} bytes, more than pipeline.max_record_bytes ({max_record})"
-                    ),
-                    "record: too_long".to_string(),
-                ))
-            }
-        };
-        let mut ev = match decoded {
-            Ok(ev) => ev,
-            Err((message, reason)) => {
                 s.decode_errors += 1;
                 if shown < args.show_errors {
                     shown += 1;
-                    writeln!(stderr, "line {line_no}: {message}")?;
+                    writeln!(
+                        stderr,
+                        "line {line_no}: record: {n} bytes, more than pipeline.max_record_bytes ({max_record})"
+                    )?;
                 }
                 s.decode_errors_by_reason
-                    .entry(reason)
+                    .entry("record: too_long".to_string())
                     .or_default()
                     .add(line_no);
                 return Ok(());
             }
         };
-        s.decoded += 1;
-        if !args.decode_only {
-            engine.bound_time(&mut ev, reference_ms);
-        }
-        if ev.repaired != 0 {
-            s.repaired += 1;
-            for field in detectors::decode::repaired_fields(ev.repaired) {
-                s.repaired_by_field.entry(field).or_default().add(line_no);
+        let mut result = Ok(());
+        split_records(t, |piece| {
+            if result.is_err() {
+                return;
             }
-        }
-        if args.decode_only {
-            std::hint::black_box(&ev);
-            return Ok(());
-        }
-        if matches!(engine.observe(&ev, &mut alerts), Outcome::Counted { .. }) && !alerts.is_empty()
-        {
-            for a in alerts.drain(..) {
-                serde_json::to_writer(&mut out, &a)?;
-                out.write_all(b"\n")?;
-                s.alerts += 1;
-                if truth.is_some() {
-                    kept.push(a);
+            s.records += 1;
+            let (decoded, element) = match piece {
+                Piece::Record(bytes, element) => {
+                    let origin = Origin {
+                        stream: &source,
+                        partition: 0,
+                        offset: line_no as i64,
+                        element,
+                    };
+                    (decoder.decode_as(format, bytes, &origin), element)
+                }
+                Piece::Broken(_, element, e) => (Err(e), Some(element)),
+            };
+            if let Some(i) = element {
+                s.array_records += 1;
+                if i == 0 {
+                    s.array_lines += 1;
                 }
             }
-        }
-        Ok(())
+            result = (|| -> Result<()> {
+                let (mut ev, read_as) = match decoded {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        s.decode_errors += 1;
+                        if shown < args.show_errors {
+                            shown += 1;
+                            match element {
+                                Some(i) => writeln!(stderr, "line {line_no} element {i}: {e}")?,
+                                None => writeln!(stderr, "line {line_no}: {e}")?,
+                            }
+                        }
+                        s.decode_errors_by_reason
+                            .entry(e.reason())
+                            .or_default()
+                            .add(line_no);
+                        return Ok(());
+                    }
+                };
+                s.decoded += 1;
+                *s.formats.entry(read_as.as_str()).or_default() += 1;
+                if !args.decode_only {
+                    engine.bound_time(&mut ev, reference_ms);
+                }
+                if ev.repaired != 0 {
+                    s.repaired += 1;
+                    for field in detectors::decode::repaired_fields(ev.repaired) {
+                        s.repaired_by_field.entry(field).or_default().add(line_no);
+                    }
+                }
+                if args.decode_only {
+                    std::hint::black_box(&ev);
+                    return Ok(());
+                }
+                if matches!(engine.observe(&ev, &mut alerts), Outcome::Counted { .. })
+                    && !alerts.is_empty()
+                {
+                    for a in alerts.drain(..) {
+                        serde_json::to_writer(&mut out, &a)?;
+                        out.write_all(b"\n")?;
+                        s.alerts += 1;
+                        if truth.is_some() {
+                            kept.push(a);
+                        }
+                    }
+                }
+                Ok(())
+            })();
+        });
+        result
     };
     if args.input.as_os_str() == "-" {
         let mut lines = LineReader::with_limit(io::stdin().lock(), max_record);
@@ -306,6 +359,29 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
         group(s.decode_errors),
         group(s.blank_lines)
     )?;
+    let seen: Vec<String> = s
+        .formats
+        .iter()
+        .map(|(f, n)| format!("{f} {}", group(*n)))
+        .collect();
+    writeln!(
+        w,
+        "  format {}: read as {}",
+        s.format,
+        if seen.is_empty() {
+            "nothing".to_string()
+        } else {
+            seen.join(", ")
+        }
+    )?;
+    if s.array_lines > 0 {
+        writeln!(
+            w,
+            "  {} records in {} lines holding a JSON array (each decoded and counted on its own)",
+            group(s.array_records),
+            group(s.array_lines)
+        )?;
+    }
     for (reason, g) in &s.decode_errors_by_reason {
         write_group(w, reason, g)?;
     }

@@ -63,7 +63,7 @@ pub fn migrate(args: MigrateArgs) -> Result<ExitCode> {
 /// (finish the batch, commit, release) and exits.
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = Config::load(args.config.config.as_deref(), std::env::vars())?;
-    let (key, built_in) = cfg.hash_key()?;
+    let (decoder, built_in) = cfg.decoder()?;
     if built_in {
         warn!("privacy.hash_key is not set; raw api_key/prompt fields are hashed with the built-in key");
     }
@@ -86,7 +86,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         cfg.kafka.clone(),
         cfg.pipeline.clone(),
         cfg.engine.clone(),
-        &key,
+        decoder,
         store,
         rt.handle().clone(),
     )?;
@@ -102,7 +102,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         info!(address = %a, "feed and /metrics on http://{a}");
     }
     info!(
-        topics = %cfg.kafka.topics.join(","),
+        topics = %cfg
+            .kafka
+            .topic_names()
+            .iter()
+            .map(|t| format!("{t} ({})", cfg.kafka.format_of(t)))
+            .collect::<Vec<_>>()
+            .join(","),
         brokers = %cfg.kafka.brokers,
         group = %cfg.kafka.group_id,
         "consuming"
@@ -130,6 +136,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                     batches = c(&m.batches),
                     last_commit_ms = c(&m.last_commit_ms),
                     retries = c(&m.retries),
+                    formats = %m.formats_seen(),
                     "progress"
                 );
             }
@@ -148,6 +155,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         batches = c(&metrics.batches),
         gaps = c(&metrics.gaps),
         stalled = c(&metrics.stalled),
+        formats = %metrics.formats_seen(),
         "stopped after {} records",
         c(&metrics.records)
     );

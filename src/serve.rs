@@ -23,6 +23,10 @@ use crate::config::Config;
 use crate::run::{connect, runtime};
 use crate::ConfigArg;
 
+mod intake;
+
+use intake::IntakeServer;
+
 /// Postgres connections of the feed server (besides `postgres.max_connections`).
 const FEED_CONNECTIONS: u32 = 4;
 /// How long a feed request waits for a Postgres connection before it
@@ -42,11 +46,12 @@ pub struct Outward {
 pub struct Prepared {
     receivers: Vec<Receiver>,
     listener: Option<tokio::net::TcpListener>,
+    intake: Option<std::sync::Arc<IntakeServer>>,
 }
 
 impl Outward {
-    /// Builds the receivers (checking their secrets and addresses) and binds
-    /// the feed's address.
+    /// Builds the receivers (checking their secrets and addresses) and the
+    /// intake's producer (when `intake.enabled`), and binds the feed's address.
     pub fn prepare(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<Prepared> {
         let receivers = cfg
             .alerting
@@ -63,9 +68,11 @@ impl Outward {
                     .with_context(|| format!("feed.listen: binding {}", cfg.feed.listen))?,
             )
         };
+        let intake = IntakeServer::new(cfg)?;
         Ok(Prepared {
             receivers,
             listener,
+            intake,
         })
     }
 
@@ -79,6 +86,16 @@ impl Outward {
     ) -> Result<Outward> {
         let (stop, stopped) = watch::channel(false);
         let dispatcher = Dispatcher::new(pool.clone(), prepared.receivers, cfg.alerting.clone());
+        let intake = prepared.intake;
+        let extra = match (extra, intake.as_ref().map(|i| i.render())) {
+            (Some(a), Some(b)) => Some(std::sync::Arc::new(
+                move |out: &mut alerting::metrics::Exposition| {
+                    a(out);
+                    b(out);
+                },
+            ) as Render),
+            (a, b) => a.or(b),
+        };
         let sources = Sources {
             delivery: Some(dispatcher.metrics()),
             feed: None,
@@ -102,8 +119,16 @@ impl Outward {
                         .connect(&url),
                 )
                 .context("connecting the feed to Postgres")?;
+            let routes = match &intake {
+                Some(i) => {
+                    tracing::info!(topic = %i.topic(), "intake: POST /v1/logs");
+                    i.router()
+                }
+                None => axum::Router::new(),
+            };
             tasks.push(rt.spawn(async move {
-                if let Err(e) = alerting::feed::serve(listener, pool, feed, sources, stopped).await
+                if let Err(e) =
+                    alerting::feed::serve_with(listener, pool, feed, sources, routes, stopped).await
                 {
                     tracing::error!(error = %e, "feed server stopped");
                 }

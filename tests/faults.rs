@@ -78,7 +78,7 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
         kafka,
         pipeline,
         EngineConfig::default(),
-        HASH_KEY.as_bytes(),
+        detectors::Decoder::new(HASH_KEY.as_bytes()),
         store,
         rt.handle().clone(),
     )

@@ -5,6 +5,9 @@
 
 use std::path::Path;
 
+#[path = "../detectors/tests/adapters/check.rs"]
+mod gateway;
+
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
@@ -55,4 +58,13 @@ fn redaction_passes_its_corpus() {
 #[test]
 fn the_feed_request_parser_passes_its_corpus() {
     replay("feed_request", alerting::request::fuzz_one);
+}
+
+#[test]
+fn the_gateway_adapters_pass_their_corpus() {
+    let accepted = std::cell::Cell::new(0);
+    replay("gateway", |d| {
+        accepted.set(accepted.get() + gateway::gateway(d))
+    });
+    assert!(accepted.get() >= 10, "{} reads accepted", accepted.get());
 }

@@ -498,3 +498,71 @@ fn hostile_fields_change_no_alert_of_any_detector() {
         got.len()
     );
 }
+
+#[test]
+fn arrays_split_and_auto_names_every_format_it_saw() {
+    let dir = scratch("arrays-auto");
+    let input = dir.join("mixed.ndjson");
+    let kong = |id: &str, user: &str, tokens: &str| {
+        format!(
+            r#"{{"request":{{"id":"{id}","uri":"/v1/chat/completions?apikey=sk-q","headers":{{"apikey":"sk-live-SECRET","user-agent":"curl"}}}},"response":{{"status":200}},"latencies":{{"request":120}},"client_ip":"198.51.100.7","started_at":1795428902000,"consumer":{{"username":"{user}"}},"ai":{{"proxy":{{"usage":{{"prompt_tokens":{tokens},"completion_tokens":5}},"meta":{{"response_model":"gpt-4o"}}}}}}}}"#
+        )
+    };
+    let lines = [
+        format!(
+            "[{}, {}, {}]",
+            kong("k1", "acct_7", "100"),
+            kong("k2", "acct_7", "-1"),
+            kong("k3", "acct_8", "50")
+        ),
+        GOOD.to_string(),
+        "[]".to_string(),
+        r#"{"hello":"world"}"#.to_string(),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let path = input.to_str().unwrap();
+    let o = replay(&["--format", "auto", path]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "line 1 element 1: kong: ai.*.usage.prompt_tokens: expected a non-negative integer, got -1"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 4: record: expected a record of a known format"),
+        "{err}"
+    );
+    assert!(
+        err.contains("format auto: read as canonical 1, kong 2"),
+        "{err}"
+    );
+    assert!(!err.contains("sk-live-SECRET"), "{err}");
+    let s = summary(&replay(&["--format", "auto", "--json-summary", path]));
+    assert_eq!(
+        s["records"], 5,
+        "three elements, one canonical line, one unknown"
+    );
+    assert_eq!(
+        (s["decoded"].as_u64(), s["decode_errors"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(
+        (s["array_lines"].as_u64(), s["array_records"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(s["formats"]["kong"], 2);
+    assert_eq!(s["formats"]["canonical"], 1);
+    // Read as canonical, the Kong records are what they are to that contract.
+    let s = summary(&replay(&["--format", "canonical", "--json-summary", path]));
+    assert_eq!(
+        (s["decoded"].as_u64(), s["decode_errors"].as_u64()),
+        (Some(1), Some(4))
+    );
+    let o = keywatch()
+        .args(["replay", "--format", "kongg", path])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown format \"kongg\""));
+}

@@ -236,6 +236,20 @@ pub async fn serve(
     sources: Sources,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    serve_with(listener, pool, cfg, sources, Router::new(), stop).await
+}
+
+/// [`serve`] with more `routes` on the same listener, under the same
+/// connection rules (the binary's `POST /v1/logs` intake). A route there
+/// marks its connection authenticated itself ([`Conn`]).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    pool: PgPool,
+    cfg: FeedConfig,
+    sources: Sources,
+    routes: Router,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let clients = cfg
         .clients
         .iter()
@@ -270,7 +284,8 @@ pub async fn serve(
         .route("/v1/blocklist", get(blocklist))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
-        .with_state(state);
+        .with_state(state)
+        .merge(routes);
     let r = listen::serve(listener, app, Limits::of(&cfg), connections, stop).await;
     watcher.abort();
     r

@@ -115,10 +115,25 @@ impl Rollups {
     }
 }
 
-/// The lake's row for a decoded record at `offset` (no prompt text or raw
-/// key ever reaches here: the decoder dropped them).
-pub fn event_row(ev: &Event<'_>, offset: i64, duplicate: bool) -> EventRow {
+/// Where a record came from, as its lake row names it: its message's
+/// offset, its index in the message's array, the format it was read as.
+#[derive(Clone, Copy, Debug)]
+pub struct RowOrigin {
+    /// The message's Kafka offset.
+    pub offset: i64,
+    /// The record's index in the message's JSON array, if it held one.
+    pub element: Option<u32>,
+    /// The format the record was read as.
+    pub format: detectors::decode::Format,
+}
+
+/// The lake's row for a decoded record (no prompt text or raw key ever
+/// reaches here: the decoder dropped them).
+pub fn event_row(ev: &Event<'_>, at: RowOrigin, duplicate: bool) -> EventRow {
+    let offset = at.offset;
     EventRow {
+        element: at.element,
+        format: at.format.as_str(),
         ts_ms: ev.ts_ms,
         request_id: ev.request_id.to_string(),
         phase: ev.phase.as_str(),

@@ -3,7 +3,77 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use detectors::decode::Format;
 use serde::{Deserialize, Serialize};
+
+/// One input topic: its name, and the format its records are in when it
+/// is not `kafka.format`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum TopicEntry {
+    /// A topic read in `kafka.format`.
+    Name(String),
+    /// A topic with its own format.
+    Table {
+        /// The topic.
+        name: String,
+        /// Its records' format.
+        format: Format,
+    },
+}
+
+impl TopicEntry {
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TopicEntry::Name(n) | TopicEntry::Table { name: n, .. } => n,
+        }
+    }
+}
+
+/// The table form of a topic entry, read strictly (an unknown field or
+/// format is named in the error).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicTable {
+    name: String,
+    format: Format,
+}
+
+impl<'de> Deserialize<'de> for TopicEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = TopicEntry;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a topic name, or a table { name = \"...\", format = \"...\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TopicEntry, E> {
+                Ok(TopicEntry::Name(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TopicEntry, A::Error> {
+                let t = TopicTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(TopicEntry::Table {
+                    name: t.name,
+                    format: t.format,
+                })
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+impl From<&str> for TopicEntry {
+    fn from(s: &str) -> Self {
+        TopicEntry::Name(s.to_string())
+    }
+}
 
 /// Where the records come from and where bad ones go.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -11,8 +81,14 @@ use serde::{Deserialize, Serialize};
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated (`host:port,host:port`).
     pub brokers: String,
-    /// Topics of gateway records, keyed by `user_id` (so one user's records stay in one partition).
-    pub topics: Vec<String>,
+    /// Topics of gateway records, keyed by `user_id` (so one user's records
+    /// stay in one partition): a name (read in `format`), or a table
+    /// `{ name = "kong-logs", format = "kong" }`.
+    pub topics: Vec<TopicEntry>,
+    /// The log format of topics listed by name only: `canonical`,
+    /// `litellm`, `kong`, `apisix`, `envoy-ai-gateway`, or `auto` (each
+    /// record's format recognised by its shape).
+    pub format: Format,
     /// Consumer group: instances with the same group split the partitions.
     pub group_id: String,
     /// Topic for records that cannot be decoded, with headers naming their origin and the error.
@@ -62,6 +138,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "localhost:9092".into(),
             topics: vec!["gateway-events".into()],
+            format: Format::Canonical,
             group_id: "keywatch".into(),
             dead_letter_topic: "gateway-events-dlq".into(),
             start_from: StartFrom::Earliest,
@@ -123,6 +200,22 @@ pub struct PipelineConfigError {
 }
 
 impl KafkaConfig {
+    /// The input topics' names.
+    pub fn topic_names(&self) -> Vec<&str> {
+        self.topics.iter().map(TopicEntry::name).collect()
+    }
+
+    /// The format `topic`'s records are read in.
+    pub fn format_of(&self, topic: &str) -> Format {
+        self.topics
+            .iter()
+            .find_map(|t| match t {
+                TopicEntry::Table { name, format } if name == topic => Some(*format),
+                _ => None,
+            })
+            .unwrap_or(self.format)
+    }
+
     /// Checks every value; the error names the field.
     pub fn validate(&self) -> Result<(), PipelineConfigError> {
         let bad = |field, problem: &str| {
@@ -134,13 +227,22 @@ impl KafkaConfig {
         if self.brokers.trim().is_empty() {
             return bad("kafka.brokers", "must name at least one broker");
         }
-        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.name().trim().is_empty()) {
             return bad("kafka.topics", "must list at least one topic, none empty");
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            if self.topics[..i].iter().any(|u| u.name() == t.name()) {
+                return bad("kafka.topics", "lists a topic twice");
+            }
         }
         if self.group_id.trim().is_empty() {
             return bad("kafka.group_id", "must not be empty");
         }
-        if self.dead_letter_topic.trim().is_empty() || self.topics.contains(&self.dead_letter_topic)
+        if self.dead_letter_topic.trim().is_empty()
+            || self
+                .topics
+                .iter()
+                .any(|t| t.name() == self.dead_letter_topic)
         {
             return bad(
                 "kafka.dead_letter_topic",
@@ -211,5 +313,50 @@ impl PipelineConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct K {
+        kafka: KafkaConfig,
+    }
+
+    #[test]
+    fn topics_take_a_name_or_a_table_with_a_format() {
+        let k: K = toml::from_str(
+            r#"[kafka]
+topics = ["plain", { name = "kong-logs", format = "kong" }]
+format = "auto""#,
+        )
+        .unwrap();
+        assert_eq!(k.kafka.topic_names(), ["plain", "kong-logs"]);
+        assert_eq!(k.kafka.format_of("plain"), Format::Auto);
+        assert_eq!(k.kafka.format_of("kong-logs"), Format::Kong);
+        assert!(k.kafka.validate().is_ok());
+        for (text, want) in [
+            (r#"topics = [{ name = "x", format = "kongg" }]"#, "kongg"),
+            (r#"topics = [{ name = "x", fromat = "kong" }]"#, "fromat"),
+            (r#"topics = [{ name = "x" }]"#, "format"),
+            (r#"topics = [3]"#, "a topic name, or a table"),
+        ] {
+            let e = toml::from_str::<K>(&format!("[kafka]\n{text}"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let twice: K = toml::from_str(
+            r#"[kafka]
+topics = ["a", { name = "a", format = "kong" }]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            twice.kafka.validate().unwrap_err().to_string(),
+            "kafka.topics: lists a topic twice"
+        );
     }
 }

@@ -4,10 +4,12 @@
 //! owning that partition's detector engine, committing each batch's effects
 //! and offsets to Postgres in one transaction ([`batch`] is what a batch
 //! accumulates, [`config`] its settings, [`telemetry`] its metrics and
-//! log events). [`ndjson`] cuts large reads into lines for `keywatch replay`. The traffic simulator is the `sim` crate.
+//! log events). [`intake`] produces what gateways post over HTTP to the
+//! topic the pipeline reads. [`ndjson`] cuts large reads into lines for `keywatch replay`. The traffic simulator is the `sim` crate.
 
 pub mod batch;
 pub mod config;
+pub mod intake;
 pub mod kafka;
 pub mod ndjson;
 pub mod telemetry;

@@ -27,6 +27,11 @@ pub struct PipelineMetrics {
     pub decoded: AtomicU64,
     /// Records dead-lettered.
     pub dead_lettered: AtomicU64,
+    /// Records decoded, by the format they were read as (in
+    /// [`detectors::decode::Format::CONCRETE`] order).
+    pub by_format: [AtomicU64; 5],
+    /// Records that were elements of a message's JSON array.
+    pub array_records: AtomicU64,
     /// Records counted with a descriptive field cut or dropped.
     pub repaired: AtomicU64,
     /// Records whose time was past their message's timestamp by more than
@@ -149,6 +154,23 @@ pub const COMMIT_SECONDS: (&str, &str) = (
 );
 
 impl PipelineMetrics {
+    /// The formats records were read as so far, with their counts
+    /// (`kong 1200, litellm 30`; `none` before any record decoded).
+    pub fn formats_seen(&self) -> String {
+        let seen: Vec<String> = detectors::decode::Format::CONCRETE
+            .iter()
+            .zip(&self.by_format)
+            .map(|(f, n)| (f, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(f, n)| format!("{} {n}", f.as_str()))
+            .collect();
+        if seen.is_empty() {
+            "none".to_string()
+        } else {
+            seen.join(", ")
+        }
+    }
+
     /// Every counter and gauge, named (the histogram is
     /// [`PipelineMetrics::commit_seconds`], exposed as [`COMMIT_SECONDS`]).
     pub fn samples(&self) -> Vec<Sample> {
@@ -166,7 +188,17 @@ impl PipelineMetrics {
             one("keywatch_events_repaired_total", "Records counted with a descriptive field cut or dropped, or a time clamped (the lake's `repaired` column names which).", Kind::Counter, c(&self.repaired)),
             one("keywatch_events_ahead_total", "Records whose time was past their Kafka message's timestamp by more than engine.event_time.max_ahead_secs (counted at that bound).", Kind::Counter, c(&self.ahead)),
             one("keywatch_decode_errors_total", "Records that could not be decoded (dead-lettered).", Kind::Counter, c(&self.dead_lettered)),
+            one("keywatch_array_records_total", "Records read as elements of a message holding a JSON array (each decoded, counted and dead-lettered on its own).", Kind::Counter, c(&self.array_records)),
         ];
+        for (f, n) in detectors::decode::Format::CONCRETE
+            .iter()
+            .zip(&self.by_format)
+        {
+            out.push(Sample {
+                labels: vec![("format", f.as_str().to_owned())],
+                ..one("keywatch_records_by_format_total", "Records decoded, by the log format they were read as (with format = \"auto\", the formats it saw).", Kind::Counter, c(n))
+            });
+        }
         for (kind, n) in self.alerts_by_kind.lock().expect("metrics lock").iter() {
             out.push(Sample {
                 labels: vec![("kind", (*kind).to_owned())],

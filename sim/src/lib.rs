@@ -51,6 +51,7 @@
 mod attack;
 mod benign;
 mod eval;
+mod gateway;
 mod record;
 mod render;
 mod rng;
@@ -60,6 +61,7 @@ pub use eval::{
     evaluate, AlertRef, BenignScore, Evaluation, KindScore, COLD_START_MS, CORE_KINDS, FAST_KINDS,
     FAST_MS,
 };
+pub use gateway::{LogFormat, UnknownLogFormat};
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -338,6 +340,7 @@ pub struct Simulator {
     ids: RequestIds,
     delivery_rng: Rng,
     line: Vec<u8>,
+    shape: gateway::Shape,
 }
 
 impl Simulator {
@@ -406,6 +409,7 @@ impl Simulator {
             ids,
             delivery_rng: Rng::new(cfg.seed, STREAM_DELIVERY, 0),
             line: Vec::with_capacity(1024),
+            shape: gateway::Shape::CANONICAL,
         };
         let world = World {
             params,
@@ -472,7 +476,7 @@ impl Simulator {
                 }
             }
             if let Some(exchange) = made {
-                let phase = if exchange.split {
+                let phase = if exchange.split && !self.shape.format.is_gateway() {
                     let response = Delivery {
                         exchange,
                         phase: Phase::Response,
@@ -517,7 +521,7 @@ impl Simulator {
         // Format into a reused byte buffer, then validate once per line:
         // cheaper than growing the String a field at a time.
         self.line.clear();
-        delivery.render(&mut self.line);
+        delivery.render_as(self.shape, &mut self.line);
         out.push_str(std::str::from_utf8(&self.line).expect("lines are ASCII by construction"));
         if !delivery.redelivery
             && self.duplicate_share > 0.0

@@ -39,6 +39,8 @@
 //! | `kafka_offset` | Int64 | no | the record's Kafka offset (the topic and partition are in the file name) |
 //! | `duplicate` | Boolean | no | a repeat of (`request_id`, `phase`) that the detectors ignored |
 //! | `repaired` | Utf8 | yes | descriptive fields the decoder cut or dropped because they broke the contract, comma-separated (`user_agent,model`); null when none: the record was counted all the same |
+//! | `kafka_element` | UInt32 | yes | the record's index in its message's JSON array (Kong, APISIX and LiteLLM batch records so); null when the message was one record |
+//! | `format` | Utf8 | no | the log format the record was read as (`canonical`, `litellm`, `kong`, `apisix`, `envoy-ai-gateway`) |
 //!
 //! Token counts are `u64` in memory and Int64 in the file (every lake engine
 //! reads signed 64-bit integers; no token count comes near 2^63).
@@ -101,6 +103,10 @@ pub struct EventRow {
     pub duplicate: bool,
     /// Descriptive fields cut or dropped by the decoder, comma-separated.
     pub repaired: Option<String>,
+    /// The record's index in its message's JSON array, if the message held one.
+    pub element: Option<u32>,
+    /// The log format the record was read as.
+    pub format: &'static str,
 }
 
 /// The Arrow schema of a lake file (see the module docs for the table).
@@ -132,6 +138,8 @@ pub fn event_schema() -> SchemaRef {
                 Field::new("kafka_offset", DataType::Int64, false),
                 Field::new("duplicate", DataType::Boolean, false),
                 Field::new("repaired", DataType::Utf8, true),
+                Field::new("kafka_element", DataType::UInt32, true),
+                Field::new("format", DataType::Utf8, false),
             ]))
         })
         .clone()
@@ -388,6 +396,8 @@ fn record_batch(rows: &[EventRow]) -> Result<RecordBatch, arrow_schema::ArrowErr
                 .collect::<BooleanArray>(),
         ),
         opt_strings(rows, |r| r.repaired.as_deref()),
+        Arc::new(rows.iter().map(|r| r.element).collect::<UInt32Array>()),
+        strings(rows, |r| r.format),
     ];
     RecordBatch::try_new(event_schema(), columns)
 }
@@ -446,6 +456,8 @@ mod tests {
             offset,
             duplicate: false,
             repaired: None,
+            element: None,
+            format: "canonical",
         }
     }
 

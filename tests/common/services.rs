@@ -171,6 +171,27 @@ impl Broker {
     /// [`Broker::produce`] with the messages' timestamps given.
     pub fn produce_at(&self, topic: &str, partitions: i32, lines: &[String], times: &[i64]) {
         assert!(times.len() >= lines.len());
+        let keys: Vec<String> = lines.iter().map(|l| user_of(l)).collect();
+        let messages = lines
+            .iter()
+            .zip(&keys)
+            .zip(times)
+            .map(|((line, key), &at)| Message {
+                partition: partition_of(key, partitions),
+                key,
+                payload: line.as_bytes(),
+                timestamp: at,
+            });
+        self.produce_messages(topic, messages);
+    }
+
+    /// Produces `messages` to `topic` as they are (partition, key and
+    /// timestamp given); waits until all are acknowledged.
+    pub fn produce_messages<'m>(
+        &self,
+        topic: &str,
+        messages: impl IntoIterator<Item = Message<'m>>,
+    ) {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .set("linger.ms", "20")
@@ -178,14 +199,12 @@ impl Broker {
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .unwrap();
-        for (line, &at) in lines.iter().zip(times) {
-            let key = user_of(line);
-            let p = partition_of(&key, partitions);
+        for m in messages {
             let mut rec = BaseRecord::to(topic)
-                .payload(line.as_str())
-                .key(key.as_str())
-                .partition(p)
-                .timestamp(at);
+                .payload(m.payload)
+                .key(m.key)
+                .partition(m.partition)
+                .timestamp(m.timestamp);
             loop {
                 match producer.send(rec) {
                     Ok(()) => break,
@@ -209,6 +228,18 @@ impl Broker {
             .flush(Duration::from_secs(120))
             .expect("flushing the producer");
     }
+}
+
+/// One Kafka message for [`Broker::produce_messages`].
+pub struct Message<'m> {
+    /// The partition it goes to.
+    pub partition: i32,
+    /// Its key.
+    pub key: &'m str,
+    /// Its bytes.
+    pub payload: &'m [u8],
+    /// Its timestamp (Unix milliseconds).
+    pub timestamp: i64,
 }
 
 impl Drop for Broker {
@@ -508,23 +539,64 @@ pub const TEST_MAX_RECORD_BYTES: usize = 4096;
 
 /// Writes a config file for `keywatch run` and returns its path.
 pub fn run_config(dir: &Path, broker: &Broker, topic: &str, db: &Database, extra: &str) -> PathBuf {
+    run_config_with(dir, broker, topic, db, extra, &RunSettings::default())
+}
+
+/// What [`run_config_with`] writes where [`run_config`] has its defaults.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    /// The format the topic is read in (`kafka.topics = [{ name, format }]`);
+    /// `None`: listed by name, read as canonical events.
+    pub format: Option<&'static str>,
+    /// `pipeline.batch_max_records`.
+    pub batch_max_records: usize,
+    /// `pipeline.batch_max_ms`.
+    pub batch_max_ms: u64,
+    /// `pipeline.max_record_bytes`.
+    pub max_record_bytes: usize,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            format: None,
+            batch_max_records: 5000,
+            batch_max_ms: 200,
+            max_record_bytes: TEST_MAX_RECORD_BYTES,
+        }
+    }
+}
+
+/// [`run_config`] with `settings` in place of its defaults.
+pub fn run_config_with(
+    dir: &Path,
+    broker: &Broker,
+    topic: &str,
+    db: &Database,
+    extra: &str,
+    settings: &RunSettings,
+) -> PathBuf {
     let p = dir.join("keywatch.toml");
     let mut f = std::fs::File::create(&p).unwrap();
+    let topics = match settings.format {
+        Some(format) => format!(r#"[{{ name = "{topic}", format = "{format}" }}]"#),
+        None => format!(r#"["{topic}"]"#),
+    };
     write!(
         f,
         r#"
 [kafka]
 brokers = "{}"
-topics = ["{topic}"]
+topics = {topics}
 group_id = "kw-test"
 dead_letter_topic = "{topic}-dlq"
 
 [pipeline]
-batch_max_records = 5000
-batch_max_ms = 200
+batch_max_records = {}
+batch_max_ms = {}
 checkpoint_interval_secs = 2
 parquet_dir = "{}"
-max_record_bytes = {TEST_MAX_RECORD_BYTES}
+max_record_bytes = {}
 
 [postgres]
 url = "{}"
@@ -532,7 +604,10 @@ max_connections = 4
 {}{extra}
 "#,
         broker.addr,
+        settings.batch_max_records,
+        settings.batch_max_ms,
         dir.join("lake").display(),
+        settings.max_record_bytes,
         db.url,
         // Several keywatch processes run at once: no feed server unless asked for.
         if extra.contains("[feed]") {

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use detectors::decode::{split_records, Format, Origin, Piece};
 use detectors::{Alert, Decoder, Engine, EngineConfig, EngineState, Outcome};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
@@ -43,7 +44,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use storage::{Backend, BatchCommit, BudgetRow, PartitionStart, StorageError};
 
-use crate::batch::{event_row, Rollups};
+use crate::batch::{event_row, Rollups, RowOrigin};
 use crate::config::{KafkaConfig, PipelineConfig};
 pub use crate::telemetry::PipelineMetrics;
 
@@ -117,7 +118,7 @@ impl Pipeline {
         kafka: KafkaConfig,
         pipeline: PipelineConfig,
         engine: EngineConfig,
-        hash_key: &[u8],
+        decoder: Decoder,
         store: impl Into<Backend>,
         rt: tokio::runtime::Handle,
     ) -> Result<Pipeline, PipelineError> {
@@ -138,7 +139,7 @@ impl Pipeline {
             })?
         };
         let shared = Arc::new(Shared {
-            decoder: Decoder::new(hash_key),
+            decoder,
             kafka,
             pipeline,
             engine,
@@ -192,7 +193,7 @@ impl Pipeline {
             })?;
         let consumer = Arc::new(consumer);
         let _ = shared.consumer.set(Arc::downgrade(&consumer));
-        let topics: Vec<&str> = shared.kafka.topics.iter().map(String::as_str).collect();
+        let topics = shared.kafka.topic_names();
         consumer
             .subscribe(&topics)
             .map_err(|source| PipelineError::Kafka {

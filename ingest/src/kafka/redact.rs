@@ -8,27 +8,88 @@ pub(super) const REDACTED: &str = "[redacted by keywatch]";
 /// Most bytes of an over-long record kept in its dead letter.
 pub(crate) const OVERSIZE_KEPT: usize = 64 << 10;
 
-/// A bad record's payload for the dead-letter topic, with any raw secret a
-/// gateway logged by mistake (`api_key`, `prompt`) removed: from the parsed
-/// object when the record is one, else from the bytes (a cut or malformed
-/// record may still carry a key). Other bytes go as they came.
+/// Field names whose values are secrets or prompt text wherever they sit
+/// in a record (compared without case): the canonical `api_key` and
+/// `prompt`, key headers a gateway logs (Kong keeps `apikey`, APISIX every
+/// header), LiteLLM's `messages` and `response`, Kong's `payload`, APISIX's
+/// `llm_request`, `llm_response_text` and request `body`, and a message's
+/// `content`.
+const SECRET_FIELDS: [&str; 16] = [
+    "api_key",
+    "prompt",
+    "apikey",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "messages",
+    "payload",
+    "llm_request",
+    "llm_response_text",
+    "body",
+    "content",
+    "querystring",
+];
+
+/// Fields holding a URL or path, whose query string may carry a key (`?apikey=`).
+const URL_FIELDS: [&str; 4] = ["uri", "url", "x-envoy-origin-path", "upstream_uri"];
+
+fn is_secret(name: &[u8]) -> bool {
+    SECRET_FIELDS
+        .iter()
+        .any(|f| f.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// A bad record's payload for the dead-letter topic, with every raw secret
+/// and prompt a gateway logged (`SECRET_FIELDS`, at any depth, and the
+/// query string of a URL) removed: from the parsed value when the record
+/// is JSON, else from the bytes (a cut or malformed record may still carry
+/// a key). Other bytes go as they came.
 pub fn redact(payload: &[u8]) -> Vec<u8> {
-    if let Ok(serde_json::Value::Object(mut m)) =
-        serde_json::from_slice::<serde_json::Value>(payload)
-    {
-        let mut changed = false;
-        for k in ["api_key", "prompt"] {
-            if let Some(v) = m.get_mut(k) {
-                *v = serde_json::Value::String(REDACTED.into());
-                changed = true;
+    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(payload) {
+        if v.is_object() || v.is_array() {
+            if scrub(&mut v, 0) {
+                return serde_json::to_vec(&v).unwrap_or_else(|_| redact_bytes(payload));
             }
+            return payload.to_vec();
         }
-        if changed {
-            return serde_json::to_vec(&m).unwrap_or_else(|_| payload.to_vec());
-        }
-        return payload.to_vec();
     }
     redact_bytes(payload)
+}
+
+/// Replaces secret values in `v`, depth first; whether anything changed.
+fn scrub(v: &mut serde_json::Value, depth: u32) -> bool {
+    use serde_json::Value;
+    let mut changed = false;
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let response_text =
+                    k == "response" && (val.is_string() || val.get("choices").is_some());
+                if is_secret(k.as_bytes()) || response_text {
+                    *val = Value::String(REDACTED.into());
+                    changed = true;
+                } else if URL_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(k)) {
+                    if let Some(q) = val.as_str().and_then(|s| s.find('?')) {
+                        let kept = format!("{}?{REDACTED}", &val.as_str().unwrap_or("")[..q]);
+                        *val = Value::String(kept);
+                        changed = true;
+                    }
+                } else if depth < 64 {
+                    changed |= scrub(val, depth + 1);
+                }
+            }
+        }
+        Value::Array(a) if depth < 64 => {
+            for val in a {
+                changed |= scrub(val, depth + 1);
+            }
+        }
+        _ => {}
+    }
+    changed
 }
 
 /// The end of the JSON string starting after the quote at `from`: the index
@@ -70,9 +131,9 @@ pub(super) fn loose_unescape(raw: &[u8]) -> Vec<u8> {
     out
 }
 
-/// [`redact`] for bytes that are not a JSON object: every string value
-/// after an `api_key` or `prompt` name is replaced, up to its closing quote
-/// or the end of the bytes.
+/// [`redact`] for bytes that are not JSON: every string value after a
+/// `SECRET_FIELDS` name is replaced, up to its closing quote or the end
+/// of the bytes.
 pub(super) fn redact_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -86,12 +147,28 @@ pub(super) fn redact_bytes(b: &[u8]) -> Vec<u8> {
         let name = loose_unescape(&b[i + 1..end]);
         out.extend_from_slice(&b[i..(end + 1).min(b.len())]);
         i = end + 1;
-        if name != b"api_key" && name != b"prompt" {
+        let url = URL_FIELDS
+            .iter()
+            .any(|f| f.as_bytes().eq_ignore_ascii_case(&name));
+        if !url && !is_secret(&name) {
             continue;
         }
         let mut j = i;
         while j < b.len() && (b[j].is_ascii_whitespace() || b[j] == b':') {
             j += 1;
+        }
+        if url && j < b.len() && b[j] == b'"' {
+            // A URL keeps its path; its query string (which may hold a key) goes.
+            let close = string_end(b, j + 1);
+            if let Some(q) = b[j + 1..close].iter().position(|&c| c == b'?') {
+                out.extend_from_slice(&b[i..=j + 1 + q]);
+                out.extend_from_slice(REDACTED.as_bytes());
+                if close < b.len() {
+                    out.push(b'"');
+                }
+                i = close + 1;
+            }
+            continue;
         }
         if j < b.len() && b[j] == b'"' {
             out.extend_from_slice(&b[i..=j]);
@@ -165,6 +242,26 @@ mod tests {
         assert_eq!(
             redact(br#"{"user_id":"u","prompt_tokens":"many""#),
             br#"{"user_id":"u","prompt_tokens":"many""#
+        );
+    }
+
+    #[test]
+    fn gateway_records_lose_their_keys_and_prompts_at_any_depth() {
+        let kong = br#"{"request":{"uri":"/v1/chat?apikey=sk-QUERY","headers":{"ApiKey":"sk-HEADER","authorization":"Bearer sk-BEARER","user-agent":"curl"},"querystring":{"apikey":"sk-QUERY"}},"ai":{"proxy":{"payload":{"request":"{\"messages\":\"PROMPT\"}"}}},"started_at":"bad"}"#;
+        let litellm = br#"[{"id":"x","messages":[{"role":"user","content":"PROMPT"}],"response":{"choices":[{"message":{"content":"ANSWER"}}]},"startTime":"bad"}]"#;
+        let cut = br#"{"request":{"headers":{"x-api-key":"sk-CUT","user-agent":"curl"#;
+        let cut_url = br#"{"request":{"uri":"/v1/x?apikey=sk-URL","headers":{"#;
+        for raw in [&kong[..], litellm, cut, cut_url] {
+            let text = String::from_utf8(redact(raw)).unwrap();
+            for secret in ["sk-", "PROMPT", "ANSWER"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains(REDACTED), "{text}");
+        }
+        let text = String::from_utf8(redact(kong)).unwrap();
+        assert!(
+            text.contains("\"user-agent\":\"curl\"") && text.contains("/v1/chat?"),
+            "{text}"
         );
     }
 

@@ -9,15 +9,9 @@ pub(super) struct DeadLetter {
     payload: Vec<u8>,
     key: Option<Vec<u8>>,
     offset: i64,
+    /// Its index in its message's JSON array.
+    element: Option<u32>,
     error: String,
-}
-
-/// Why a record is a dead letter.
-pub(super) enum Rejected {
-    /// Longer than `pipeline.max_record_bytes`.
-    Oversize,
-    /// Not a record the detectors can use.
-    Invalid(detectors::DecodeError),
 }
 
 /// The state of one partition's worker.
@@ -28,6 +22,8 @@ pub(super) struct PartitionWorker<'s> {
     stop: Arc<AtomicBool>,
     engine: Engine,
     decoder: Decoder,
+    /// The format of this topic's records.
+    format: Format,
     /// The offset stored in Postgres: re-read records below it change no data.
     committed: Option<i64>,
     /// Next offset expected (lower ones are re-deliveries).
@@ -90,6 +86,7 @@ impl<'s> PartitionWorker<'s> {
         PartitionWorker {
             shared,
             decoder: shared.decoder.clone(),
+            format: shared.kafka.format_of(&topic),
             topic,
             partition,
             stop,
@@ -187,9 +184,17 @@ impl<'s> PartitionWorker<'s> {
                 .metrics
                 .caught_up
                 .fetch_add(1, Ordering::Relaxed);
-            if let Ok(ev) = self.read(payload, reference_ms) {
-                self.engine.observe(&ev, &mut self.scratch);
-                self.scratch.clear();
+            if payload.len() <= self.shared.pipeline.max_record_bytes {
+                let format = self.format;
+                split_records(payload, |piece| {
+                    if let Piece::Record(bytes, element) = piece {
+                        if let Ok((ev, _)) = self.read(format, bytes, offset, element, reference_ms)
+                        {
+                            self.engine.observe(&ev, &mut self.scratch);
+                            self.scratch.clear();
+                        }
+                    }
+                });
             }
             return;
         }
@@ -212,63 +217,132 @@ impl<'s> PartitionWorker<'s> {
             };
         }
         self.last = offset;
-        match self.read(payload, reference_ms) {
-            Ok(ev) => {
-                if ev.repaired & detectors::decode::TS_REPAIRED != 0 {
-                    self.shared.metrics.ahead.fetch_add(1, Ordering::Relaxed);
+        if payload.len() > self.shared.pipeline.max_record_bytes {
+            let error = format!(
+                "record: {} bytes, more than pipeline.max_record_bytes ({}); the first {OVERSIZE_KEPT} kept",
+                payload.len(),
+                self.shared.pipeline.max_record_bytes
+            );
+            self.dead_letter(
+                &payload[..OVERSIZE_KEPT.min(payload.len())],
+                key,
+                offset,
+                None,
+                error,
+            );
+            return;
+        }
+        // A message holding a JSON array is its records, each decoded,
+        // counted and dead-lettered on its own. A batch closes only between
+        // messages, so a message's records commit together.
+        let format = self.format;
+        split_records(payload, |piece| match piece {
+            Piece::Record(bytes, element) => {
+                if element.is_some() {
+                    self.shared
+                        .metrics
+                        .array_records
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
-                if ev.repaired != 0 {
-                    self.shared.metrics.repaired.fetch_add(1, Ordering::Relaxed);
-                }
-                let outcome = self.engine.observe(&ev, &mut self.alerts);
-                let duplicate = match outcome {
-                    Outcome::Counted { cost_micros } => {
-                        self.rollups.add(&ev, cost_micros);
-                        false
+                match self.read(format, bytes, offset, element, reference_ms) {
+                    Ok((ev, read_as)) => self.count(&ev, offset, element, read_as),
+                    Err(e) => {
+                        let error = match element {
+                            Some(i) => format!("element {i}: {e}"),
+                            None => e.to_string(),
+                        };
+                        self.dead_letter(bytes, key, offset, element, error);
                     }
-                    Outcome::Duplicate => true,
-                };
-                if self.shared.pipeline.parquet_dir.is_some() {
-                    self.lake.push(event_row(&ev, offset, duplicate));
                 }
             }
-            Err(why) => {
-                let (kept, error) = match why {
-                    Rejected::Oversize => (
-                        &payload[..OVERSIZE_KEPT.min(payload.len())],
-                        format!(
-                            "record: {} bytes, more than pipeline.max_record_bytes ({}); the first {OVERSIZE_KEPT} kept",
-                            payload.len(),
-                            self.shared.pipeline.max_record_bytes
-                        ),
-                    ),
-                    Rejected::Invalid(e) => (payload, e.to_string()),
-                };
-                self.dead.push(DeadLetter {
-                    payload: redact(kept),
-                    key: key.map(<[u8]>::to_vec),
-                    offset,
-                    error,
-                });
+            Piece::Broken(bytes, element, e) => {
+                self.shared
+                    .metrics
+                    .array_records
+                    .fetch_add(1, Ordering::Relaxed);
+                let error =
+                    format!("element {element}: {e} (this element and the rest of the array)");
+                let kept = &bytes[..OVERSIZE_KEPT.min(bytes.len())];
+                self.dead_letter(kept, key, offset, Some(element), error);
             }
+        });
+    }
+
+    /// Counts a decoded record: the detectors, the rollups, the lake row.
+    fn count(
+        &mut self,
+        ev: &detectors::Event<'_>,
+        offset: i64,
+        element: Option<u32>,
+        read_as: Format,
+    ) {
+        let m = &self.shared.metrics;
+        if ev.repaired & detectors::decode::TS_REPAIRED != 0 {
+            m.ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        m.decoded.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Format::CONCRETE.iter().position(|f| *f == read_as) {
+            m.by_format[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if ev.repaired != 0 {
+            m.repaired.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = self.engine.observe(ev, &mut self.alerts);
+        let duplicate = match outcome {
+            Outcome::Counted { cost_micros } => {
+                self.rollups.add(ev, cost_micros);
+                false
+            }
+            Outcome::Duplicate => true,
+        };
+        if self.shared.pipeline.parquet_dir.is_some() {
+            let at = RowOrigin {
+                offset,
+                element,
+                format: read_as,
+            };
+            self.lake.push(event_row(ev, at, duplicate));
         }
     }
 
-    /// A record as the detectors take it: within `pipeline.max_record_bytes`,
-    /// decoded, and its time held to its message's. The first read and a
-    /// rebuild's re-read go through here alike, so both decide the same.
+    /// Holds a record for the dead-letter topic, its secrets removed.
+    fn dead_letter(
+        &mut self,
+        kept: &[u8],
+        key: Option<&[u8]>,
+        offset: i64,
+        element: Option<u32>,
+        error: String,
+    ) {
+        self.dead.push(DeadLetter {
+            payload: redact(kept),
+            key: key.map(<[u8]>::to_vec),
+            offset,
+            element,
+            error,
+        });
+    }
+
+    /// A record as the detectors take it: decoded in the topic's format,
+    /// and its time held to its message's. The first read and a rebuild's
+    /// re-read go through here alike, so both decide the same.
     fn read<'p>(
         &mut self,
-        payload: &'p [u8],
+        format: Format,
+        bytes: &'p [u8],
+        offset: i64,
+        element: Option<u32>,
         reference_ms: i64,
-    ) -> Result<detectors::Event<'p>, Rejected> {
-        if payload.len() > self.shared.pipeline.max_record_bytes {
-            return Err(Rejected::Oversize);
-        }
-        let mut ev = self.decoder.decode(payload).map_err(Rejected::Invalid)?;
+    ) -> Result<(detectors::Event<'p>, Format), detectors::DecodeError> {
+        let origin = Origin {
+            stream: &self.topic,
+            partition: self.partition,
+            offset,
+            element,
+        };
+        let (mut ev, read_as) = self.decoder.decode_as(format, bytes, &origin)?;
         self.engine.bound_time(&mut ev, reference_ms);
-        Ok(ev)
+        Ok((ev, read_as))
     }
 
     /// The first record after a resume is past the one asked for. Some
@@ -489,7 +563,8 @@ impl<'s> PartitionWorker<'s> {
             let mut pending = Vec::with_capacity(self.dead.len());
             for d in &self.dead {
                 let offset = d.offset.to_string();
-                let headers = OwnedHeaders::new()
+                let element = d.element.map(|e| e.to_string());
+                let mut headers = OwnedHeaders::new()
                     .insert(Header {
                         key: "keywatch.origin.topic",
                         value: Some(self.topic.as_bytes()),
@@ -506,6 +581,12 @@ impl<'s> PartitionWorker<'s> {
                         key: "keywatch.error",
                         value: Some(d.error.as_bytes()),
                     });
+                if let Some(e) = &element {
+                    headers = headers.insert(Header {
+                        key: "keywatch.origin.element",
+                        value: Some(e.as_bytes()),
+                    });
+                }
                 let mut rec = FutureRecord::to(&self.shared.kafka.dead_letter_topic)
                     .payload(&d.payload)
                     .headers(headers);

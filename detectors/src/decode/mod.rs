@@ -6,9 +6,24 @@
 //! skipped (after checking they are valid JSON), and `null` for an optional
 //! field means the field is absent. Every rejection names the field and the
 //! problem, e.g. `prompt_tokens: expected a non-negative integer, got -3`.
+//!
+//! Beside it, one module per gateway whose own log format keywatch reads
+//! ([`litellm`], [`kong`], [`apisix`], [`envoy`]), each mapping a record into
+//! the same [`Event`] with the same strictness, and [`gateway`]: the
+//! [`Format`] of a topic, the shape recognition of `auto`, and the split of
+//! a message holding a JSON array of records.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
+
+pub mod apisix;
+pub mod envoy;
+pub mod gateway;
+pub mod kong;
+pub mod litellm;
+
+pub use gateway::{split_records, Format, GatewayOptions, KongCost, Origin, Piece};
 
 use crate::event::{Event, Phase};
 use crate::hash::SecretHasher;
@@ -19,15 +34,30 @@ const MAX_DEPTH: u32 = 64;
 /// Longest value text quoted back in an error message.
 const SNIPPET: usize = 40;
 
-/// Why a record was refused; `field` names where (`record` for the whole line).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
+/// Why a record was refused; `field` names where (`record` for the whole
+/// line), and `gateway` whose format it was read as (none: the canonical
+/// event). Shown as `kong: consumer: required field is missing`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeError {
-    /// The field at fault, or `record` when the line as a whole is wrong.
+    /// The field at fault (a dotted path in a gateway's record), or `record`
+    /// when the line as a whole is wrong.
     pub field: &'static str,
     /// What is wrong with it.
     pub problem: Problem,
+    /// The gateway format the record was read as; `None` for the canonical event.
+    pub gateway: Option<Format>,
 }
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(g) = self.gateway {
+            write!(f, "{}: ", g.as_str())?;
+        }
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for DecodeError {}
 
 /// What is wrong with a field or record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,12 +103,33 @@ pub enum Problem {
 
 impl DecodeError {
     fn new(field: &'static str, problem: Problem) -> Self {
-        DecodeError { field, problem }
+        DecodeError {
+            field,
+            problem,
+            gateway: None,
+        }
+    }
+
+    /// The same error, said of a record read in `gateway`'s format.
+    fn of(mut self, gateway: Format) -> Self {
+        if gateway != Format::Canonical {
+            self.gateway = Some(gateway);
+        }
+        self
+    }
+
+    /// `field: kind` (with the gateway in front when there is one): the
+    /// group a summary counts this error under.
+    pub fn reason(&self) -> String {
+        match self.gateway {
+            Some(g) => format!("{}: {}: {}", g.as_str(), self.field, self.kind()),
+            None => format!("{}: {}", self.field, self.kind()),
+        }
     }
 
     /// A short, stable name of the problem's kind (`missing`, `wrong_type`,
     /// `invalid`, `too_long`, `duplicate`, `syntax`, `invalid_utf8`), for
-    /// grouping errors in summaries, metrics and dead-letter headers.
+    /// grouping errors in summaries.
     pub fn kind(&self) -> &'static str {
         match self.problem {
             Problem::Syntax { .. } => "syntax",
@@ -113,6 +164,7 @@ impl fmt::Display for Problem {
 #[derive(Clone, Debug)]
 pub struct Decoder {
     secrets: SecretHasher,
+    options: Arc<GatewayOptions>,
 }
 
 /// One JSON value's kind, as far as the decoder needs to know it.
@@ -210,30 +262,52 @@ pub fn repaired_fields(mask: u32) -> impl Iterator<Item = &'static str> {
 impl Decoder {
     /// A decoder whose keyed hashes use `hash_key`.
     pub fn new(hash_key: &[u8]) -> Self {
+        Decoder::with_options(hash_key, GatewayOptions::default())
+    }
+
+    /// A decoder whose keyed hashes use `hash_key` and whose gateway
+    /// adapters follow `options` (where identity comes from when a record
+    /// lacks its own).
+    pub fn with_options(hash_key: &[u8], options: GatewayOptions) -> Self {
         Decoder {
             secrets: SecretHasher::new(hash_key),
+            options: Arc::new(options),
         }
+    }
+
+    /// The adapters' options.
+    pub fn options(&self) -> &GatewayOptions {
+        &self.options
+    }
+
+    /// Decodes one record read in `format` (`auto`: recognised by its
+    /// shape), returning the event and the format it was read as (never
+    /// `auto`). `origin` names records whose gateway logs no request id
+    /// (APISIX by default): their id is their place in the stream, so a
+    /// re-delivery of the same message is still a duplicate.
+    pub fn decode_as<'a>(
+        &self,
+        format: Format,
+        record: &'a [u8],
+        origin: &Origin<'_>,
+    ) -> Result<(Event<'a>, Format), DecodeError> {
+        let format = match format {
+            Format::Auto => gateway::recognise(record)?,
+            f => f,
+        };
+        let ev = match format {
+            Format::Canonical | Format::Auto => self.decode(record)?,
+            Format::Litellm => litellm::decode(self, record, origin)?,
+            Format::Kong => kong::decode(self, record, origin)?,
+            Format::Apisix => apisix::decode(self, record, origin)?,
+            Format::EnvoyAiGateway => envoy::decode(self, record, origin)?,
+        };
+        Ok((ev, format))
     }
 
     /// Decodes one record (a line, without or with its trailing newline).
     pub fn decode<'a>(&self, line: &'a [u8]) -> Result<Event<'a>, DecodeError> {
-        // A UTF-8 byte-order mark (a file saved by an editor that writes
-        // one, on its first line) is skipped.
-        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
-        let s = std::str::from_utf8(line).map_err(|e| {
-            DecodeError::new(
-                "record",
-                Problem::InvalidUtf8 {
-                    at: e.valid_up_to(),
-                },
-            )
-        })?;
-        let mut sc = Scanner {
-            s,
-            b: line,
-            i: 0,
-            mangled: None,
-        };
+        let mut sc = Scanner::open(line)?;
         let mut ev = Event::new(0, "", "", "");
         let mut seen = 0u32;
         let mut api_key: Option<Cow<'a, str>> = None;
@@ -470,6 +544,110 @@ fn char_len(s: &str) -> usize {
 }
 
 impl<'a> Scanner<'a> {
+    /// A scanner at the start of `line`, which must be UTF-8. A UTF-8
+    /// byte-order mark (a file saved by an editor that writes one, on its
+    /// first line) is skipped.
+    fn open(line: &'a [u8]) -> Result<Self, DecodeError> {
+        let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        let s = std::str::from_utf8(line).map_err(|e| {
+            DecodeError::new(
+                "record",
+                Problem::InvalidUtf8 {
+                    at: e.valid_up_to(),
+                },
+            )
+        })?;
+        Ok(Scanner {
+            s,
+            b: line,
+            i: 0,
+            mangled: None,
+        })
+    }
+
+    /// Reads the object at the cursor, calling `f` with each field name;
+    /// `f` consumes the field's value (reading or skipping it).
+    fn fields(
+        &mut self,
+        mut f: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), DecodeError>,
+    ) -> Result<(), DecodeError> {
+        self.ws();
+        self.expect(b'{', "'{'")?;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.syntax("a field name"));
+            }
+            let key = self.string("record")?;
+            self.mangled = None;
+            self.ws();
+            self.expect(b':', "':'")?;
+            self.ws();
+            f(self, key)?;
+            self.mangled = None;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.syntax("',' or '}'")),
+            }
+        }
+    }
+
+    /// The end of a record: nothing but white space after its value.
+    fn end(&mut self) -> Result<(), DecodeError> {
+        self.ws();
+        if self.i != self.b.len() {
+            return Err(self.syntax("the end of the record"));
+        }
+        Ok(())
+    }
+
+    /// Whether the value at the cursor is an object (else it is read by
+    /// the caller, or skipped).
+    fn at_object(&self) -> bool {
+        self.peek() == Some(b'{')
+    }
+
+    /// A number that may have a fraction (`null`: absent). Anything else
+    /// is the wrong type.
+    fn float(&mut self, field: &'static str) -> Result<Option<f64>, DecodeError> {
+        match self.raw(field)? {
+            Raw::Num(n) => n
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .map(Some)
+                .ok_or_else(|| invalid(field, "a finite number", snippet(n).to_string())),
+            Raw::Null => Ok(None),
+            other => {
+                let got = self.got(&other, false);
+                Err(DecodeError::new(
+                    field,
+                    Problem::WrongType {
+                        expected: "a number",
+                        got,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// The text of the value at the cursor, as sent (any JSON value).
+    fn span(&mut self) -> Result<&'a str, DecodeError> {
+        let start = self.i;
+        self.skip_value(0)?;
+        Ok(&self.s[start..self.i])
+    }
+
     #[inline]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
@@ -593,6 +771,39 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// Checks the JSON string at `self.i` (a quote) and moves past it,
+    /// accepting exactly what [`Scanner::string`] does, without building
+    /// its text: how values no one reads are skipped.
+    fn skip_string(&mut self) -> Result<(), DecodeError> {
+        self.i += 1;
+        loop {
+            self.i = plain_run(self.b, self.i);
+            match self.peek() {
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
+                        Some(b'u') => {
+                            self.i += 1;
+                            self.hex4("record")?;
+                        }
+                        Some(_) => {
+                            self.i += 1;
+                            return Err(self.syntax("a valid escape"));
+                        }
+                        None => return Err(self.syntax("an escape")),
+                    }
+                }
+                Some(_) => return Err(self.syntax("an escaped control character")),
+                None => return Err(self.syntax("a closing quote")),
+            }
+        }
+    }
+
     fn string_syntax(&self, _field: &'static str, expected: &'static str) -> DecodeError {
         self.syntax(expected)
     }
@@ -693,7 +904,7 @@ impl<'a> Scanner<'a> {
                     if self.peek() != Some(b'"') {
                         return Err(self.syntax("a field name"));
                     }
-                    self.string("record")?;
+                    self.skip_string()?;
                     self.ws();
                     self.expect(b':', "':'")?;
                     self.ws();
@@ -730,6 +941,7 @@ impl<'a> Scanner<'a> {
                     }
                 }
             }
+            Some(b'"') => self.skip_string(),
             _ => self.raw("record").map(|_| ()),
         }
     }
