@@ -86,6 +86,32 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
+    /// The same event owning all its text.
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |c: Cow<'a, str>| Cow::Owned(c.into_owned());
+        Event {
+            ts_ms: self.ts_ms,
+            request_id: own(self.request_id),
+            phase: self.phase,
+            user_id: own(self.user_id),
+            key_id: own(self.key_id),
+            tier: self.tier.map(own),
+            ip: self.ip,
+            asn: self.asn,
+            user_agent: self.user_agent.map(own),
+            endpoint: self.endpoint.map(own),
+            model: self.model.map(own),
+            status: self.status,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+            latency_ms: self.latency_ms,
+            prompt_fingerprint: self.prompt_fingerprint.map(own),
+            prompt_chars: self.prompt_chars,
+            repaired: self.repaired,
+        }
+    }
+
     /// A minimal exchange event, for tests and tools.
     pub fn new(ts_ms: i64, request_id: &'a str, user_id: &'a str, key_id: &'a str) -> Self {
         Event {

@@ -16,22 +16,11 @@
 
 use super::gateway::{path_only, Found, Origin};
 use super::kong::headers;
-use super::{
-    DecodeError, Decoder, Format, Problem, Scanner, F_ENDPOINT, F_IP, F_LAT, F_MODEL, F_STATUS,
-    F_TS,
-};
+use super::{DecodeError, Decoder, Problem, Scanner, F_ENDPOINT, F_LAT, F_MODEL, F_TS};
 use crate::event::Event;
 
-/// Decodes one APISIX record.
-pub(super) fn decode<'a>(
-    dec: &Decoder,
-    record: &'a [u8],
-    origin: &Origin<'_>,
-) -> Result<Event<'a>, DecodeError> {
-    read(dec, record, origin).map_err(|e| e.of(Format::Apisix))
-}
-
-fn read<'a>(
+/// Reads one APISIX record (errors are said of the gateway by the caller).
+pub(super) fn read<'a>(
     dec: &Decoder,
     record: &'a [u8],
     origin: &Origin<'_>,
@@ -81,21 +70,8 @@ fn read<'a>(
                 }
                 _ => sc.skip_value(0),
             })?,
-            "response" if sc.at_object() => sc.fields(|sc, k| match &*k {
-                "status" => {
-                    let (s, bad) = sc.status("response.status")?;
-                    f.flag(F_STATUS, bad);
-                    f.ev().status = s;
-                    Ok(())
-                }
-                _ => sc.skip_value(0),
-            })?,
-            "client_ip" => {
-                let (t, bad) = sc.text("client_ip", 64)?;
-                let ip = t.as_deref().and_then(|t| t.parse().ok());
-                f.flag(F_IP, bad || (t.is_some() && ip.is_none()));
-                f.ev().ip = ip;
-            }
+            "response" if sc.at_object() => f.response(sc)?,
+            "client_ip" => f.client_ip(sc)?,
             "latency" => {
                 let (ms, bad) = sc.millis("latency")?;
                 f.flag(F_LAT, bad);
@@ -174,6 +150,7 @@ fn read<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Format;
     use crate::decode::{GatewayOptions, Origin};
 
     /// An APISIX kafka-logger entry with `llm_summary` (fields as

@@ -18,22 +18,14 @@ use std::borrow::Cow;
 
 use super::gateway::{parse_addr, path_only, Found, Origin};
 use super::{
-    invalid, quote, DecodeError, Decoder, Format, Problem, Raw, Scanner, F_CT, F_ENDPOINT, F_IP,
-    F_LAT, F_MODEL, F_PT, F_STATUS, F_TS, F_UA,
+    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_CT, F_ENDPOINT, F_IP, F_LAT,
+    F_MODEL, F_PT, F_STATUS, F_TS, F_UA,
 };
 use crate::event::Event;
 use crate::time::parse_rfc3339;
 
-/// Decodes one Envoy AI Gateway record.
-pub(super) fn decode<'a>(
-    dec: &Decoder,
-    record: &'a [u8],
-    origin: &Origin<'_>,
-) -> Result<Event<'a>, DecodeError> {
-    read(dec, record, origin).map_err(|e| e.of(Format::EnvoyAiGateway))
-}
-
-fn read<'a>(
+/// Reads one Envoy AI Gateway record (errors are said of the gateway by the caller).
+pub(super) fn read<'a>(
     dec: &Decoder,
     record: &'a [u8],
     origin: &Origin<'_>,
@@ -179,6 +171,7 @@ fn field_name(_name: &str, what: &'static str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Format;
     use crate::decode::{GatewayOptions, Origin};
 
     /// An access-log entry in the documented format (values made up), with

@@ -637,6 +637,30 @@ pub(super) fn bearer(v: &str) -> Option<&str> {
 }
 
 impl<'a> Found<'a> {
+    /// `"response": {"status": N, …}` (Kong, APISIX): the status, flagged
+    /// and dropped when it is not one.
+    pub(super) fn response(&mut self, sc: &mut Scanner<'a>) -> Result<(), DecodeError> {
+        sc.fields(|sc, k| match &*k {
+            "status" => {
+                let (s, bad) = sc.status("response.status")?;
+                self.flag(super::F_STATUS, bad);
+                self.ev().status = s;
+                Ok(())
+            }
+            _ => sc.skip_value(0),
+        })
+    }
+
+    /// `"client_ip": "…"` (Kong, APISIX): an address, flagged and dropped
+    /// when it is not one.
+    pub(super) fn client_ip(&mut self, sc: &mut Scanner<'a>) -> Result<(), DecodeError> {
+        let (t, bad) = sc.text("client_ip", 64)?;
+        let ip = t.as_deref().and_then(|t| t.parse().ok());
+        self.flag(super::F_IP, bad || (t.is_some() && ip.is_none()));
+        self.ev().ip = ip;
+        Ok(())
+    }
+
     pub(super) fn new() -> Self {
         Found {
             ev: Some(Event::new(0, "", "", "")),

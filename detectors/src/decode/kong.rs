@@ -28,8 +28,7 @@ use std::borrow::Cow;
 
 use super::gateway::{bearer, path_only, Found, KongCost, Origin, Usage, UsageNames};
 use super::{
-    DecodeError, Decoder, Format, Problem, Raw, Scanner, F_ENDPOINT, F_IP, F_LAT, F_MODEL, F_REQ,
-    F_STATUS, F_TS, F_UA,
+    DecodeError, Decoder, Problem, Raw, Scanner, F_ENDPOINT, F_LAT, F_MODEL, F_REQ, F_TS, F_UA,
 };
 use crate::event::Event;
 
@@ -53,16 +52,8 @@ const PLUGIN: UsageNames = UsageNames {
     cost: "ai.*.usage.cost",
 };
 
-/// Decodes one Kong record.
-pub(super) fn decode<'a>(
-    dec: &Decoder,
-    record: &'a [u8],
-    origin: &Origin<'_>,
-) -> Result<Event<'a>, DecodeError> {
-    read(dec, record, origin).map_err(|e| e.of(Format::Kong))
-}
-
-fn read<'a>(
+/// Reads one Kong record (errors are said of the gateway by the caller).
+pub(super) fn read<'a>(
     dec: &Decoder,
     record: &'a [u8],
     origin: &Origin<'_>,
@@ -108,21 +99,8 @@ fn read<'a>(
                 }
                 _ => sc.skip_value(0),
             })?,
-            "response" if sc.at_object() => sc.fields(|sc, k| match &*k {
-                "status" => {
-                    let (s, bad) = sc.status("response.status")?;
-                    f.flag(F_STATUS, bad);
-                    f.ev().status = s;
-                    Ok(())
-                }
-                _ => sc.skip_value(0),
-            })?,
-            "client_ip" => {
-                let (t, bad) = sc.text("client_ip", 64)?;
-                let ip = t.as_deref().and_then(|t| t.parse().ok());
-                f.flag(F_IP, bad || (t.is_some() && ip.is_none()));
-                f.ev().ip = ip;
-            }
+            "response" if sc.at_object() => f.response(sc)?,
+            "client_ip" => f.client_ip(sc)?,
             "latencies" if sc.at_object() => sc.fields(|sc, k| match &*k {
                 "request" => {
                     let (ms, bad) = sc.millis("latencies.request")?;
@@ -370,6 +348,7 @@ fn payload<'a>(sc: &mut Scanner<'a>, f: &mut Found<'a>) -> Result<(), DecodeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Format;
     use crate::decode::{GatewayOptions, Origin};
 
     fn read_with(opts: GatewayOptions, rec: &str) -> Result<Event<'_>, DecodeError> {
@@ -485,6 +464,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(read_with(opts, &rec).unwrap().user_id, "tenant-7");
+    }
+
+    #[test]
+    fn a_byte_that_is_not_utf8_in_a_header_is_flagged_not_refused() {
+        // `@` marks where a byte 0xFF goes: a client's raw header byte.
+        let with_ff = |rec: String| -> Vec<u8> {
+            rec.into_bytes()
+                .into_iter()
+                .map(|b| if b == b'@' { 0xFF } else { b })
+                .collect()
+        };
+        let dec = Decoder::new(b"test-key");
+        let bytes = with_ff(record("").replace("python-httpx/0.27", "evil@agent"));
+        for format in [Format::Kong, Format::Auto] {
+            let (ev, read_as) = dec.decode_as(format, &bytes, &Origin::NOWHERE).unwrap();
+            assert_eq!(read_as, Format::Kong);
+            assert_eq!(ev.user_id, "acme", "the request is counted to its account");
+            assert_eq!(ev.user_agent.as_deref(), Some("evil\u{FFFD}agent"));
+            let fields: Vec<_> = super::super::repaired_fields(ev.repaired).collect();
+            assert_eq!(fields, ["user_agent"]);
+        }
+        // In an identity it is refused, as any changed identity is.
+        let bytes = with_ff(record("").replace(r#""username":"acme""#, r#""username":"ac@me""#));
+        let e = dec
+            .decode_as(Format::Kong, &bytes, &Origin::NOWHERE)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("kong: record: not valid UTF-8 at byte"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ use std::borrow::Cow;
 
 use super::gateway::{parse_addr, parse_naive_or_rfc3339, path_only, Found, Origin};
 use super::{
-    invalid, quote, DecodeError, Decoder, Format, Problem, Raw, Scanner, F_COST, F_CT, F_ENDPOINT,
-    F_IP, F_KEY, F_MODEL, F_PT, F_REQ, F_STATUS, F_TS, F_UA, F_USER,
+    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_COST, F_CT, F_ENDPOINT, F_IP,
+    F_KEY, F_MODEL, F_PT, F_REQ, F_STATUS, F_TS, F_UA, F_USER,
 };
 use crate::event::Event;
 
@@ -97,16 +97,8 @@ fn placeholder(k: &str) -> bool {
     k.starts_with("unused")
 }
 
-/// Decodes one LiteLLM record.
-pub(super) fn decode<'a>(
-    dec: &Decoder,
-    record: &'a [u8],
-    origin: &Origin<'_>,
-) -> Result<Event<'a>, DecodeError> {
-    read(dec, record, origin).map_err(|e| e.of(Format::Litellm))
-}
-
-fn read<'a>(
+/// Reads one LiteLLM record (errors are said of the gateway by the caller).
+pub(super) fn read<'a>(
     dec: &Decoder,
     record: &'a [u8],
     origin: &Origin<'_>,
@@ -356,6 +348,7 @@ fn ip<'a>(sc: &mut Scanner<'a>, f: &mut Found<'a>) -> Result<(), DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Format;
     use crate::decode::Origin;
 
     fn dec() -> Decoder {

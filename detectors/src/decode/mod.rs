@@ -292,17 +292,71 @@ impl Decoder {
         origin: &Origin<'_>,
     ) -> Result<(Event<'a>, Format), DecodeError> {
         let format = match format {
-            Format::Auto => gateway::recognise(record)?,
+            Format::Auto => match gateway::recognise(record) {
+                Err(e) if matches!(e.problem, Problem::InvalidUtf8 { .. }) => {
+                    let text = String::from_utf8_lossy(record);
+                    gateway::recognise(text.as_bytes()).map_err(|_| e)?
+                }
+                other => other?,
+            },
             f => f,
         };
+        match self.read_as(format, record, origin) {
+            // A gateway writes a client's header bytes as they came: one
+            // that is not UTF-8 (in a User-Agent, say) must not make the
+            // request go uncounted. The record is read with U+FFFD in its
+            // place and the fields that hold one are flagged; an identity
+            // holding one is refused, as a changed identity always is.
+            Err(e)
+                if format != Format::Canonical
+                    && matches!(e.problem, Problem::InvalidUtf8 { .. }) =>
+            {
+                let text = String::from_utf8_lossy(record);
+                let mut ev = self
+                    .read_as(format, text.as_bytes(), origin)
+                    .map_err(|_| e.clone())?;
+                let bad = |t: &str| t.contains('\u{FFFD}');
+                if bad(&ev.request_id) || bad(&ev.user_id) || bad(&ev.key_id) {
+                    return Err(e);
+                }
+                let mut flagged = 0;
+                for (bit, t) in [
+                    (F_TIER, &ev.tier),
+                    (F_UA, &ev.user_agent),
+                    (F_ENDPOINT, &ev.endpoint),
+                    (F_MODEL, &ev.model),
+                ] {
+                    if t.as_deref().is_some_and(bad) {
+                        flagged |= bit;
+                    }
+                }
+                if flagged == 0 && ev.prompt_fingerprint.is_some() {
+                    // Else the byte was in the prompt (fingerprinted with
+                    // U+FFFD in its place) or in a field no one reads.
+                    flagged = F_PROMPT;
+                }
+                ev.repaired |= flagged;
+                Ok((ev.into_owned(), format))
+            }
+            other => other.map(|ev| (ev, format)),
+        }
+    }
+
+    fn read_as<'a>(
+        &self,
+        format: Format,
+        record: &'a [u8],
+        origin: &Origin<'_>,
+    ) -> Result<Event<'a>, DecodeError> {
         let ev = match format {
-            Format::Canonical | Format::Auto => self.decode(record)?,
-            Format::Litellm => litellm::decode(self, record, origin)?,
-            Format::Kong => kong::decode(self, record, origin)?,
-            Format::Apisix => apisix::decode(self, record, origin)?,
-            Format::EnvoyAiGateway => envoy::decode(self, record, origin)?,
-        };
-        Ok((ev, format))
+            Format::Canonical | Format::Auto => self.decode(record),
+            Format::Litellm => litellm::read(self, record, origin),
+            Format::Kong => kong::read(self, record, origin),
+            Format::Apisix => apisix::read(self, record, origin),
+            Format::EnvoyAiGateway => envoy::read(self, record, origin),
+        }
+        .map_err(|e| e.of(format))?;
+        Ok(ev)
     }
 
     /// Decodes one record (a line, without or with its trailing newline).
