@@ -14,9 +14,9 @@
 //! | endpoint, user_agent | `request.uri` without its query, `request.headers.user-agent` |
 //! | prompt | `llm_request.messages` (with `logging.payloads`) |
 
-use super::gateway::{path_only, Found, Origin};
+use super::gateway::{plain_addr, Found, Origin};
 use super::kong::headers;
-use super::{DecodeError, Decoder, Problem, Scanner, F_ENDPOINT, F_LAT, F_MODEL, F_TS};
+use super::{DecodeError, Decoder, Problem, Scanner, F_MODEL, F_TS};
 use crate::event::Event;
 
 /// Reads one APISIX record (errors are said of the gateway by the caller).
@@ -51,12 +51,8 @@ pub(super) fn read<'a>(
             }
             "request" if sc.at_object() => sc.fields(|sc, k| {
                 match &*k {
-                    "uri" => {
-                        let (t, bad) = sc.text("request.uri", 256)?;
-                        f.flag(F_ENDPOINT, bad);
-                        f.ev().endpoint = t.map(path_only);
-                    }
-                    "headers" if sc.at_object() => headers(sc, &mut f, opts, "request.headers")?,
+                    "uri" => f.endpoint(sc, "request.uri")?,
+                    "headers" if sc.at_object() => headers(sc, &mut f, opts)?,
                     _ => sc.skip_value(0)?,
                 }
                 Ok(())
@@ -71,12 +67,8 @@ pub(super) fn read<'a>(
                 _ => sc.skip_value(0),
             })?,
             "response" if sc.at_object() => f.response(sc)?,
-            "client_ip" => f.client_ip(sc)?,
-            "latency" => {
-                let (ms, bad) = sc.millis("latency")?;
-                f.flag(F_LAT, bad);
-                f.ev().latency_ms = ms;
-            }
+            "client_ip" => f.address(sc, "client_ip", plain_addr)?,
+            "latency" => f.latency(sc, "latency")?,
             "llm_summary" if sc.at_object() => {
                 let mut got = 0u8;
                 sc.fields(|sc, k| {

@@ -16,10 +16,10 @@
 
 use std::borrow::Cow;
 
-use super::gateway::{parse_addr, path_only, Found, Origin};
+use super::gateway::{parse_addr, Found, Origin};
 use super::{
-    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_CT, F_ENDPOINT, F_IP, F_LAT,
-    F_MODEL, F_PT, F_STATUS, F_TS, F_UA,
+    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_CT, F_MODEL, F_PT, F_STATUS,
+    F_TS, F_UA,
 };
 use crate::event::Event;
 use crate::time::parse_rfc3339;
@@ -108,18 +108,9 @@ pub(super) fn read<'a>(
                 f.flag(F_STATUS, bad);
                 f.ev().status = s;
             }
-            "duration" => {
-                let (ms, bad) = sc.millis("duration")?;
-                f.flag(F_LAT, bad);
-                f.ev().latency_ms = ms;
-            }
+            "duration" => f.latency(sc, "duration")?,
             "downstream_remote_address" => {
-                let (t, bad) = sc.text("downstream_remote_address", 64)?;
-                let ip = t.as_deref().and_then(parse_addr);
-                f.flag(F_IP, bad || (t.is_some() && ip.is_none()));
-                if ip.is_some() {
-                    f.ev().ip = ip;
-                }
+                f.address(sc, "downstream_remote_address", parse_addr)?
             }
             "x-forwarded-for" => {
                 if let Raw::Str(t) = sc.raw("x-forwarded-for")? {
@@ -131,11 +122,7 @@ pub(super) fn read<'a>(
                 f.flag(F_UA, bad);
                 f.ev().user_agent = t;
             }
-            "x-envoy-origin-path" => {
-                let (t, bad) = sc.text("x-envoy-origin-path", 256)?;
-                f.flag(F_ENDPOINT, bad);
-                f.ev().endpoint = t.map(path_only);
-            }
+            "x-envoy-origin-path" => f.endpoint(sc, "x-envoy-origin-path")?,
             _ => sc.skip_value(0)?,
         }
         Ok(())

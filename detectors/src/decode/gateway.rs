@@ -604,6 +604,11 @@ pub(super) fn parse_addr(s: &str) -> Option<std::net::IpAddr> {
     host.parse::<std::net::Ipv4Addr>().ok().map(Into::into)
 }
 
+/// A plain IP address (Kong's and APISIX's `client_ip`).
+pub(super) fn plain_addr(s: &str) -> Option<std::net::IpAddr> {
+    s.parse().ok()
+}
+
 /// An endpoint without its query string: keys sent as `?apikey=` must not
 /// be kept, and the path is what groups requests.
 pub(super) fn path_only(t: Cow<'_, str>) -> Cow<'_, str> {
@@ -651,13 +656,46 @@ impl<'a> Found<'a> {
         })
     }
 
-    /// `"client_ip": "…"` (Kong, APISIX): an address, flagged and dropped
-    /// when it is not one.
-    pub(super) fn client_ip(&mut self, sc: &mut Scanner<'a>) -> Result<(), DecodeError> {
-        let (t, bad) = sc.text("client_ip", 64)?;
-        let ip = t.as_deref().and_then(|t| t.parse().ok());
+    /// A client address read by `parse` (a plain address, or
+    /// [`parse_addr`]'s `ip:port` and forwarding lists): taken when it is
+    /// one, else flagged and dropped; the first address read stands.
+    pub(super) fn address(
+        &mut self,
+        sc: &mut Scanner<'a>,
+        field: &'static str,
+        parse: fn(&str) -> Option<std::net::IpAddr>,
+    ) -> Result<(), DecodeError> {
+        let (t, bad) = sc.text(field, 256)?;
+        let ip = t.as_deref().and_then(parse);
         self.flag(super::F_IP, bad || (t.is_some() && ip.is_none()));
-        self.ev().ip = ip;
+        if self.ev().ip.is_none() {
+            self.ev().ip = ip;
+        }
+        Ok(())
+    }
+
+    /// An endpoint, cut to 256 characters and to its path (flagged when cut).
+    pub(super) fn endpoint(
+        &mut self,
+        sc: &mut Scanner<'a>,
+        field: &'static str,
+    ) -> Result<(), DecodeError> {
+        let (t, bad) = sc.text(field, 256)?;
+        self.flag(super::F_ENDPOINT, bad);
+        self.ev().endpoint = t.map(path_only);
+        Ok(())
+    }
+
+    /// A latency in (possibly fractional) milliseconds; flagged and dropped
+    /// when it is not a non-negative number.
+    pub(super) fn latency(
+        &mut self,
+        sc: &mut Scanner<'a>,
+        field: &'static str,
+    ) -> Result<(), DecodeError> {
+        let (ms, bad) = sc.millis(field)?;
+        self.flag(super::F_LAT, bad);
+        self.ev().latency_ms = ms;
         Ok(())
     }
 

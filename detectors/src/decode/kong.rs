@@ -26,10 +26,8 @@
 
 use std::borrow::Cow;
 
-use super::gateway::{bearer, path_only, Found, KongCost, Origin, Usage, UsageNames};
-use super::{
-    DecodeError, Decoder, Problem, Raw, Scanner, F_ENDPOINT, F_LAT, F_MODEL, F_REQ, F_TS, F_UA,
-};
+use super::gateway::{bearer, plain_addr, Found, KongCost, Origin, Usage, UsageNames};
+use super::{DecodeError, Decoder, Problem, Raw, Scanner, F_MODEL, F_REQ, F_TS, F_UA};
 use crate::event::Event;
 
 const FLAT: UsageNames = UsageNames {
@@ -100,14 +98,9 @@ pub(super) fn read<'a>(
                 _ => sc.skip_value(0),
             })?,
             "response" if sc.at_object() => f.response(sc)?,
-            "client_ip" => f.client_ip(sc)?,
+            "client_ip" => f.address(sc, "client_ip", plain_addr)?,
             "latencies" if sc.at_object() => sc.fields(|sc, k| match &*k {
-                "request" => {
-                    let (ms, bad) = sc.millis("latencies.request")?;
-                    f.flag(F_LAT, bad);
-                    f.ev().latency_ms = ms;
-                    Ok(())
-                }
+                "request" => f.latency(sc, "latencies.request"),
                 _ => sc.skip_value(0),
             })?,
             "ai" if sc.at_object() => ai(sc, &mut f, &mut usage)?,
@@ -159,12 +152,8 @@ fn request<'a>(
                     f.request_id.offer(0, id);
                 }
             }
-            "uri" => {
-                let (t, bad) = sc.text("request.uri", 256)?;
-                f.flag(F_ENDPOINT, bad);
-                f.ev().endpoint = t.map(path_only);
-            }
-            "headers" if sc.at_object() => headers(sc, f, opts, "request.headers")?,
+            "uri" => f.endpoint(sc, "request.uri")?,
+            "headers" if sc.at_object() => headers(sc, f, opts)?,
             _ => sc.skip_value(0)?,
         }
         Ok(())
@@ -189,9 +178,7 @@ pub(super) fn headers<'a>(
     sc: &mut Scanner<'a>,
     f: &mut Found<'a>,
     opts: &super::GatewayOptions,
-    at: &'static str,
 ) -> Result<(), DecodeError> {
-    let _ = at;
     sc.fields(|sc, k| {
         let name = &*k;
         if opts

@@ -18,10 +18,10 @@
 
 use std::borrow::Cow;
 
-use super::gateway::{parse_addr, parse_naive_or_rfc3339, path_only, Found, Origin};
+use super::gateway::{parse_addr, parse_naive_or_rfc3339, Found, Origin};
 use super::{
-    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_COST, F_CT, F_ENDPOINT, F_IP,
-    F_KEY, F_MODEL, F_PT, F_REQ, F_STATUS, F_TS, F_UA, F_USER,
+    invalid, quote, DecodeError, Decoder, Problem, Raw, Scanner, F_COST, F_CT, F_KEY, F_MODEL,
+    F_PT, F_REQ, F_STATUS, F_TS, F_UA, F_USER,
 };
 use crate::event::Event;
 
@@ -195,7 +195,7 @@ pub(super) fn read<'a>(
             }
             "model_group" => model(sc, &mut f, 0, "model_group")?,
             "model" => model(sc, &mut f, 1, "model")?,
-            "requester_ip_address" => ip(sc, &mut f)?,
+            "requester_ip_address" => f.address(sc, "requester_ip_address", parse_addr)?,
             "user_agent" => {
                 let (t, bad) = sc.text("user_agent", 512)?;
                 f.flag(F_UA, bad);
@@ -304,16 +304,16 @@ fn metadata<'a>(
                     f.user.offer(3, u);
                 }
             }
-            "requester_ip_address" if f.ev().ip.is_none() => ip(sc, f)?,
+            "requester_ip_address" if f.ev().ip.is_none() => {
+                f.address(sc, "metadata.requester_ip_address", parse_addr)?
+            }
             "user_agent" if f.ev().user_agent.is_none() => {
                 let (t, bad) = sc.text("metadata.user_agent", 512)?;
                 f.flag(F_UA, bad);
                 f.ev().user_agent = t;
             }
             "user_api_key_request_route" => {
-                let (t, bad) = sc.text("metadata.user_api_key_request_route", 256)?;
-                f.flag(F_ENDPOINT, bad);
-                f.ev().endpoint = t.map(path_only);
+                f.endpoint(sc, "metadata.user_api_key_request_route")?
             }
             _ => sc.skip_value(0)?,
         }
@@ -331,16 +331,6 @@ fn model<'a>(
     f.flag(F_MODEL, bad);
     if let Some(t) = t {
         f.model.offer(rank, t);
-    }
-    Ok(())
-}
-
-fn ip<'a>(sc: &mut Scanner<'a>, f: &mut Found<'a>) -> Result<(), DecodeError> {
-    let (t, bad) = sc.text("requester_ip_address", 256)?;
-    let ip = t.as_deref().and_then(parse_addr);
-    f.flag(F_IP, bad || (t.is_some() && ip.is_none()));
-    if ip.is_some() {
-        f.ev().ip = ip;
     }
     Ok(())
 }

@@ -367,96 +367,68 @@ impl Decoder {
         let mut api_key: Option<Cow<'a, str>> = None;
         let mut prompt: Option<Cow<'a, str>> = None;
 
-        sc.ws();
-        sc.expect(b'{', "'{'")?;
-        sc.ws();
-        if sc.peek() == Some(b'}') {
-            sc.i += 1;
-        } else {
-            loop {
-                sc.ws();
-                if sc.peek() != Some(b'"') {
-                    return Err(sc.syntax("a field name"));
-                }
-                let key = sc.string("record")?;
-                sc.mangled = None;
-                sc.ws();
-                sc.expect(b':', "':'")?;
-                sc.ws();
-                let (bit, field) = field_of(&key);
-                let repeat = bit != 0 && seen & bit != 0;
-                if repeat && bit & DESCRIPTIVE == 0 {
-                    return Err(DecodeError::new(field, Problem::Duplicate));
-                }
-                seen |= bit;
-                if repeat {
-                    // A descriptive field twice: the first stands.
-                    ev.repaired |= bit;
-                    sc.skip_value(0)?;
-                } else if bit & DESCRIPTIVE != 0 {
-                    ev.repaired |= sc.descriptive(&mut ev, &mut prompt, bit, field)?;
-                } else {
-                    match bit {
-                        0 => sc.skip_value(0)?,
-                        F_V => {
-                            if let Some(v) = sc.uint(field, false)? {
-                                if v != 1 {
-                                    return Err(invalid(field, "schema version 1", v.to_string()));
+        sc.fields(|sc, key| {
+            let (bit, field) = field_of(&key);
+            let repeat = bit != 0 && seen & bit != 0;
+            if repeat && bit & DESCRIPTIVE == 0 {
+                return Err(DecodeError::new(field, Problem::Duplicate));
+            }
+            seen |= bit;
+            if repeat {
+                // A descriptive field twice: the first stands.
+                ev.repaired |= bit;
+                sc.skip_value(0)?;
+            } else if bit & DESCRIPTIVE != 0 {
+                ev.repaired |= sc.descriptive(&mut ev, &mut prompt, bit, field)?;
+            } else {
+                match bit {
+                    0 => sc.skip_value(0)?,
+                    F_V => {
+                        if let Some(v) = sc.uint(field, false)? {
+                            if v != 1 {
+                                return Err(invalid(field, "schema version 1", v.to_string()));
+                            }
+                        }
+                    }
+                    F_TS => {
+                        let t = sc.req_str(field, false)?;
+                        ev.ts_ms = parse_rfc3339(&t)
+                            .ok_or_else(|| invalid(field, "an RFC 3339 timestamp", quote(&t)))?;
+                    }
+                    F_REQ => ev.request_id = sc.id(field)?,
+                    F_USER => ev.user_id = sc.id(field)?,
+                    F_KEY => ev.key_id = sc.id(field)?,
+                    F_PHASE => {
+                        if let Some(p) = sc.opt_str(field, false)? {
+                            ev.phase = match &*p {
+                                "exchange" => Phase::Exchange,
+                                "request" => Phase::Request,
+                                "response" => Phase::Response,
+                                _ => {
+                                    return Err(invalid(
+                                        field,
+                                        "\"exchange\", \"request\" or \"response\"",
+                                        quote(&p),
+                                    ))
                                 }
-                            }
+                            };
                         }
-                        F_TS => {
-                            let t = sc.req_str(field, false)?;
-                            ev.ts_ms = parse_rfc3339(&t).ok_or_else(|| {
-                                invalid(field, "an RFC 3339 timestamp", quote(&t))
-                            })?;
-                        }
-                        F_REQ => ev.request_id = sc.id(field)?,
-                        F_USER => ev.user_id = sc.id(field)?,
-                        F_KEY => ev.key_id = sc.id(field)?,
-                        F_PHASE => {
-                            if let Some(p) = sc.opt_str(field, false)? {
-                                ev.phase = match &*p {
-                                    "exchange" => Phase::Exchange,
-                                    "request" => Phase::Request,
-                                    "response" => Phase::Response,
-                                    _ => {
-                                        return Err(invalid(
-                                            field,
-                                            "\"exchange\", \"request\" or \"response\"",
-                                            quote(&p),
-                                        ))
-                                    }
-                                };
-                            }
-                        }
-                        F_API_KEY => {
-                            api_key = sc.opt_str(field, true)?;
-                            if let Some(why) = sc.mangled {
-                                return Err(mangled(field, why));
-                            }
-                        }
-                        F_PT => ev.prompt_tokens = sc.uint(field, true)?.unwrap_or(0),
-                        F_CT => ev.completion_tokens = sc.uint(field, true)?.unwrap_or(0),
-                        F_COST => ev.cost_usd = sc.cost(field)?,
-                        _ => unreachable!("every field bit has an arm"),
                     }
-                }
-                sc.ws();
-                match sc.peek() {
-                    Some(b',') => sc.i += 1,
-                    Some(b'}') => {
-                        sc.i += 1;
-                        break;
+                    F_API_KEY => {
+                        api_key = sc.opt_str(field, true)?;
+                        if let Some(why) = sc.mangled {
+                            return Err(mangled(field, why));
+                        }
                     }
-                    _ => return Err(sc.syntax("',' or '}'")),
+                    F_PT => ev.prompt_tokens = sc.uint(field, true)?.unwrap_or(0),
+                    F_CT => ev.completion_tokens = sc.uint(field, true)?.unwrap_or(0),
+                    F_COST => ev.cost_usd = sc.cost(field)?,
+                    _ => unreachable!("every field bit has an arm"),
                 }
             }
-        }
-        sc.ws();
-        if sc.i != sc.b.len() {
-            return Err(sc.syntax("the end of the record"));
-        }
+            Ok(())
+        })?;
+        sc.end()?;
 
         for (bit, field) in [(F_TS, "ts"), (F_REQ, "request_id"), (F_USER, "user_id")] {
             if seen & bit == 0 {
@@ -621,6 +593,7 @@ impl<'a> Scanner<'a> {
 
     /// Reads the object at the cursor, calling `f` with each field name;
     /// `f` consumes the field's value (reading or skipping it).
+    #[inline(always)]
     fn fields(
         &mut self,
         mut f: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), DecodeError>,
