@@ -518,7 +518,9 @@ impl Engine {
             Phase::Exchange => None,
             Phase::Response => Pending::close(&mut user.pending, request as u32),
             Phase::Request => {
-                let big = user.tokens.judge_prompt(ev.prompt_tokens, &tier.tokens);
+                let big = user
+                    .tokens
+                    .judge_prompt(ev.prompt_tokens, ctx, &tier.tokens);
                 let waiting = Waiting {
                     request: request as u32,
                     start: t.secs,
@@ -589,7 +591,10 @@ impl Engine {
             {
                 self.stats.late += 1;
             }
-            if cost_micros > 0 && cfg.runaway_spend.enabled {
+            // A refused request's recorded cost is spent (the budget counts
+            // it), but refusals are a retry storm or the gateway already
+            // limiting the account, not a drain being served.
+            if cost_micros > 0 && cfg.runaway_spend.enabled && !ev.refused() {
                 runaway_spend(&rec, cost_micros, &limits, &pace, user, out);
             }
         }
@@ -829,7 +834,7 @@ fn token_spike(
             completion,
             big_request,
             &user.pending,
-            ctx.is_novel(),
+            ctx,
             p,
         ),
     };
@@ -941,7 +946,7 @@ fn repeated_prompt(
     // (A record with no usage at all says nothing about its answer.)
     let no_usage = ev.prompt_tokens == 0 && ev.completion_tokens == 0;
     let harvested = ev.phase == Phase::Request
-        || (ev.status.is_none_or(|s| s < 400)
+        || (!ev.refused()
             && (no_usage || ev.completion_tokens > cfg.repeated_prompt.probe_max_tokens));
     if cfg.repeated_prompt.enabled && !harvested {
         // A split log's response: take back its request's sighting.
@@ -1433,6 +1438,7 @@ mod tests {
         ct: u64,
         fp: Option<String>,
         ip: Option<&'static str>,
+        status: Option<u16>,
     }
 
     impl Rec {
@@ -1449,6 +1455,7 @@ mod tests {
                 ct: 50,
                 fp: None,
                 ip: None,
+                status: None,
             }
         }
 
@@ -1461,6 +1468,7 @@ mod tests {
             e.completion_tokens = self.ct;
             e.prompt_fingerprint = self.fp.as_deref().map(Cow::Borrowed);
             e.ip = self.ip.map(|s| s.parse().unwrap());
+            e.status = self.status;
             e
         }
     }
@@ -1509,6 +1517,43 @@ mod tests {
             Some(parse_rfc3339("2026-11-24T00:00:00Z").unwrap())
         );
         assert_eq!(block.reason, "acct_1 has spent $1.02 of its $1.00 daily budget (100%). keywatch asks gateways to block its keys until the period ends.");
+    }
+
+    /// Found on gateway-model tuning seed 12: a free account's retry storm
+    /// (its requests refused with 429 and 5xx for minutes, each retry
+    /// logged with the prompt's cost) read as a sustained runaway. The
+    /// budget counts what the gateway charged; the pace is of spend
+    /// served.
+    #[test]
+    fn a_retry_storm_is_charged_to_the_budget_but_is_no_runaway() {
+        let storm = |status: u16| {
+            let mut e = Engine::new(&EngineConfig::default()).unwrap();
+            // An hour of one $0.002 request every 5 minutes, then 10
+            // minutes of a $0.01 record every 10 s: $0.60, a pace that
+            // would use the $1 day in 17 minutes.
+            let mut recs: Vec<Rec> = (0..12)
+                .map(|i| Rec {
+                    cost: Some(0.002),
+                    ..Rec::new(t0() + i * 300_000, format!("r{i}"), "acct_1")
+                })
+                .collect();
+            recs.extend((0..60).map(|i| Rec {
+                cost: Some(0.01),
+                status: Some(status),
+                ct: 0,
+                ..Rec::new(t0() + HOUR_MS + i * 10_000, format!("s{i}"), "acct_1")
+            }));
+            let alerts = run(&mut e, &recs);
+            let kinds = |k: AlertKind| alerts.iter().filter(|a| a.kind == k).count();
+            (
+                kinds(AlertKind::RunawaySpend),
+                kinds(AlertKind::BudgetThreshold),
+            )
+        };
+        assert_eq!(storm(502), (0, 1), "refused: charged (50%), no runaway");
+        let (runaways, budget) = storm(200);
+        assert!(runaways > 0, "the same spend served is a runaway");
+        assert_eq!(budget, 1);
     }
 
     #[test]

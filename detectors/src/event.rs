@@ -112,6 +112,13 @@ impl<'a> Event<'a> {
         }
     }
 
+    /// Whether the gateway or the provider refused the request (a status of
+    /// 400 or more: a rate limit, an upstream failure, a bad request).
+    #[inline]
+    pub fn refused(&self) -> bool {
+        self.status.is_some_and(|s| s >= 400)
+    }
+
     /// A minimal exchange event, for tests and tools.
     pub fn new(ts_ms: i64, request_id: &'a str, user_id: &'a str, key_id: &'a str) -> Self {
         Event {

@@ -12,9 +12,12 @@
 //! budget is not paged. A runaway is *sustained* when fast minutes have
 //! gone on for half of `sustain_minutes` and the spend of the last
 //! `sustain_minutes` keeps the pace too: one expensive request makes a fast
-//! minute, a drain makes fast minutes. One alert per incident (the engine weighs the
-//! record's context for severity, and alerts again within an incident only
-//! when the severity rises).
+//! minute, a drain makes fast minutes. The pace is of requests served:
+//! the engine leaves refused ones (status 400 and up) out of it, since a
+//! retry storm, or a gateway already limiting the account, is not a drain
+//! (the budget still counts what they were charged). One alert per
+//! incident (the engine weighs the record's context for severity, and
+//! alerts again within an incident only when the severity rises).
 
 use serde::{Deserialize, Serialize};
 

@@ -47,13 +47,14 @@ use serde::{Deserialize, Serialize};
 use crate::baseline::{
     Escalation, LogBaseline, Raise, ShareBaseline, SharePrior, SlidingMinute, SlidingSum, Tick,
 };
+use crate::detect::context::Context;
 use crate::detect::pending::Pending;
 
 /// The tier priors weigh as much as this many observations.
 const PRIOR_WEIGHT: f64 = 8.0;
 
 /// A prompt at most this many tokens longer than the last prompt and its
-/// answer continues that conversation (the new message).
+/// answer continues that conversation (the new message), from any context.
 const CONTINUATION_SLACK: u64 = 2000;
 
 /// Active minutes learned before token bursts are judged. A new user's
@@ -243,25 +244,38 @@ impl TokenState {
     /// previous request (a conversation resends its history: each prompt is
     /// the last one, most of its answer and a new message, so a long chat
     /// grows far past the learned size without any one step being a jump;
-    /// the same big prompt again is not a continuation). Call once per
-    /// request.
+    /// the same big prompt again is not a continuation). `ctx` is whose
+    /// the request looks like: from the account's usual networks and
+    /// client, a conversation may also grow by a new message of a size the
+    /// account itself sends (see below). Call once per request.
     #[inline]
-    pub fn judge_prompt(&mut self, tokens: u64, p: &TokenParams) -> bool {
+    pub fn judge_prompt(&mut self, tokens: u64, ctx: Context, p: &TokenParams) -> bool {
         let (last, answer) = self.last;
         self.last = (tokens.min(u32::MAX as u64) as u32, 0);
         let x = tokens as f64;
         if x < p.prompt_min {
             return false;
         }
+        let b = self.prompt_baseline(p);
+        let bar = b.upper_predictive(p.prompt_z, PRIOR_WEIGHT, p.alpha_min);
+        if x < bar || x < p.prompt_factor * b.median() {
+            return false;
+        }
+        // A continuation is the last exchange (at least half its answer:
+        // a reasoning model's thinking is not resent) plus a short new
+        // message; from the account's usual networks and client, also the
+        // whole last exchange plus a new message of a size the account
+        // itself sends (an agent appending a tool's output, a user pasting
+        // a document of the kind they paste). Not from a stranger's: an
+        // attacker's independent big prompts, one after a capped answer,
+        // often look grown by that much.
         let (last, answer) = (last as u64, answer as u64);
+        let exchange = last + answer;
         let grown = last > 0
             && answer > 0
-            && tokens >= last + answer / 2
-            && tokens <= last + answer + CONTINUATION_SLACK;
-        let b = self.prompt_baseline(p);
+            && ((tokens >= last + answer / 2 && tokens <= exchange + CONTINUATION_SLACK)
+                || (ctx == Context::Familiar && tokens >= exchange && x <= exchange as f64 + bar));
         !grown
-            && x >= b.upper_predictive(p.prompt_z, PRIOR_WEIGHT, p.alpha_min)
-            && x >= p.prompt_factor * b.median()
     }
 
     fn learn_prompt(&mut self, tokens: u64, big: bool, attack: bool, p: &TokenParams) {
@@ -282,9 +296,9 @@ impl TokenState {
     /// probes (answers of at most `probe_max` tokens): a health check's
     /// ten-token prompt every minute says nothing of what the account's
     /// real prompts are.
-    /// `novel` says the record comes from a network and client new to the
-    /// account: that is evidence too, so a capped-share jump then needs
-    /// only a hundredth of the improbability.
+    /// `ctx` says whose the record looks like: from a network and client
+    /// new to the account that is evidence too, so a capped-share jump then
+    /// needs only a hundredth of the improbability.
     /// Returns the strongest finding, if any; the caller decides with
     /// [`TokenState::escalates`] whether it is a new alert.
     #[allow(clippy::too_many_arguments)]
@@ -297,7 +311,7 @@ impl TokenState {
         completion: Option<u64>,
         big_request: Option<bool>,
         pending: &Option<Box<Pending>>,
-        novel: bool,
+        ctx: Context,
         p: &TokenParams,
     ) -> Option<TokenCause> {
         if let Some(closed) = self.window.advance(t) {
@@ -318,7 +332,7 @@ impl TokenState {
         let pt = prompt.unwrap_or(0);
         let big = match (big_request, completion) {
             (Some(b), _) => b,
-            (None, Some(_)) => self.judge_prompt(pt, p),
+            (None, Some(_)) => self.judge_prompt(pt, ctx, p),
             (None, None) => false,
         };
         if let Some(c) = completion {
@@ -365,7 +379,7 @@ impl TokenState {
                     }
                 }
                 if cause.is_none() && hits >= p.share_min_hits {
-                    let bar = if novel { 100.0 } else { 1.0 } * p.share_p_value;
+                    let bar = if ctx.is_novel() { 100.0 } else { 1.0 } * p.share_p_value;
                     cause = self.share_jump(hits, now_s, bar, p);
                 }
             }
@@ -511,7 +525,16 @@ mod tests {
         p: &TokenParams,
     ) -> Option<TokenCause> {
         let t = Tick::at(ms);
-        let c = s.on_tokens(t, pt + ct, Some(pt), Some(ct), None, &None, false, p)?;
+        let c = s.on_tokens(
+            t,
+            pt + ct,
+            Some(pt),
+            Some(ct),
+            None,
+            &None,
+            Context::Familiar,
+            p,
+        )?;
         s.escalates(t, c.strength(), p).map(|_| c)
     }
 
@@ -606,6 +629,55 @@ mod tests {
         assert!(i < 12, "within 6 minutes: {i} {c:?}");
     }
 
+    /// Found on gateway-model tuning seed 15: an account whose prompts
+    /// range from a few hundred tokens to a few thousand keeps a long
+    /// conversation going, each turn the whole last exchange (answers at
+    /// the cap) plus a new message of 2,500 tokens, more than the short
+    /// message a continuation allowed. From its usual networks and client
+    /// that is its own conversation; the same prompts from a stranger's
+    /// are big prompts answered at the cap.
+    #[test]
+    fn a_conversation_growing_by_messages_of_the_accounts_own_size_is_its_own() {
+        let p = params();
+        let learned = || {
+            let mut s = TokenState::default();
+            for i in 0..500i64 {
+                let pt = [300, 600, 1200, 2500, 5000][i as usize % 5];
+                assert_eq!(exchange(&mut s, i * 60_000, pt, 300, &p), None, "{i}");
+            }
+            s
+        };
+        let turns = |s: &mut TokenState, ctx: Context| {
+            let mut found = None;
+            let mut prompt = 20_000u64;
+            for i in 0..6i64 {
+                let t = Tick::at((500 + i) * 60_000);
+                let r = s.on_tokens(
+                    t,
+                    prompt + 4000,
+                    Some(prompt),
+                    Some(4000),
+                    None,
+                    &None,
+                    ctx,
+                    &p,
+                );
+                if let Some(c @ TokenCause::Exhaustion { .. }) = r {
+                    found.get_or_insert((i, c));
+                }
+                prompt += 4000 + 2500;
+            }
+            found
+        };
+        let stranger = Context::Novel {
+            network: true,
+            agent: true,
+        };
+        assert_eq!(turns(&mut learned(), Context::Familiar), None);
+        let (turn, _) = turns(&mut learned(), stranger).expect("big prompts at the cap");
+        assert_eq!(turn, 1, "on the second such turn");
+    }
+
     #[test]
     fn a_habitually_long_writer_is_quiet() {
         let mut s = TokenState::default();
@@ -658,7 +730,7 @@ mod tests {
         for i in 0..200u32 {
             let t0 = i as i64 * 30_000;
             let tk = Tick::at(t0);
-            assert!(!s.judge_prompt(300, &p));
+            assert!(!s.judge_prompt(300, Context::Familiar, &p));
             Pending::open(
                 &mut pending,
                 Waiting {
@@ -670,7 +742,16 @@ mod tests {
                 },
             );
             assert_eq!(s.in_flight(tk, &pending, 300, &p), None);
-            s.on_tokens(tk, 300, Some(300), None, Some(false), &pending, false, &p);
+            s.on_tokens(
+                tk,
+                300,
+                Some(300),
+                None,
+                Some(false),
+                &pending,
+                Context::Familiar,
+                &p,
+            );
             let tr = Tick::at(t0 + 4_000);
             let big = Pending::close(&mut pending, i).unwrap().big;
             s.on_tokens(
@@ -680,7 +761,7 @@ mod tests {
                 Some(200),
                 Some(big),
                 &pending,
-                false,
+                Context::Familiar,
                 &p,
             );
         }
@@ -691,7 +772,7 @@ mod tests {
         for i in 0..6u32 {
             let t = onset + i as i64 * 30_000;
             let tk = Tick::at(t);
-            let big = s.judge_prompt(7000, &p);
+            let big = s.judge_prompt(7000, Context::Familiar, &p);
             assert!(big, "an unanswered prompt resent is no continuation");
             Pending::open(
                 &mut pending,
@@ -706,7 +787,16 @@ mod tests {
             if let Some(c) = s.in_flight(tk, &pending, 7000, &p) {
                 first.get_or_insert((t - onset, c));
             }
-            s.on_tokens(tk, 7000, Some(7000), None, Some(big), &pending, false, &p);
+            s.on_tokens(
+                tk,
+                7000,
+                Some(7000),
+                None,
+                Some(big),
+                &pending,
+                Context::Familiar,
+                &p,
+            );
         }
         let (after, c) = first.expect("caught");
         assert!(after <= 90_000, "caught after {after} ms");
@@ -723,7 +813,16 @@ mod tests {
         for m in 0..120i64 {
             let t = Tick::at(m * MINUTE_MS);
             assert_eq!(
-                s.on_tokens(t, 2000, Some(1500), Some(500), None, &None, false, &p),
+                s.on_tokens(
+                    t,
+                    2000,
+                    Some(1500),
+                    Some(500),
+                    None,
+                    &None,
+                    Context::Familiar,
+                    &p
+                ),
                 None
             );
         }
@@ -738,7 +837,7 @@ mod tests {
                 Some(600),
                 None,
                 &None,
-                false,
+                Context::Familiar,
                 &p,
             ) {
                 first.get_or_insert((t, c));
