@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use detectors::decode::{split_records, Format, Origin, Piece};
-use detectors::{Alert, Engine, EngineStats, Outcome, Tracked};
+use detectors::subject::{Seq, SubjectsTracked};
+use detectors::{Alert, Engine, EngineStats, Outcome, SubjectEngine, Tracked};
 use ingest::ndjson::{Line, LineReader};
 use serde::Serialize;
 use sim::{evaluate, AlertRef, Truth};
@@ -92,6 +93,18 @@ fn write_group(w: &mut impl Write, name: &str, g: &ErrorGroup) -> std::io::Resul
     )
 }
 
+/// What the second stage did.
+#[derive(Debug, Default, Serialize)]
+struct SubjectsSummary {
+    /// Alerts of the second stage, by kind.
+    alerts: BTreeMap<&'static str, u64>,
+    /// Projections its detectors took.
+    taken: u64,
+    /// Taken out of event-time order (later than `subjects.lateness_secs`).
+    late: u64,
+    tracked: SubjectsTracked,
+}
+
 /// What a replay did.
 #[derive(Debug, Default, Serialize)]
 struct Summary {
@@ -121,12 +134,18 @@ struct Summary {
     engine: Option<EngineStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tracked: Option<Tracked>,
+    /// The second stage (address, network, key and prompt subjects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subjects: Option<SubjectsSummary>,
     alerts: u64,
     /// Heap held at the end (null unless built with `--features heap-stats`).
     heap_bytes: Option<usize>,
     heap_bytes_per_user: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     evaluation: Option<serde_json::Value>,
+    /// Second-stage alerts by kind, while running.
+    #[serde(skip)]
+    second_alerts: BTreeMap<&'static str, u64>,
 }
 
 /// Runs the command.
@@ -136,6 +155,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let format = args.format.unwrap_or(cfg.kafka.format);
     let source = args.input.display().to_string();
     let mut engine = Engine::new(&cfg.engine)?;
+    let mut subjects = SubjectEngine::new(&cfg.engine)?;
     let truth = match &args.truth {
         Some(p) => {
             let f = File::open(p).with_context(|| format!("opening truth file {}", p.display()))?;
@@ -259,18 +279,19 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                     std::hint::black_box(&ev);
                     return Ok(());
                 }
-                if matches!(engine.observe(&ev, &mut alerts), Outcome::Counted { .. })
-                    && !alerts.is_empty()
-                {
-                    for a in alerts.drain(..) {
-                        serde_json::to_writer(&mut out, &a)?;
-                        out.write_all(b"\n")?;
-                        s.alerts += 1;
-                        if truth.is_some() {
-                            kept.push(a);
-                        }
-                    }
+                if let Outcome::Counted { cost_micros } = engine.observe(&ev, &mut alerts) {
+                    // The second stage, in this process: one source, the file.
+                    let mut p =
+                        engine.projection(&ev, cost_micros, Seq::new(line_no as i64, element));
+                    p.kinds = p.every_subject();
+                    subjects.observe_local(p, engine.state().now_ms, &mut alerts, None);
                 }
+                emit(
+                    &mut alerts,
+                    &mut out,
+                    &mut s,
+                    truth.is_some().then_some(&mut kept),
+                )?;
                 Ok(())
             })();
         });
@@ -294,6 +315,15 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             handle(line_no, Line::Text(line))?;
         }
     }
+    if !args.decode_only {
+        subjects.drain(&mut alerts, None);
+        emit(
+            &mut alerts,
+            &mut out,
+            &mut s,
+            truth.is_some().then_some(&mut kept),
+        )?;
+    }
     out.flush()?;
     s.seconds = started.elapsed().as_secs_f64();
     s.records_per_second = s.records as f64 / s.seconds.max(1e-9);
@@ -308,6 +338,12 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             .map(|b| b as f64 / tracked.users as f64);
         s.tracked = Some(tracked);
         s.engine = Some(engine.stats().clone());
+        s.subjects = Some(SubjectsSummary {
+            alerts: std::mem::take(&mut s.second_alerts),
+            taken: subjects.taken(),
+            late: subjects.merge_stats().late,
+            tracked: subjects.tracked(),
+        });
     }
     let mut evaluation_text = None;
     if let Some(t) = &truth {
@@ -336,6 +372,28 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the alerts out (and keeps them for scoring), counting them; the
+/// second stage's are counted by kind too (the first's are in its stats).
+fn emit(
+    alerts: &mut Vec<Alert>,
+    out: &mut impl Write,
+    s: &mut Summary,
+    mut kept: Option<&mut Vec<Alert>>,
+) -> Result<()> {
+    for a in alerts.drain(..) {
+        serde_json::to_writer(&mut *out, &a)?;
+        out.write_all(b"\n")?;
+        s.alerts += 1;
+        if a.kind.second_stage() {
+            *s.second_alerts.entry(a.kind.as_str()).or_default() += 1;
+        }
+        if let Some(k) = kept.as_deref_mut() {
+            k.push(a);
+        }
+    }
+    Ok(())
 }
 
 fn group(n: u64) -> String {
@@ -436,6 +494,25 @@ fn write_summary(w: &mut impl Write, s: &Summary) -> io::Result<()> {
                 group(e.unknown_tiers)
             )?;
         }
+    }
+    if let Some(st) = &s.subjects {
+        let kinds: Vec<String> = st
+            .alerts
+            .iter()
+            .map(|(k, n)| format!("{k} {}", group(*n)))
+            .collect();
+        let t = &st.tracked;
+        writeln!(
+            w,
+            "  second stage (addresses, networks, keys, prompts across accounts): alerts {}; {} addresses, {} networks, {} keys, {} farmed prompts held; {} records taken, {} out of event-time order",
+            if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") },
+            group(t.addresses as u64),
+            group(t.networks as u64),
+            group(t.keys as u64),
+            group(t.prompts as u64),
+            group(st.taken),
+            group(st.late)
+        )?;
     }
     if let Some(t) = &s.tracked {
         writeln!(

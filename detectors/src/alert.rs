@@ -25,6 +25,12 @@ pub enum AlertKind {
     LeakedKey,
     /// Spend at a pace that empties the daily budget within the hour (an extension of the contract).
     RunawaySpend,
+    /// Many accounts from one address or network (an extension of the contract).
+    KeyCycling,
+    /// Failed authentications for many keys from one address (an extension of the contract).
+    CredentialStuffing,
+    /// One key under more accounts than it serves (an extension of the contract).
+    KeySharing,
     /// Not a detector's: a receiver answered `410 Gone` and keywatch stopped
     /// sending to it (an operator alert; its `user_id` is `keywatch`).
     ReceiverDisabled,
@@ -42,12 +48,26 @@ impl AlertKind {
             AlertKind::PromptFarming => "prompt_farming",
             AlertKind::LeakedKey => "leaked_key",
             AlertKind::RunawaySpend => "runaway_spend",
+            AlertKind::KeyCycling => "key_cycling",
+            AlertKind::CredentialStuffing => "credential_stuffing",
+            AlertKind::KeySharing => "key_sharing",
             AlertKind::ReceiverDisabled => "receiver_disabled",
         }
     }
 
+    /// Whether the second stage decides it (subjects other than one account).
+    pub fn second_stage(self) -> bool {
+        matches!(
+            self,
+            AlertKind::PromptFarming
+                | AlertKind::KeyCycling
+                | AlertKind::CredentialStuffing
+                | AlertKind::KeySharing
+        )
+    }
+
     /// Every detector's kind, in a fixed order.
-    pub const ALL: [AlertKind; 8] = [
+    pub const ALL: [AlertKind; 11] = [
         AlertKind::BudgetThreshold,
         AlertKind::TokenQuota,
         AlertKind::RequestSpike,
@@ -56,6 +76,9 @@ impl AlertKind {
         AlertKind::PromptFarming,
         AlertKind::LeakedKey,
         AlertKind::RunawaySpend,
+        AlertKind::KeyCycling,
+        AlertKind::CredentialStuffing,
+        AlertKind::KeySharing,
     ];
 }
 

@@ -60,6 +60,18 @@ pub struct EngineConfig {
     /// How far a record's time may run ahead of a trusted clock.
     #[serde(default)]
     pub event_time: EventTimeConfig,
+    /// The second stage: its event-time order and what it knows of networks.
+    #[serde(default)]
+    pub subjects: SubjectsConfig,
+    /// Many accounts from one address or network (second stage).
+    #[serde(default)]
+    pub key_cycling: KeyCyclingConfig,
+    /// Failed authentications from one address (second stage).
+    #[serde(default)]
+    pub credential_stuffing: CredentialStuffingConfig,
+    /// One key under many accounts (second stage).
+    #[serde(default)]
+    pub key_sharing: KeySharingConfig,
 }
 
 /// Event-time bounds. A record's `ts` is the gateway's word, and one record
@@ -317,6 +329,141 @@ impl Default for RunawaySpendConfig {
     }
 }
 
+/// The second stage (see `subject`): detectors keyed by address, network,
+/// key and prompt across every partition.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectsConfig {
+    /// The second stage takes records in event-time order: a record waits until every source
+    /// has passed its time by this many seconds (a record later than that is taken as it comes,
+    /// counted as late).
+    pub lateness_secs: u32,
+    /// Most records waiting for their turn in one stage-two partition; past it the oldest go
+    /// first (counted as forced), so a stalled source cannot fill memory.
+    pub max_buffered: u32,
+    /// An account first seen this many minutes ago or less is young…
+    pub young_minutes: u32,
+    /// …once stage one has watched its partition for this many hours (at a fresh start every
+    /// account is new, and none is young).
+    pub history_hours: u32,
+    /// Autonomous system numbers of hosting providers (data centers, VPS and proxy hosts).
+    /// Default: a built-in list of the large clouds and hosts.
+    pub hosting_asns: Vec<u32>,
+    /// An address, network, key or prompt not seen for this long is forgotten.
+    pub idle_ttl_hours: u32,
+}
+
+impl Default for SubjectsConfig {
+    fn default() -> Self {
+        SubjectsConfig {
+            lateness_secs: 5,
+            max_buffered: 2_000_000,
+            young_minutes: 120,
+            history_hours: 24,
+            hosting_asns: default_hosting_asns(),
+            idle_ttl_hours: 48,
+        }
+    }
+}
+
+/// The built-in hosting networks: the large clouds and hosting providers,
+/// by their public autonomous system numbers (Amazon 16509 and 14618,
+/// Google 15169 and 396982, Microsoft 8075, DigitalOcean 14061, OVH 16276,
+/// Hetzner 24940, Akamai Linode 63949, Vultr 20473, M247 9009, DataCamp
+/// 60068, ColoCrossing 36352, Oracle 31898, Alibaba 45102, Tencent 132203,
+/// Scaleway 12876, Contabo 51167, Leaseweb 60781, IONOS 8560).
+pub fn default_hosting_asns() -> Vec<u32> {
+    vec![
+        16509, 14618, 15169, 396982, 8075, 14061, 16276, 24940, 63949, 20473, 9009, 60068, 36352,
+        31898, 45102, 132203, 12876, 51167, 60781, 8560,
+    ]
+}
+
+/// Key cycling (see `subject::detect`): many accounts from one address or
+/// one /24 (/64), far above what that address has been learned to carry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyCyclingConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Window for counting distinct accounts, in minutes.
+    pub window_minutes: u32,
+    /// Fewest distinct accounts in a window (the absolute minimum)…
+    pub min_accounts: u32,
+    /// …and at least this many times the address's learned accounts per window…
+    pub factor: f64,
+    /// …which starts at this many (the prior of an address never seen).
+    pub prior_accounts: f64,
+}
+
+impl Default for KeyCyclingConfig {
+    fn default() -> Self {
+        KeyCyclingConfig {
+            enabled: true,
+            window_minutes: 30,
+            min_accounts: 8,
+            factor: 3.0,
+            prior_accounts: 2.0,
+        }
+    }
+}
+
+/// Credential stuffing (see `subject::detect`): failed authentications (401,
+/// 403) from one address, far above its norm, across many keys.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialStuffingConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Window for counting failures, in minutes.
+    pub window_minutes: u32,
+    /// Fewest failures in a window (the absolute minimum)…
+    pub min_failures: u32,
+    /// …for at least this many distinct keys (a client retrying its one revoked key is not
+    /// stuffing)…
+    pub min_keys: u32,
+    /// …and at least this many times the address's learned failures per window.
+    pub factor: f64,
+}
+
+impl Default for CredentialStuffingConfig {
+    fn default() -> Self {
+        CredentialStuffingConfig {
+            enabled: true,
+            window_minutes: 10,
+            min_failures: 20,
+            min_keys: 5,
+            factor: 5.0,
+        }
+    }
+}
+
+/// Key sharing (see `subject::detect`): one key id under more accounts than
+/// it has been learned to serve.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeySharingConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Window for counting distinct accounts, in minutes.
+    pub window_minutes: u32,
+    /// Fewest distinct accounts under one key in a window…
+    pub min_users: u32,
+    /// …and at least this many times the key's learned accounts per window.
+    pub factor: f64,
+}
+
+impl Default for KeySharingConfig {
+    fn default() -> Self {
+        KeySharingConfig {
+            enabled: true,
+            window_minutes: 60,
+            min_users: 2,
+            factor: 3.0,
+        }
+    }
+}
+
 /// State lifetime settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -343,6 +490,10 @@ impl Default for EngineConfig {
             context: ContextConfig::default(),
             state: StateConfig::default(),
             event_time: EventTimeConfig::default(),
+            subjects: SubjectsConfig::default(),
+            key_cycling: KeyCyclingConfig::default(),
+            credential_stuffing: CredentialStuffingConfig::default(),
+            key_sharing: KeySharingConfig::default(),
         }
     }
 }
@@ -621,6 +772,38 @@ impl EngineConfig {
         if ts.window_minutes == 0 {
             return Err(bad("token_spike.window_minutes", "must be at least 1"));
         }
+        let sc = &self.subjects;
+        if sc.max_buffered == 0 {
+            return Err(bad("subjects.max_buffered", "must be at least 1"));
+        }
+        if sc.idle_ttl_hours == 0 {
+            return Err(bad("subjects.idle_ttl_hours", "must be at least 1"));
+        }
+        let kc = &self.key_cycling;
+        if kc.window_minutes == 0 || kc.min_accounts < 2 {
+            return Err(bad(
+                "key_cycling",
+                "window_minutes must be at least 1 and min_accounts at least 2",
+            ));
+        }
+        positive("key_cycling.factor", kc.factor)?;
+        positive("key_cycling.prior_accounts", kc.prior_accounts)?;
+        let cs = &self.credential_stuffing;
+        if cs.window_minutes == 0 || cs.min_failures == 0 || cs.min_keys == 0 {
+            return Err(bad(
+                "credential_stuffing",
+                "window_minutes, min_failures and min_keys must be at least 1",
+            ));
+        }
+        positive("credential_stuffing.factor", cs.factor)?;
+        let ks = &self.key_sharing;
+        if ks.window_minutes == 0 || ks.min_users < 2 {
+            return Err(bad(
+                "key_sharing",
+                "window_minutes must be at least 1 and min_users at least 2",
+            ));
+        }
+        positive("key_sharing.factor", ks.factor)?;
         let rp = &self.repeated_prompt;
         if rp.max_repeats == 0 || rp.max_repeats > 1000 {
             return Err(bad("repeated_prompt.max_repeats", "must be from 1 to 1000"));

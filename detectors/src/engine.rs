@@ -33,6 +33,7 @@ use crate::detect::token_spike::{TokenCause, TokenParams, TokenState};
 use crate::event::{Event, Phase};
 use crate::hash::{combine, stable_hash};
 use crate::price::PriceTable;
+use crate::subject::projection::{Kinds, Projection, Seq, FARMING, YOUNG};
 use crate::time::{PeriodKind, MINUTE_MS};
 use crate::StableBuild;
 
@@ -105,8 +106,10 @@ pub struct EngineState {
     pub users: HashMap<Box<str>, Box<UserState>, StableBuild>,
     /// Keys by id, boxed likewise.
     pub keys: HashMap<Box<str>, Box<KeyState>, StableBuild>,
-    /// Farming crowds (each user's prompt sightings live with the user).
-    pub prompts: PromptTracker,
+    /// The earliest event time seen, Unix ms (0: none): how long the
+    /// engine has watched, for what counts as a young account.
+    #[serde(default)]
+    pub first_ms: i64,
     /// Recently counted records.
     dedup: Dedup,
     /// Minute of the last sweep of prompt sightings.
@@ -148,8 +151,6 @@ pub struct Tracked {
     pub keys: usize,
     /// (user, fingerprint) pairs seen in the window.
     pub prompt_sightings: usize,
-    /// Fingerprints with repeating users.
-    pub farming_crowds: usize,
     /// Record hashes held for duplicate detection.
     pub dedup_entries: usize,
 }
@@ -203,6 +204,8 @@ pub struct Engine {
     state: EngineState,
     stats: EngineStats,
     findings: Vec<PromptFinding>,
+    /// The last record observed made its account a repeater of its prompt.
+    farming: bool,
     periods: PeriodClock,
     quantiles: QuantileCache,
 }
@@ -293,7 +296,6 @@ fn resolve(cfg: &EngineConfig) -> Result<Resolved, ConfigError> {
         prompts: PromptParams {
             max_repeats: cfg.repeated_prompt.max_repeats,
             window_secs: cfg.repeated_prompt.window_minutes * 60,
-            farming_min_users: cfg.repeated_prompt.farming_min_users,
             early_count: cfg.repeated_prompt.early_count,
             early_secs: cfg.repeated_prompt.early_window_minutes * 60,
             early_min_span_secs: cfg.repeated_prompt.early_min_span_secs,
@@ -357,6 +359,7 @@ impl Engine {
             state,
             stats: EngineStats::default(),
             findings: Vec::new(),
+            farming: false,
             quantiles: QuantileCache::default(),
         })
     }
@@ -389,8 +392,59 @@ impl Engine {
             users: self.state.users.len(),
             keys: self.state.keys.len(),
             prompt_sightings,
-            farming_crowds: self.state.prompts.crowds(),
             dedup_entries: self.state.dedup.len(),
+        }
+    }
+
+    /// What the second stage needs of the record just observed (counted:
+    /// its `cost_micros` as [`Outcome::Counted`] said), at `seq` in its
+    /// source: its usage as counted, its address, whether its account is
+    /// young (first seen within `subjects.young_minutes`, once this engine
+    /// has watched for `subjects.history_hours`) and whether it made its
+    /// account a repeater of its prompt.
+    pub fn projection(&self, ev: &Event<'_>, cost_micros: u64, seq: Seq) -> Projection {
+        let sc = &self.r.cfg.subjects;
+        let minute = minute_of(ev.ts_ms);
+        let watched_min = minute.saturating_sub(minute_of(self.state.first_ms));
+        let first_seen = self
+            .state
+            .users
+            .get(&*ev.user_id)
+            .map_or(0, |u| u.familiar.first_seen());
+        let young = watched_min >= sc.history_hours * 60
+            && first_seen != 0
+            && minute.saturating_sub(first_seen) <= sc.young_minutes;
+        let flags = if young { YOUNG } else { 0 } | if self.farming { FARMING } else { 0 };
+        let (counts_request, counts_response) =
+            (ev.phase.counts_request(), ev.phase.counts_response());
+        Projection {
+            ts_ms: ev.ts_ms,
+            rid: combine(
+                stable_hash(1, ev.request_id.as_bytes()),
+                ev.phase as u64 + 1,
+            ),
+            seq,
+            kinds: Kinds::default(),
+            phase: ev.phase,
+            status: ev.status.unwrap_or(0),
+            prompt_tokens: if counts_request { ev.prompt_tokens } else { 0 }.min(u32::MAX as u64)
+                as u32,
+            completion_tokens: if counts_response {
+                ev.completion_tokens
+            } else {
+                0
+            }
+            .min(u32::MAX as u64) as u32,
+            cost_micros,
+            ip: ev.ip,
+            asn: ev.asn,
+            flags,
+            user: ev.user_id.as_ref().into(),
+            key: ev.key_id.as_ref().into(),
+            fingerprint: self
+                .farming
+                .then(|| ev.prompt_fingerprint.as_deref().map(Into::into))
+                .flatten(),
         }
     }
 
@@ -443,6 +497,10 @@ impl Engine {
     /// Observes one event; alerts it raises are appended to `out`.
     pub fn observe(&mut self, ev: &Event<'_>, out: &mut Vec<Alert>) -> Outcome {
         self.stats.events += 1;
+        self.farming = false;
+        if self.state.first_ms == 0 {
+            self.state.first_ms = ev.ts_ms;
+        }
         if ev.ts_ms > self.state.now_ms {
             self.state.now_ms = ev.ts_ms;
         }
@@ -598,12 +656,11 @@ impl Engine {
                 runaway_spend(&rec, cost_micros, &limits, &pace, user, out);
             }
         }
-        repeated_prompt(
+        self.farming = repeated_prompt(
             &rec,
             answered,
             fp_hash,
             user,
-            &mut self.state.prompts,
             &mut self.findings,
             &self.r,
             out,
@@ -699,10 +756,9 @@ impl Engine {
         self.expire_prompts((self.state.now_ms.max(0) / 1000) as u32);
     }
 
-    /// Forgets prompt sightings and farming crowds that left their window.
+    /// Forgets prompt sightings that left their window.
     fn expire_prompts(&mut self, now_s: u32) {
         let p = &self.r.prompts;
-        self.state.prompts.expire(now_s, p);
         for u in self.state.users.values_mut() {
             if u.prompts.is_some() {
                 PromptTracker::expire_user(&mut u.prompts, now_s, p);
@@ -920,19 +976,18 @@ fn runaway_spend(
     }
 }
 
-/// The same prompt again and again from one account (and the crowd count
-/// of many accounts sending it).
-#[allow(clippy::too_many_arguments)]
+/// The same prompt again and again from one account. Returns whether the
+/// record made its account a repeater of its prompt (a farming sighting,
+/// for the second stage).
 fn repeated_prompt(
     rec: &Record<'_, '_>,
     answered: Option<Waiting>,
     fp_hash: Option<u64>,
     user: &mut UserState,
-    prompts: &mut PromptTracker,
     findings: &mut Vec<PromptFinding>,
     r: &Resolved,
     out: &mut Vec<Alert>,
-) {
+) -> bool {
     let Record {
         ev,
         t,
@@ -956,7 +1011,6 @@ fn repeated_prompt(
     }
     if counts_request && cfg.repeated_prompt.enabled && harvested {
         if let (Some(fp), Some(fh)) = (ev.prompt_fingerprint.as_deref(), fp_hash) {
-            let uh = stable_hash(3, ev.user_id.as_bytes());
             let now_s = t.secs;
             findings.clear();
             // Early warnings: at any pace for an account known to rarely
@@ -973,21 +1027,16 @@ fn repeated_prompt(
             } else {
                 Early::Off
             };
-            let seen = prompts.sight(
-                &mut user.prompts,
-                uh,
-                fh,
-                now_s,
-                early,
-                &r.prompts,
-                findings,
-            );
+            let seen =
+                PromptTracker::sight(&mut user.prompts, fh, now_s, early, &r.prompts, findings);
             user.repeats.observe(seen > 1, r.repeat_decay);
             for f in findings.iter() {
                 out.push(prompt_alert(ev, fp, *f, r, now_s, rare));
             }
+            return seen == 2;
         }
     }
+    false
 }
 
 /// The fields every alert shares, from the record that made it true.
@@ -1389,26 +1438,6 @@ fn prompt_alert(
                     r.repeat_action.as_str()
                 ),
                 ..alert(AlertKind::RepeatedPrompt, id, ev, true)
-            }
-        }
-        PromptFinding::Farming { users, since } => {
-            let id = Alert::make_id(
-                AlertKind::PromptFarming,
-                &format!("fp:{fp}"),
-                &format!("s{since}"),
-            );
-            Alert {
-                severity: Severity::Warning,
-                action: Action::Notify,
-                observed: Some(users as f64),
-                threshold: Some(r.prompts.farming_min_users as f64),
-                reason: format!(
-                    "{users} accounts are each repeating the same prompt (fingerprint {}) within {window} minutes, a sign of coordinated prompt farming; the latest is {} on key {}.",
-                    short_fp(fp),
-                    ev.user_id,
-                    ev.key_id
-                ),
-                ..alert(AlertKind::PromptFarming, id, ev, true)
             }
         }
     }

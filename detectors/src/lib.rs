@@ -16,6 +16,7 @@ pub mod engine;
 pub mod event;
 pub mod hash;
 pub mod price;
+pub mod subject;
 pub mod text;
 pub mod time;
 
@@ -26,6 +27,7 @@ pub use config::{ConfigError, EngineConfig};
 pub use decode::{DecodeError, Decoder, Problem};
 pub use engine::{Engine, EngineState, EngineStats, Outcome, Tracked};
 pub use event::{Event, Phase};
+pub use subject::{SubjectEngine, SubjectState};
 
 /// A [`std::hash::Hasher`] over [`hash::stable_hash`]: the engine's maps
 /// hash the same way in every build, so their snapshots stay valid.

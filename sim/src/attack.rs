@@ -93,7 +93,9 @@ impl Attacker {
                     completion.min(limits.max_output_tokens),
                 )
             }
-            AttackKind::PromptFarming | AttackKind::CoordinatedFarming => {
+            AttackKind::PromptFarming
+            | AttackKind::CoordinatedFarming
+            | AttackKind::SpreadFarming => {
                 let completion = rng
                     .lognormal(p.completion_median[t], p.completion_sigma)
                     .clamp(1.0, max_out * 0.6) as u32;
@@ -102,6 +104,24 @@ impl Attacker {
                     PromptRef::Fingerprint(s.fingerprint),
                     s.tokens,
                     s.chars,
+                    completion,
+                )
+            }
+            AttackKind::CredentialStuffing => {
+                status = if rng.chance(0.1) { 403 } else { 401 };
+                (PromptRef::Fingerprint(rng.next_u64()), 0, 0, 0)
+            }
+            AttackKind::KeyCycling => {
+                let tokens = rng
+                    .lognormal(p.prompt_median[t], 0.8)
+                    .clamp(1.0, f64::from(PROMPT_CAP[t])) as u32;
+                let completion = rng
+                    .lognormal(p.completion_median[t], p.completion_sigma)
+                    .clamp(1.0, max_out) as u32;
+                (
+                    PromptRef::Fingerprint(rng.next_u64()),
+                    tokens,
+                    chars_for(rng, tokens),
                     completion,
                 )
             }
@@ -148,9 +168,13 @@ impl Attacker {
             prompt_chars,
         };
 
-        let gap = if self.kind == AttackKind::CoordinatedFarming {
+        let gap = if self.kind.grouped() {
             self.left = self.left.saturating_sub(1);
-            rng.uniform(15_000.0, 60_000.0)
+            if self.gap_mean_ms > 0.0 {
+                self.gap_mean_ms * rng.uniform(0.5, 1.5)
+            } else {
+                rng.uniform(15_000.0, 60_000.0)
+            }
         } else if self.regular {
             self.gap_mean_ms * rng.uniform(0.7, 1.3)
         } else {
@@ -256,6 +280,9 @@ pub(super) fn plan_attacks(
             AttackKind::CoordinatedFarming => 30.0,
             AttackKind::LeakedKey => rng.uniform(30.0, 120.0),
             AttackKind::BudgetDrain => rng.uniform(20.0, 60.0),
+            AttackKind::KeyCycling | AttackKind::CredentialStuffing | AttackKind::SpreadFarming => {
+                unreachable!("planned by plan_cross")
+            }
         };
         let duration = (minutes * MINUTE_MS as f64) as i64;
         let latest = (run_end_ms - duration).max(earliest);
@@ -375,7 +402,10 @@ pub(super) fn plan_attacks(
                 attacker.gap_mean_ms = duration as f64 / requests;
                 attacker.regular = true;
             }
-            AttackKind::CoordinatedFarming => unreachable!("planned above"),
+            AttackKind::CoordinatedFarming
+            | AttackKind::KeyCycling
+            | AttackKind::CredentialStuffing
+            | AttackKind::SpreadFarming => unreachable!("planned apart"),
         }
         plan.attacks.push(Attack {
             kind,
@@ -387,7 +417,298 @@ pub(super) fn plan_attacks(
         });
         plan.attackers.push((onset, attacker));
     }
+    plan_cross(
+        cfg,
+        seed,
+        count,
+        earliest,
+        run_end_ms,
+        key_salt,
+        split_share,
+        &mut farm_accounts,
+        &mut plan,
+    );
+    plan.attacks.sort_by_key(|a| a.onset_ms);
     plan
+}
+
+/// The attacks that span accounts, on their own random streams: key
+/// cycling, credential stuffing and farming spread over many networks,
+/// about a twelfth as many as the per-account attacks (at least one of
+/// each), each a group of entries in the ground truth.
+#[allow(clippy::too_many_arguments)]
+fn plan_cross(
+    cfg: &SimConfig,
+    seed: u64,
+    count: usize,
+    earliest: i64,
+    run_end_ms: i64,
+    key_salt: u32,
+    split_share: f64,
+    farm_accounts: &mut u32,
+    plan: &mut AttackPlan,
+) {
+    const KINDS: usize = 3;
+    if count == 0 || cfg.users == 0 {
+        return;
+    }
+    let mut rng = Rng::new(seed, STREAM_CROSS_PLAN, 0);
+    let n = (count / 12).max(KINDS);
+    for i in 0..n {
+        let which = if i < KINDS { i } else { rng.index(KINDS) };
+        let minutes = match which {
+            0 => 30.0,
+            1 => rng.uniform(10.0, 20.0),
+            _ => 30.0,
+        };
+        let duration = (minutes * MINUTE_MS as f64) as i64;
+        let latest = (run_end_ms - duration).max(earliest);
+        let mut onset = earliest + rng.below((latest - earliest) as u64 + 1) as i64;
+        if cfg.opening && i < KINDS {
+            onset = (earliest + (AttackKind::ALL.len() + i) as i64 * super::OPENING_STEP_MS)
+                .min(latest);
+        }
+        // Groups are told apart by (onset, end): keep them apart.
+        while plan.attacks.iter().any(|a| a.onset_ms == onset) {
+            onset += 1;
+        }
+        let end = (onset + duration).min(run_end_ms);
+        let mut arng = Rng::new(seed, STREAM_CROSS, i as u64);
+        match which {
+            0 => plan_cycling(
+                plan,
+                &mut arng,
+                onset,
+                end,
+                key_salt,
+                split_share,
+                farm_accounts,
+            ),
+            1 => plan_stuffing(plan, &mut arng, onset, end, key_salt, farm_accounts),
+            _ => plan_spread_farming(
+                plan,
+                &mut arng,
+                onset,
+                end,
+                key_salt,
+                split_share,
+                farm_accounts,
+            ),
+        }
+    }
+}
+
+/// A fresh account of a group attack, with its truth entries (the
+/// group's head first) and its actor.
+#[allow(clippy::too_many_arguments)]
+fn group_member(
+    plan: &mut AttackPlan,
+    kind: AttackKind,
+    variant: Option<&str>,
+    (onset, end): (i64, i64),
+    (first, head): (i64, bool),
+    key_salt: u32,
+    farm_accounts: &mut u32,
+    actor: impl FnOnce(Account, u32) -> Attacker,
+) {
+    let number = *farm_accounts;
+    *farm_accounts += 1;
+    let account = Account::Farm(number);
+    let key = key_id(key_salt, 0x8000_0000 | (number << 2));
+    for key_id in [None, Some(key_id_string(key))]
+        .into_iter()
+        .skip(!head as usize)
+    {
+        plan.attacks.push(Attack {
+            kind,
+            user_id: user_id_string(account),
+            key_id,
+            onset_ms: onset,
+            end_ms: end,
+            variant: variant.map(str::to_owned),
+        });
+    }
+    plan.attackers.push((first, actor(account, key)));
+}
+
+fn group_actor(
+    rng: &mut Rng,
+    kind: AttackKind,
+    account: Account,
+    key: u32,
+    origin: Origin,
+    end: i64,
+) -> Attacker {
+    Attacker {
+        rng: Rng::new(rng.next_u64(), STREAM_FARM, u64::from(key)),
+        kind,
+        account,
+        key,
+        tier: Tier::Free,
+        split: false,
+        origin,
+        model: GPT_4O_MINI,
+        end_ms: end,
+        gap_mean_ms: 0.0,
+        regular: false,
+        prompt: SharedPrompt {
+            fingerprint: 0,
+            tokens: 0,
+            chars: 0,
+        },
+        left: 1,
+        rejected_share: 0.0,
+        prompt_range: [0.0, 0.0],
+        completion_range: [0.0, 0.0],
+        pool: Vec::new(),
+        pool_next: 0,
+    }
+}
+
+/// Key cycling: 15-40 new free accounts from one address, half the time a
+/// hosting provider's, each sending 6-10 ordinary requests spread over the
+/// half hour, one scripted client.
+fn plan_cycling(
+    plan: &mut AttackPlan,
+    rng: &mut Rng,
+    onset: i64,
+    end: i64,
+    key_salt: u32,
+    split_share: f64,
+    farm_accounts: &mut u32,
+) {
+    let accounts = rng.int_in(15, 40);
+    let hosting = rng.chance(0.5);
+    let net = if hosting {
+        network(ACCESS_NETWORKS.len() + rng.index(NETWORK_COUNT - ACCESS_NETWORKS.len()))
+    } else {
+        network(rng.index(ACCESS_NETWORKS.len()))
+    };
+    let variant = if hosting {
+        "from a hosting network"
+    } else {
+        "from a residential address"
+    };
+    let origin = Origin {
+        ip: address_in(net, rng),
+        asn: net.asn,
+        user_agent: (BENIGN_CLIENTS + rng.index(USER_AGENTS.len() - BENIGN_CLIENTS)) as u8,
+    };
+    let span = (end - onset).max(MINUTE_MS);
+    for i in 0..accounts {
+        let requests = rng.int_in(6, 10);
+        let first = onset + rng.below((span / 3) as u64 + 1) as i64;
+        let gap = (end - first).max(MINUTE_MS) as f64 / f64::from(requests);
+        let split = rng.chance(split_share);
+        group_member(
+            plan,
+            AttackKind::KeyCycling,
+            Some(variant),
+            (onset, end),
+            (first, i == 0),
+            key_salt,
+            farm_accounts,
+            |account, key| {
+                let mut a = group_actor(rng, AttackKind::KeyCycling, account, key, origin, end);
+                a.left = requests;
+                a.gap_mean_ms = gap;
+                a.split = split;
+                a
+            },
+        );
+    }
+}
+
+/// Credential stuffing: 60-300 guessed keys from one hosting or abuse
+/// address over the attack, each tried once or twice a few seconds apart.
+fn plan_stuffing(
+    plan: &mut AttackPlan,
+    rng: &mut Rng,
+    onset: i64,
+    end: i64,
+    key_salt: u32,
+    farm_accounts: &mut u32,
+) {
+    let guesses = rng.int_in(60, 300);
+    let net = network(ACCESS_NETWORKS.len() + rng.index(NETWORK_COUNT - ACCESS_NETWORKS.len()));
+    let origin = Origin {
+        ip: address_in(net, rng),
+        asn: net.asn,
+        user_agent: (BENIGN_CLIENTS + rng.index(USER_AGENTS.len() - BENIGN_CLIENTS)) as u8,
+    };
+    let span = (end - onset).max(MINUTE_MS);
+    for g in 0..guesses {
+        let first = onset + span * i64::from(g) / i64::from(guesses);
+        let tries = rng.int_in(1, 2);
+        group_member(
+            plan,
+            AttackKind::CredentialStuffing,
+            None,
+            (onset, end),
+            (first, g == 0),
+            key_salt,
+            farm_accounts,
+            |account, key| {
+                let mut a = group_actor(
+                    rng,
+                    AttackKind::CredentialStuffing,
+                    account,
+                    key,
+                    origin,
+                    end,
+                );
+                a.left = tries;
+                a.gap_mean_ms = 3_000.0;
+                a
+            },
+        );
+    }
+}
+
+/// Farming spread over many networks: 30-60 new free accounts behind
+/// residential proxies (each its own access address), each sending one
+/// prompt only 2-3 times, minutes apart: no account repeats enough to be
+/// noticed alone, and in a partitioned topic no partition sees many.
+fn plan_spread_farming(
+    plan: &mut AttackPlan,
+    rng: &mut Rng,
+    onset: i64,
+    end: i64,
+    key_salt: u32,
+    split_share: f64,
+    farm_accounts: &mut u32,
+) {
+    let accounts = rng.int_in(30, 60);
+    let prompt = farmed_prompt(rng, 400.0);
+    let span = (end - onset).max(MINUTE_MS);
+    for i in 0..accounts {
+        let net = network(rng.index(ACCESS_NETWORKS.len()));
+        let origin = Origin {
+            ip: address_in(net, rng),
+            asn: net.asn,
+            user_agent: rng.index(BENIGN_CLIENTS) as u8,
+        };
+        let first = onset + rng.below((span / 2) as u64 + 1) as i64;
+        let left = rng.int_in(2, 3);
+        let split = rng.chance(split_share);
+        group_member(
+            plan,
+            AttackKind::SpreadFarming,
+            None,
+            (onset, end),
+            (first, i == 0),
+            key_salt,
+            farm_accounts,
+            |account, key| {
+                let mut a = group_actor(rng, AttackKind::SpreadFarming, account, key, origin, end);
+                a.prompt = prompt;
+                a.left = left;
+                a.gap_mean_ms = 4.0 * MINUTE_MS as f64;
+                a.split = split;
+                a
+            },
+        );
+    }
 }
 
 /// A prompt to farm: one fingerprint, always the same size.

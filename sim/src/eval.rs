@@ -371,7 +371,7 @@ fn campaign_groups(attacks: &[Attack]) -> Vec<usize> {
     let mut group_of = Vec::with_capacity(attacks.len());
     let mut next = 0;
     for attack in attacks {
-        let is_campaign = attack.kind == AttackKind::CoordinatedFarming;
+        let is_campaign = attack.kind.grouped();
         let span = (attack.onset_ms, attack.end_ms);
         let group = match (is_campaign, &attack.key_id) {
             (true, None) => {

@@ -243,6 +243,22 @@ pub enum AttackKind {
     /// large completions) at a script's steady cadence, fast enough to pass
     /// the daily budget in 20-60 minutes, for about that long.
     BudgetDrain,
+    /// 15-40 new free accounts cycled from one address (a hosting
+    /// provider's, or a residential one), each quiet on its own: 6-10
+    /// ordinary requests over the 30 minutes. Ground truth: a head entry and
+    /// one entry per account, as a campaign has.
+    KeyCycling,
+    /// One address (a hosting or abuse network) tries 60-300 guessed keys
+    /// over 10-20 minutes, each refused with 401 (now and then 403). The
+    /// gateway names no account for a key it does not know, so each guess
+    /// is its own account. Ground truth: a head entry and one per guess.
+    CredentialStuffing,
+    /// 30-60 new free accounts behind residential proxies (each its own
+    /// access address) send one prompt only 2-3 times each, minutes apart:
+    /// no account repeats enough to be noticed alone, and in a partitioned
+    /// topic no partition sees many of them. Ground truth: a head entry and
+    /// one per account.
+    SpreadFarming,
 }
 
 impl AttackKind {
@@ -256,6 +272,28 @@ impl AttackKind {
         AttackKind::BudgetDrain,
     ];
 
+    /// The kinds that span accounts, planned on a stream of their own (so
+    /// adding them left every other attack of a seed as it was), caught by
+    /// the second stage's detectors.
+    pub const CROSS_ACCOUNT: [AttackKind; 3] = [
+        AttackKind::KeyCycling,
+        AttackKind::CredentialStuffing,
+        AttackKind::SpreadFarming,
+    ];
+
+    /// Whether the ground truth lists the attack as a group: a head entry
+    /// (the first account, no key) and one entry per account with its key,
+    /// all with the same onset and end.
+    pub fn grouped(self) -> bool {
+        matches!(
+            self,
+            AttackKind::CoordinatedFarming
+                | AttackKind::KeyCycling
+                | AttackKind::CredentialStuffing
+                | AttackKind::SpreadFarming
+        )
+    }
+
     /// The snake_case name, as serialized.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -265,6 +303,9 @@ impl AttackKind {
             AttackKind::CoordinatedFarming => "coordinated_farming",
             AttackKind::LeakedKey => "leaked_key",
             AttackKind::BudgetDrain => "budget_drain",
+            AttackKind::KeyCycling => "key_cycling",
+            AttackKind::CredentialStuffing => "credential_stuffing",
+            AttackKind::SpreadFarming => "spread_farming",
         }
     }
 }
@@ -284,6 +325,8 @@ const STREAM_ATTACK_TRAFFIC: u64 = 4;
 const STREAM_FARM: u64 = 5;
 const STREAM_DELIVERY: u64 = 6;
 const STREAM_SALTS: u64 = 7;
+const STREAM_CROSS_PLAN: u64 = 8;
+const STREAM_CROSS: u64 = 9;
 
 // ---------------------------------------------------------------------------
 // The simulator.

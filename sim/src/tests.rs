@@ -146,7 +146,7 @@ fn check_line(line: &str) -> Rec {
         (None, None, None)
     } else {
         let status = req_u64("status");
-        assert!([200, 400, 429, 500].contains(&status), "{line}");
+        assert!([200, 400, 401, 403, 429, 500].contains(&status), "{line}");
         let ct = req_u64("completion_tokens");
         if endpoint == EMBEDDINGS || status != 200 {
             assert_eq!(ct, 0, "{line}");
@@ -614,12 +614,26 @@ fn every_attack_kind_is_injected_and_visible() {
     let heads: Vec<&Attack> = run
         .attacks
         .iter()
-        .filter(|a| a.kind != AttackKind::CoordinatedFarming || a.key_id.is_none())
+        .filter(|a| !a.kind.grouped() || a.key_id.is_none())
         .collect();
-    assert_eq!(heads.len(), 20, "20 per 1000 user-days");
-    for kind in AttackKind::ALL {
+    assert_eq!(
+        heads.len(),
+        20 + 3,
+        "20 per 1000 user-days, and one of each attack across accounts"
+    );
+    for kind in AttackKind::ALL.into_iter().chain(AttackKind::CROSS_ACCOUNT) {
         assert!(heads.iter().any(|a| a.kind == kind), "{kind} missing");
     }
+    let members = |a: &Attack| -> Vec<&Attack> {
+        run.attacks
+            .iter()
+            .filter(|m| {
+                m.kind == a.kind
+                    && m.key_id.is_some()
+                    && (m.onset_ms, m.end_ms) == (a.onset_ms, a.end_ms)
+            })
+            .collect()
+    };
     for a in &run.attacks {
         assert!(
             a.onset_ms >= run.start_ms + HOUR_MS && a.end_ms <= run.end_ms && a.end_ms > a.onset_ms,
@@ -719,18 +733,44 @@ fn every_attack_kind_is_injected_and_visible() {
                 let spend: f64 = recs.iter().map(|r| r.counted_cost()).sum();
                 assert!(spend >= 0.8 * budget, "{a:?}: spent {spend} of {budget}");
             }
-            AttackKind::CoordinatedFarming => {
-                let members: Vec<&Attack> = run
-                    .attacks
-                    .iter()
-                    .filter(|m| {
-                        m.kind == AttackKind::CoordinatedFarming
-                            && m.key_id.is_some()
-                            && (m.onset_ms, m.end_ms) == (a.onset_ms, a.end_ms)
-                    })
-                    .collect();
+            AttackKind::KeyCycling | AttackKind::CredentialStuffing => {
+                let members = members(a);
+                let (range, per) = match a.kind {
+                    AttackKind::KeyCycling => (15..=40, 6..=10),
+                    _ => (60..=300, 1..=2),
+                };
                 assert!(
-                    (20..=60).contains(&members.len()),
+                    range.contains(&members.len()),
+                    "{a:?}: {} accounts",
+                    members.len()
+                );
+                let mut ips = HashSet::new();
+                for m in &members {
+                    let sent: Vec<&Rec> = of_key(m, 0)
+                        .into_iter()
+                        .filter(|r| r.is_arrival())
+                        .collect();
+                    assert!(per.contains(&sent.len()), "{m:?}: {} requests", sent.len());
+                    ips.extend(sent.iter().map(|r| r.ip.clone()));
+                    if a.kind == AttackKind::CredentialStuffing {
+                        assert!(of_key(m, MINUTE_MS)
+                            .iter()
+                            .filter(|r| r.completion_tokens.is_some())
+                            .all(|r| matches!(r.status, Some(401 | 403))));
+                    }
+                }
+                assert_eq!(ips.len(), 1, "{a:?}: one address");
+            }
+            AttackKind::CoordinatedFarming | AttackKind::SpreadFarming => {
+                let members = members(a);
+                let spread = a.kind == AttackKind::SpreadFarming;
+                let (range, per) = if spread {
+                    (30..=60, 2..=3)
+                } else {
+                    (20..=60, 3..=6)
+                };
+                assert!(
+                    range.contains(&members.len()),
                     "{a:?}: {} accounts",
                     members.len()
                 );
@@ -741,11 +781,7 @@ fn every_attack_kind_is_injected_and_visible() {
                         .into_iter()
                         .filter(|r| r.is_arrival())
                         .collect();
-                    assert!(
-                        (3..=6).contains(&sent.len()),
-                        "{m:?}: {} requests",
-                        sent.len()
-                    );
+                    assert!(per.contains(&sent.len()), "{m:?}: {} requests", sent.len());
                     assert!(
                         run.recs
                             .iter()
@@ -938,8 +974,9 @@ fn the_opening_starts_one_attack_of_each_kind_right_after_the_first_hour() {
         ..SimConfig::default()
     });
     let first = opening.start_ms() + HOUR_MS;
-    let window = first + AttackKind::ALL.len() as i64 * OPENING_STEP_MS;
-    for kind in AttackKind::ALL {
+    // The per-account kinds, then the three across accounts.
+    let window = first + (AttackKind::ALL.len() + 3) as i64 * OPENING_STEP_MS;
+    for kind in AttackKind::ALL.into_iter().chain(AttackKind::CROSS_ACCOUNT) {
         assert!(
             opening
                 .attacks()
@@ -962,7 +999,7 @@ fn the_opening_starts_one_attack_of_each_kind_right_after_the_first_hour() {
         let mut v: Vec<_> = s
             .attacks()
             .iter()
-            .filter(|a| a.kind != AttackKind::CoordinatedFarming && a.onset_ms >= window)
+            .filter(|a| !a.kind.grouped() && a.onset_ms >= window)
             .map(|a| (a.kind, a.onset_ms, a.end_ms))
             .collect();
         v.sort();

@@ -174,6 +174,11 @@ fn established(slots: &[Seen], tag: u32) -> bool {
 }
 
 impl Familiar {
+    /// Minute the account was first seen (0: never).
+    pub fn first_seen(&self) -> u32 {
+        self.since
+    }
+
     /// Learns a record's origin at `now_min`: a value seen again
     /// `after_min` minutes or more after it was first seen is established,
     /// unless it is held and `incident` (one is open on the account).

@@ -1,4 +1,4 @@
-//! Repeated prompts (one user) and prompt farming (many users).
+//! Repeated prompts, per user.
 //!
 //! **Repeats.** Per user, a fingerprint seen once in the last
 //! `window_minutes` costs 8 bytes (a 32-bit tag and its time); one seen
@@ -19,20 +19,18 @@
 //! one user's table collides with odds of about 1 in 16 million per
 //! sighting). `tests/memory.rs` and `docs/performance.md` measure it.
 //!
-//! **Farming.** The same fingerprint repeated (twice or more in the window)
-//! by `farming_min_users` distinct users within the window is coordinated
-//! farming: accounts made to split one job under every per-account limit.
+//! **Farming** by many accounts is the second stage's (`subject`): a
+//! sighting that makes its user a repeater of a fingerprint (the second in
+//! the window, [`PromptTracker::sight`] returns 2) is projected to the
+//! fingerprint, and distinct such users are counted over every partition.
 //! Counting only *repeating* users keeps popular one-off prompts ("hello")
-//! quiet, and means only fingerprints someone repeated take memory here.
-//! Farming across partitions needs the fingerprint-keyed stream that
-//! DESIGN.md describes; within one engine it is exact.
+//! quiet, and means only fingerprints someone repeated travel there.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::Incident;
-use crate::StableBuild;
 
 /// A steady pace has no gap shorter than this: a person regenerating an
 /// answer clicks again within seconds, a farming script paces itself.
@@ -56,8 +54,6 @@ pub struct PromptParams {
     pub max_repeats: u32,
     /// The window, seconds.
     pub window_secs: u32,
-    /// Distinct repeating users for farming (0: off).
-    pub farming_min_users: u32,
     /// Sightings within `early_secs` for an early warning (0: off).
     pub early_count: u32,
     /// The early warning's window, seconds.
@@ -86,17 +82,6 @@ pub struct Sightings {
     early_alerts: u8,
 }
 
-/// Users repeating one fingerprint.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Crowd {
-    /// Start of the counting window, Unix seconds.
-    since: u32,
-    /// Low 32 bits of the repeating users' hashes (at most `farming_min_users`).
-    users: Vec<u32>,
-    /// Whether this window already raised its alert.
-    alerted: bool,
-}
-
 /// What a sighting found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PromptFinding {
@@ -116,13 +101,6 @@ pub enum PromptFinding {
         /// Whether they came at a steady pace (the longest gap at most 1.5
         /// times the shortest, none under 30 s), as a script sends them.
         steady: bool,
-    },
-    /// `users` distinct users repeated the fingerprint in the window; `since` starts it.
-    Farming {
-        /// Distinct repeating users.
-        users: u32,
-        /// Window start, Unix seconds.
-        since: u32,
     },
 }
 
@@ -271,25 +249,21 @@ impl Sightings {
     }
 }
 
-/// The engine's farming crowds (per-user sightings live with each user).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PromptTracker {
-    pub(crate) crowds: HashMap<u64, Crowd, StableBuild>,
-}
+/// The rules over each user's table of sightings (the table lives with
+/// the user).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PromptTracker;
 
 impl PromptTracker {
-    /// Records a sighting of fingerprint `fp` by user `user` (whose table
-    /// is `up`) at `now_s`. Findings (a repeat, an early warning once
+    /// Records a sighting of fingerprint `fp` by the user whose table is
+    /// `up` at `now_s`. Findings (a repeat, an early warning once
     /// `early_count` sightings are in the early window when `early` allows
-    /// it for this user, at a steady pace if it says so; a farming crowd)
-    /// go to `out`; returns the fingerprint's sightings in the window, this
-    /// one included.
-    #[allow(clippy::too_many_arguments)]
+    /// it for this user, at a steady pace if it says so) go to `out`;
+    /// returns the fingerprint's sightings in the window, this one included
+    /// (2: the user has just become a repeater of it, a farming sighting).
     #[inline]
     pub fn sight(
-        &mut self,
         up: &mut Option<Box<UserPrompts>>,
-        user: u64,
         fp: u64,
         now_s: u32,
         early: Early,
@@ -329,29 +303,6 @@ impl PromptTracker {
             t.times.push_back(now_s);
             1
         };
-        if count == 2 && p.farming_min_users > 0 {
-            let crowd = self.crowds.entry(fp).or_insert_with(|| Crowd {
-                since: now_s,
-                users: Vec::new(),
-                alerted: false,
-            });
-            if crowd.since < cutoff {
-                crowd.since = now_s;
-                crowd.users.clear();
-                crowd.alerted = false;
-            }
-            let u = user as u32;
-            if !crowd.users.contains(&u) && crowd.users.len() < p.farming_min_users as usize {
-                crowd.users.push(u);
-            }
-            if !crowd.alerted && crowd.users.len() >= p.farming_min_users as usize {
-                crowd.alerted = true;
-                out.push(PromptFinding::Farming {
-                    users: crowd.users.len() as u32,
-                    since: crowd.since,
-                });
-            }
-        }
         count
     }
 
@@ -395,31 +346,16 @@ impl PromptTracker {
             t.repeating.shrink_to_fit();
         }
     }
-
-    /// Forgets farming crowds that left the window by `now_s`.
-    pub fn expire(&mut self, now_s: u32, p: &PromptParams) {
-        let cutoff = now_s.saturating_sub(p.window_secs);
-        self.crowds.retain(|_, c| c.since >= cutoff);
-        if self.crowds.capacity() > 4 * self.crowds.len() + 64 {
-            self.crowds.shrink_to(2 * self.crowds.len());
-        }
-    }
-
-    /// Farming crowds held.
-    pub fn crowds(&self) -> usize {
-        self.crowds.len()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The tracker with each user's table, as the engine keeps them.
+    /// Each user's table, as the engine keeps them.
     #[derive(Default)]
     struct World {
-        t: PromptTracker,
-        users: HashMap<u64, Option<Box<UserPrompts>>>,
+        users: std::collections::HashMap<u64, Option<Box<UserPrompts>>>,
     }
 
     impl World {
@@ -433,7 +369,7 @@ mod tests {
             out: &mut Vec<PromptFinding>,
         ) -> u32 {
             let up = self.users.entry(user).or_default();
-            self.t.sight(up, user, fp, now, early, p, out)
+            PromptTracker::sight(up, fp, now, early, p, out)
         }
 
         fn unsight(&mut self, user: u64, fp: u64) {
@@ -441,21 +377,19 @@ mod tests {
         }
 
         fn expire(&mut self, now: u32, p: &PromptParams) {
-            self.t.expire(now, p);
             for up in self.users.values_mut() {
                 PromptTracker::expire_user(up, now, p);
             }
         }
 
         fn is_empty(&self) -> bool {
-            self.t.crowds() == 0 && self.users.values().all(|u| u.is_none())
+            self.users.values().all(|u| u.is_none())
         }
     }
 
     const P: PromptParams = PromptParams {
         max_repeats: 5,
         window_secs: 3600,
-        farming_min_users: 3,
         early_count: 0,
         early_secs: 600,
         early_min_span_secs: 90,
@@ -562,28 +496,6 @@ mod tests {
                 "sighting {i}"
             );
         }
-    }
-
-    #[test]
-    fn farming_needs_distinct_repeating_users() {
-        let mut t = World::default();
-        // Many users sending a popular prompt once each: quiet.
-        for u in 0..50 {
-            assert!(sight(&mut t, u, 7, 1000 + u as u32).is_empty());
-        }
-        // Three users each repeating it: farming, once.
-        let mut found = vec![];
-        for u in 100..104 {
-            found.extend(sight(&mut t, u, 7, 2000));
-            found.extend(sight(&mut t, u, 7, 2001));
-        }
-        assert_eq!(
-            found,
-            vec![PromptFinding::Farming {
-                users: 3,
-                since: 2001
-            }]
-        );
     }
 
     #[test]
