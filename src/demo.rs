@@ -81,6 +81,8 @@ pub struct DemoArgs {
 struct Live {
     memory: Arc<MemoryStore>,
     metrics: Arc<PipelineMetrics>,
+    /// Both stages' metrics, for /metrics.
+    stages: Vec<Arc<PipelineMetrics>>,
     produced: AtomicU64,
     /// Event time of the last record produced (unix ms).
     sim_now: AtomicU64,
@@ -98,6 +100,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     let mock = MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
     mock.create_topic(TOPIC, PARTITIONS, 1)?;
     mock.create_topic("gateway-events-dlq", 1, 1)?;
+    mock.create_topic(&cfg.kafka.subjects.topic, cfg.kafka.subjects.partitions, 1)?;
     let brokers = mock.bootstrap_servers();
 
     let memory = Arc::new(MemoryStore::default());
@@ -118,16 +121,33 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
     pipeline_cfg.parquet_dir = Some(args.data_dir.join("lake"));
     pipeline_cfg.batch_max_ms = pipeline_cfg.batch_max_ms.min(250);
     let pipeline = Pipeline::start(
-        kafka,
-        pipeline_cfg,
+        kafka.clone(),
+        pipeline_cfg.clone(),
         cfg.engine.clone(),
         decoder,
-        backend,
+        backend.clone(),
         rt.handle().clone(),
     )?;
+    // The second stage: addresses, networks, keys and prompts across accounts.
+    let subjects = kafka
+        .subjects
+        .enabled
+        .then(|| {
+            Pipeline::start_subjects(
+                kafka,
+                pipeline_cfg,
+                cfg.engine.clone(),
+                backend,
+                rt.handle().clone(),
+            )
+        })
+        .transpose()?;
+    let mut stages = vec![pipeline.metrics()];
+    stages.extend(subjects.as_ref().map(Pipeline::metrics));
     let live = Arc::new(Live {
         memory,
         metrics: pipeline.metrics(),
+        stages,
         produced: AtomicU64::new(0),
         sim_now: AtomicU64::new(0),
         started: Instant::now(),
@@ -200,8 +220,15 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode> {
         let (live, stop) = (Arc::clone(&live), Arc::clone(&stop));
         std::thread::spawn(move || console(&live, &stop, args.quiet))
     };
+    let second = subjects.map(|s| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || s.run_until(&stop))
+    });
     pipeline.run_until(&stop).context("consuming")?;
     stop.store(true, Ordering::Release);
+    if let Some(t) = second {
+        let _ = t.join();
+    }
     let _ = producer.join();
     let _ = console.join();
     let s = live.memory.snapshot(0, i64::MAX, 0, 0);
@@ -376,7 +403,8 @@ fn action_json(seq: i64, a: &Alert) -> Value {
     json!({
         "seq": seq,
         "key_id": a.key_id,
-        "user_id": a.user_id,
+        "user_id": if a.key_id.is_none() && a.ip.is_some() { "" } else { a.user_id.as_str() },
+        "ip": if a.key_id.is_none() { a.ip.as_deref() } else { None },
         "action": a.action,
         "reason": a.reason,
         "alert_id": a.id,
@@ -426,7 +454,7 @@ async fn blocklist(State(live): State<Arc<Live>>) -> Response {
 
 async fn metrics(State(live): State<Arc<Live>>) -> Response {
     let mut out = Exposition::default();
-    pipeline_metrics(Arc::clone(&live.metrics))(&mut out);
+    pipeline_metrics(live.stages.clone())(&mut out);
     (
         [(
             header::CONTENT_TYPE,

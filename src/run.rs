@@ -87,17 +87,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         cfg.pipeline.clone(),
         cfg.engine.clone(),
         decoder,
-        store,
+        store.clone(),
         rt.handle().clone(),
     )?;
+    // The second stage, in this process: its own consumer group on the
+    // internal topic, its own workers and commits.
+    let subjects = cfg
+        .kafka
+        .subjects
+        .enabled
+        .then(|| {
+            Pipeline::start_subjects(
+                cfg.kafka.clone(),
+                cfg.pipeline.clone(),
+                cfg.engine.clone(),
+                store,
+                rt.handle().clone(),
+            )
+        })
+        .transpose()?;
     let metrics = pipeline.metrics();
-    let outward = Outward::start(
-        &rt,
-        &cfg,
-        prepared,
-        pool,
-        Some(pipeline_metrics(Arc::clone(&metrics))),
-    )?;
+    let mut stages = vec![Arc::clone(&metrics)];
+    stages.extend(subjects.as_ref().map(Pipeline::metrics));
+    let outward = Outward::start(&rt, &cfg, prepared, pool, Some(pipeline_metrics(stages)))?;
     if let Some(a) = outward.addr {
         info!(address = %a, "feed and /metrics on http://{a}");
     }
@@ -142,8 +154,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         })
     });
-    pipeline.run_until(&stop).context("consuming")?;
+    let second = subjects.map(|s| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || s.run_until(&stop))
+    });
+    let first = pipeline.run_until(&stop).context("consuming");
     stop.store(true, Ordering::Release);
+    if let Some(t) = second {
+        match t.join() {
+            Ok(r) => r.context("consuming the second stage's topic")?,
+            Err(_) => anyhow::bail!("the second stage's consumer thread panicked"),
+        }
+    }
+    first?;
     if let Some(p) = progress {
         let _ = p.join();
     }
@@ -172,11 +195,16 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-/// The pipeline's part of `/metrics`.
-pub(crate) fn pipeline_metrics(m: Arc<PipelineMetrics>) -> Render {
+/// The pipelines' part of `/metrics` (stage one's, and the second stage's
+/// with a `stage` label), each family's samples together.
+pub(crate) fn pipeline_metrics(stages: Vec<Arc<PipelineMetrics>>) -> Render {
     // Names and help are the pipeline's own (ingest::telemetry).
     Arc::new(move |out: &mut Exposition| {
-        for s in m.samples() {
+        let mut samples: Vec<_> = stages.iter().flat_map(|m| m.samples()).collect();
+        // Stable: each family's samples keep their order.
+        samples.sort_by_key(|s| s.name);
+        let m = &stages[0];
+        for s in samples {
             let labels: Vec<(&str, &str)> =
                 s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
             match s.kind {

@@ -51,6 +51,8 @@ impl Writer {
             alerts,
             checkpoint: None,
             budgets: &[],
+            addresses: &[],
+            sources: &[],
         };
         self.rt.block_on(self.store.commit_batch(&batch)).unwrap();
         self.next += 1;

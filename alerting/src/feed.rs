@@ -325,6 +325,10 @@ struct FeedAction {
     seq: i64,
     key_id: Option<String>,
     user_id: String,
+    /// The address, for an address action (an extension of the contract;
+    /// absent for key and user actions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip: Option<String>,
     action: String,
     reason: String,
     alert_id: Option<String>,
@@ -355,6 +359,7 @@ fn action_of(row: FeedRow) -> FeedAction {
         seq: row.seq,
         key_id: row.key_id,
         user_id: row.user_id,
+        ip: row.ip,
         action: row.action,
         reason: row.reason,
         alert_id: row.alert_id,

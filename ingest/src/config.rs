@@ -110,6 +110,46 @@ pub struct KafkaConfig {
     /// or host name): a restart then takes its partitions back at once
     /// instead of after the session timeout. Unset: dynamic membership.
     pub instance_id: Option<String>,
+    /// The second stage: its internal topic and consumer group.
+    #[serde(default)]
+    pub subjects: SubjectsTopicConfig,
+}
+
+/// The second stage's internal topic (see `detectors::subject`): stage one
+/// writes each record's projection there, routed by subject (address,
+/// network, key, prompt); stage two reads it in a consumer group of its own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectsTopicConfig {
+    /// Runs the second stage (key cycling, credential stuffing, key sharing,
+    /// prompt farming across accounts). Off: nothing is projected.
+    pub enabled: bool,
+    /// The internal topic.
+    pub topic: String,
+    /// Its partitions, when keywatch creates it (an existing topic keeps its
+    /// own; adding partitions later moves subjects to other partitions, and
+    /// their learned state with them is relearned).
+    pub partitions: i32,
+    /// Its replication factor, when keywatch creates it.
+    pub replication: i32,
+    /// The second stage's consumer group (default: `kafka.group_id` + `.subjects`).
+    pub group_id: Option<String>,
+    /// A stage-one partition that has read nothing for this many milliseconds
+    /// tells the second stage it is idle, so its event time is not waited for.
+    pub idle_after_ms: u64,
+}
+
+impl Default for SubjectsTopicConfig {
+    fn default() -> Self {
+        SubjectsTopicConfig {
+            enabled: true,
+            topic: "keywatch.by-subject".into(),
+            partitions: 6,
+            replication: 1,
+            group_id: None,
+            idle_after_ms: 2000,
+        }
+    }
 }
 
 /// Where a partition with no offset stored in Postgres starts reading.
@@ -145,6 +185,7 @@ impl Default for KafkaConfig {
             settings: BTreeMap::new(),
             settings_from_env: BTreeMap::new(),
             instance_id: None,
+            subjects: SubjectsTopicConfig::default(),
         }
     }
 }
@@ -200,6 +241,14 @@ pub struct PipelineConfigError {
 }
 
 impl KafkaConfig {
+    /// The second stage's consumer group.
+    pub fn subjects_group(&self) -> String {
+        self.subjects
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("{}.subjects", self.group_id))
+    }
+
     /// The input topics' names.
     pub fn topic_names(&self) -> Vec<&str> {
         self.topics.iter().map(TopicEntry::name).collect()
@@ -248,6 +297,28 @@ impl KafkaConfig {
                 "kafka.dead_letter_topic",
                 "must be set and differ from the input topics",
             );
+        }
+        let sc = &self.subjects;
+        if sc.topic.trim().is_empty()
+            || sc.topic == self.dead_letter_topic
+            || self.topics.iter().any(|t| t.name() == sc.topic)
+        {
+            return bad(
+                "kafka.subjects.topic",
+                "must be set and differ from the input and dead-letter topics",
+            );
+        }
+        if sc.partitions < 1 || sc.replication < 1 {
+            return bad(
+                "kafka.subjects",
+                "partitions and replication must be at least 1",
+            );
+        }
+        if sc.idle_after_ms == 0 {
+            return bad("kafka.subjects.idle_after_ms", "must be at least 1");
+        }
+        if self.subjects_group() == self.group_id {
+            return bad("kafka.subjects.group_id", "must differ from kafka.group_id");
         }
         if let Some(id) = &self.instance_id {
             if id.trim().is_empty() || id.len() > 249 || id.chars().any(char::is_control) {

@@ -19,6 +19,11 @@ use tracing::{error, info, warn};
 /// Counters of a running pipeline (one place, so a metric and a log line agree).
 #[derive(Debug, Default)]
 pub struct PipelineMetrics {
+    /// Which stage these are: `gateway` (stage one; also the default) or
+    /// `subjects` (stage two, whose samples carry a `stage` label).
+    pub stage: &'static str,
+    /// Projections written for the second stage (one per subject partition a record reaches).
+    pub projections: AtomicU64,
     /// Records read from Kafka (including those re-read after a restart).
     pub records: AtomicU64,
     /// Records re-read up to the committed offset to rebuild state (no writes).
@@ -215,6 +220,9 @@ impl PipelineMetrics {
             one("keywatch_fenced_total", "Commits refused because another consumer owns the partition now.", Kind::Counter, c(&self.fenced)),
             one("keywatch_partitions", "Partitions this instance is working.", Kind::Gauge, c(&self.partitions)),
         ]);
+        if self.stage != "subjects" {
+            out.push(one("keywatch_projections_total", "Projections written to the second stage's topic (a record reaches up to four subjects; one copy per stage-two partition).", Kind::Counter, c(&self.projections)));
+        }
         for ((topic, partition), o) in self.offsets.lock().expect("metrics lock").iter() {
             if let Some(lag) = o.lag() {
                 out.push(Sample {
@@ -229,6 +237,11 @@ impl PipelineMetrics {
                         lag as f64,
                     )
                 });
+            }
+        }
+        if self.stage == "subjects" {
+            for s in &mut out {
+                s.labels.push(("stage", "subjects".to_owned()));
             }
         }
         out

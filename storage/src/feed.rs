@@ -27,8 +27,10 @@ pub struct FeedRow {
     pub seq: i64,
     /// The key, or `None` for every key of the user.
     pub key_id: Option<String>,
-    /// The account.
+    /// The account (empty for an address action).
     pub user_id: String,
+    /// The address, for an address action (key cycling, credential stuffing).
+    pub ip: Option<String>,
     /// `throttle`, `block` or `unblock`.
     pub action: String,
     /// Why, for a person.
@@ -58,7 +60,7 @@ pub struct ManualAction<'a> {
     pub operator: &'a str,
 }
 
-const COLUMNS: &str = "seq, key_id, user_id, action, reason, alert_id,
+const COLUMNS: &str = "seq, key_id, user_id, ip, action, reason, alert_id,
     (extract(epoch FROM issued_at) * 1000)::int8 AS issued_ms,
     (extract(epoch FROM expires_at) * 1000)::int8 AS expires_ms";
 
@@ -67,6 +69,7 @@ fn row_of(row: &PgRow) -> FeedRow {
         seq: row.get("seq"),
         key_id: row.get("key_id"),
         user_id: row.get("user_id"),
+        ip: row.get("ip"),
         action: row.get("action"),
         reason: row.get("reason"),
         alert_id: row.get("alert_id"),

@@ -243,6 +243,8 @@ mod tests {
             alerts,
             checkpoint: None,
             budgets: &[],
+            addresses: &[],
+            sources: &[],
         }
     }
 

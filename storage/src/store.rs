@@ -32,6 +32,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "delivery",
         include_str!("../migrations/0003_delivery.sql"),
     ),
+    (
+        4,
+        "second stage",
+        include_str!("../migrations/0004_second_stage.sql"),
+    ),
 ];
 
 /// The compiled-in migrations as a sqlx migration source.
@@ -105,6 +110,46 @@ pub struct BatchCommit<'a> {
     pub checkpoint: Option<&'a [u8]>,
     /// The budget ledger of the users the batch touched (absolute values).
     pub budgets: &'a [BudgetRow],
+    /// Traffic per address and minute (the second stage's); added to what is stored.
+    pub addresses: &'a [AddressRow],
+    /// Where the second stage stands in each source (absolute values).
+    pub sources: &'a [SourceRow],
+}
+
+/// Traffic of one address in one minute, as a second-stage batch adds it to `address_minute`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AddressRow {
+    /// The address, as text.
+    pub ip: String,
+    /// Start of the minute, Unix milliseconds.
+    pub minute_ms: i64,
+    /// Requests.
+    pub requests: i64,
+    /// Responses with an error status.
+    pub errors: i64,
+    /// Responses refusing credentials.
+    pub auth_failures: i64,
+    /// Input tokens.
+    pub prompt_tokens: i64,
+    /// Output tokens.
+    pub completion_tokens: i64,
+    /// Spend, micro-dollars.
+    pub cost_micros: i64,
+}
+
+/// A second-stage partition's mark in one source, as `stage_two_sources` holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceRow {
+    /// The gateway topic.
+    pub source_topic: String,
+    /// Its partition.
+    pub source_partition: i32,
+    /// The last projection taken: offset and element plus one (None: none yet).
+    pub mark: Option<(i64, i32)>,
+    /// The largest event time the source reported, Unix ms (None: none).
+    pub frontier_ms: Option<i64>,
+    /// The source said it was idle.
+    pub idle: bool,
 }
 
 /// One user's budget and spend in one period, as the detectors' ledger has it.
@@ -242,6 +287,12 @@ impl Store {
         if !batch.budgets.is_empty() {
             upsert_budgets(&mut tx, batch.budgets).await?;
         }
+        if !batch.addresses.is_empty() {
+            upsert_addresses(&mut tx, batch.addresses).await?;
+        }
+        if !batch.sources.is_empty() {
+            upsert_sources(&mut tx, batch).await?;
+        }
         if let Some(state) = batch.checkpoint {
             sqlx::query(
                 "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
@@ -326,6 +377,83 @@ async fn advance_offset(
         expected: batch.start_offset,
         stored: stored.unwrap_or(-1),
     })
+}
+
+/// Adds the batch's address rows to `address_minute` in one statement.
+async fn upsert_addresses(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[AddressRow],
+) -> Result<(), StorageError> {
+    let col = |f: fn(&AddressRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let ips: Vec<&str> = rows.iter().map(|r| r.ip.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO address_minute AS a (ip, minute, requests, errors, auth_failures,
+             prompt_tokens, completion_tokens, cost_micros)
+         SELECT ip, to_timestamp(m / 1000.0), sum(rq), sum(e), sum(af), sum(pt), sum(ct), sum(c)
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+             $7::int8[], $8::int8[]) AS b(ip, m, rq, e, af, pt, ct, c)
+         GROUP BY ip, m
+         ORDER BY ip, m
+         ON CONFLICT (ip, minute) DO UPDATE SET
+             requests = a.requests + excluded.requests,
+             errors = a.errors + excluded.errors,
+             auth_failures = a.auth_failures + excluded.auth_failures,
+             prompt_tokens = a.prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = a.completion_tokens + excluded.completion_tokens,
+             cost_micros = a.cost_micros + excluded.cost_micros",
+    )
+    .bind(ips)
+    .bind(col(|r| r.minute_ms))
+    .bind(col(|r| r.requests))
+    .bind(col(|r| r.errors))
+    .bind(col(|r| r.auth_failures))
+    .bind(col(|r| r.prompt_tokens))
+    .bind(col(|r| r.completion_tokens))
+    .bind(col(|r| r.cost_micros))
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("upsert address rollups"))?;
+    Ok(())
+}
+
+/// Writes where the second-stage partition stands in each source.
+async fn upsert_sources(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchCommit<'_>,
+) -> Result<(), StorageError> {
+    let rows = batch.sources;
+    let topics: Vec<&str> = rows.iter().map(|r| r.source_topic.as_str()).collect();
+    let parts: Vec<i32> = rows.iter().map(|r| r.source_partition).collect();
+    let offsets: Vec<Option<i64>> = rows.iter().map(|r| r.mark.map(|m| m.0)).collect();
+    let elements: Vec<Option<i32>> = rows.iter().map(|r| r.mark.map(|m| m.1)).collect();
+    let frontiers: Vec<Option<i64>> = rows.iter().map(|r| r.frontier_ms).collect();
+    let idle: Vec<bool> = rows.iter().map(|r| r.idle).collect();
+    sqlx::query(
+        "INSERT INTO stage_two_sources AS s (topic, partition, source_topic, source_partition,
+             source_offset, source_element, frontier, idle)
+         SELECT $1, $2, st, sp, so, se, to_timestamp(f / 1000.0), i
+         FROM UNNEST($3::text[], $4::int4[], $5::int8[], $6::int4[], $7::int8[], $8::bool[])
+             AS b(st, sp, so, se, f, i)
+         ORDER BY st, sp
+         ON CONFLICT (topic, partition, source_topic, source_partition) DO UPDATE SET
+             source_offset = excluded.source_offset,
+             source_element = excluded.source_element,
+             frontier = excluded.frontier,
+             idle = excluded.idle,
+             updated_at = now()",
+    )
+    .bind(batch.topic)
+    .bind(batch.partition)
+    .bind(topics)
+    .bind(parts)
+    .bind(offsets)
+    .bind(elements)
+    .bind(frontiers)
+    .bind(idle)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("store the second stage's source marks"))?;
+    Ok(())
 }
 
 /// Adds the batch's rollups to `rollup_minute` in one statement.
@@ -519,12 +647,17 @@ impl<'a> AlertColumns<'a> {
                          baseline, threshold, budget, expires_ms, reason, alert)
                  ORDER BY id
                  ON CONFLICT (id) DO NOTHING
-                 RETURNING id, action, user_id, key_id, reason, ts, expires_at
+                 RETURNING id, action, user_id, key_id, ip, reason, ts, expires_at
              ),
              new_actions AS (
-                 INSERT INTO revocation_actions (key_id, user_id, action, reason, alert_id,
+                 INSERT INTO revocation_actions (key_id, user_id, ip, action, reason, alert_id,
                      issued_at, expires_at)
-                 SELECT key_id, user_id, action, reason, id, ts, expires_at
+                 SELECT key_id,
+                     -- An address action (no key, an address) names no account;
+                     -- a key's alert may carry an address only as context.
+                     CASE WHEN key_id IS NULL AND ip IS NOT NULL THEN '' ELSE user_id END,
+                     CASE WHEN key_id IS NULL THEN ip END,
+                     action, reason, id, ts, expires_at
                  FROM new_alerts
                  WHERE action IN ($16, $17)
                  ORDER BY ts, id

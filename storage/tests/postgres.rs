@@ -215,6 +215,8 @@ fn batch<'a>(
         alerts,
         checkpoint,
         budgets: &[],
+        addresses: &[],
+        sources: &[],
     }
 }
 
@@ -256,6 +258,7 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
     .unwrap();
     let expected = [
         ("active_revocations", "v"),
+        ("address_minute", "r"),
         ("alert_deliveries", "r"),
         ("alert_outbox", "r"),
         ("alerts", "r"),
@@ -271,6 +274,7 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
         ("rollup_minute", "r"),
         ("spend_day", "v"),
         ("spend_month", "v"),
+        ("stage_two_sources", "r"),
     ];
     let got: Vec<(&str, &str)> = relations
         .iter()

@@ -18,6 +18,16 @@
 //! dead-letter writes are acknowledged, so if the dead-letter topic cannot
 //! be written the partition stops advancing rather than skipping.
 //!
+//! **Two stages.** Stage one reads the gateway's topics (keyed by
+//! account) and, with `kafka.subjects.enabled`, writes every counted
+//! record's projection to the internal topic `kafka.subjects.topic`,
+//! routed by subject (address, network, key, prompt), as a batch's frames
+//! acknowledged before the batch commits. Stage two is a second consumer
+//! group on that topic ([`Pipeline::start_subjects`]), with the same
+//! workers, fenced commits and checkpoints; its engine drops projections it
+//! has already taken (by source offset), so a crash on either side loses
+//! and doubles nothing (`detectors::subject::merge`).
+//!
 //! **Threads, not tasks.** librdkafka calls the rebalance callback on the
 //! thread that polls the consumer; doing the work there (loading offsets,
 //! draining revoked partitions) needs blocking calls into Postgres, which
@@ -34,7 +44,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use detectors::decode::{split_records, Format, Origin, Piece};
-use detectors::{Alert, Decoder, Engine, EngineConfig, EngineState, Outcome};
+use detectors::subject::{AddressRollups, FrameHeader, FrameWriter, Seq};
+use detectors::{
+    Alert, Decoder, Engine, EngineConfig, EngineState, Outcome, SubjectEngine, SubjectState,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -42,7 +55,9 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use storage::{Backend, BatchCommit, BudgetRow, PartitionStart, StorageError};
+use storage::{
+    AddressRow, Backend, BatchCommit, BudgetRow, PartitionStart, SourceRow, StorageError,
+};
 
 use crate::batch::{event_row, Rollups, RowOrigin};
 use crate::config::{KafkaConfig, PipelineConfig};
@@ -86,8 +101,28 @@ pub enum PipelineError {
     Config(#[from] crate::config::PipelineConfigError),
 }
 
+/// Which stage a pipeline is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Gateway records, keyed by account.
+    Gateway,
+    /// Projections, keyed by subject.
+    Subjects,
+}
+
+/// Where stage one writes projections.
+struct SubjectsOut {
+    topic: String,
+    partitions: u32,
+}
+
 /// Everything a partition worker needs, shared.
 struct Shared {
+    stage: Stage,
+    /// Stage one with the second stage on: its internal topic.
+    subjects_out: Option<SubjectsOut>,
+    /// Partitions of each topic this pipeline reads (from the broker's metadata).
+    topic_partitions: Mutex<HashMap<String, u32>>,
     kafka: KafkaConfig,
     pipeline: PipelineConfig,
     engine: EngineConfig,
@@ -113,7 +148,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Creates the consumer and the dead-letter producer and subscribes.
+    /// Stage one: creates the consumer of the gateway's topics and the
+    /// dead-letter (and projection) producer, and subscribes. With
+    /// `kafka.subjects.enabled`, the internal topic is created if missing.
     pub fn start(
         kafka: KafkaConfig,
         pipeline: PipelineConfig,
@@ -122,7 +159,50 @@ impl Pipeline {
         store: impl Into<Backend>,
         rt: tokio::runtime::Handle,
     ) -> Result<Pipeline, PipelineError> {
-        let store = store.into();
+        Self::start_stage(
+            Stage::Gateway,
+            kafka,
+            pipeline,
+            engine,
+            decoder,
+            store.into(),
+            rt,
+        )
+    }
+
+    /// Stage two: a consumer group of its own (`kafka.subjects.group_id`)
+    /// on the internal topic, judging addresses, networks, keys and prompts
+    /// across every partition of stage one. Its batches commit like stage
+    /// one's (no lake).
+    pub fn start_subjects(
+        kafka: KafkaConfig,
+        pipeline: PipelineConfig,
+        engine: EngineConfig,
+        store: impl Into<Backend>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Pipeline, PipelineError> {
+        // Stage two reads frames, not gateway records: its decoder is never used.
+        let decoder = Decoder::new(b"unused by the second stage");
+        Self::start_stage(
+            Stage::Subjects,
+            kafka,
+            pipeline,
+            engine,
+            decoder,
+            store.into(),
+            rt,
+        )
+    }
+
+    fn start_stage(
+        stage: Stage,
+        kafka: KafkaConfig,
+        pipeline: PipelineConfig,
+        engine: EngineConfig,
+        decoder: Decoder,
+        store: Backend,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Pipeline, PipelineError> {
         Engine::new(&engine)?;
         let settings = kafka.client_settings()?;
         let mut common = ClientConfig::new();
@@ -138,7 +218,24 @@ impl Pipeline {
                 source,
             })?
         };
+        let subjects_out = match stage {
+            Stage::Gateway if kafka.subjects.enabled => Some(SubjectsOut {
+                topic: kafka.subjects.topic.clone(),
+                partitions: ensure_topic(&common, &kafka.subjects, &rt)?,
+            }),
+            _ => None,
+        };
+        let metrics = PipelineMetrics {
+            stage: match stage {
+                Stage::Gateway => "gateway",
+                Stage::Subjects => "subjects",
+            },
+            ..PipelineMetrics::default()
+        };
         let shared = Arc::new(Shared {
+            stage,
+            subjects_out,
+            topic_partitions: Mutex::new(HashMap::new()),
             decoder,
             kafka,
             pipeline,
@@ -146,12 +243,16 @@ impl Pipeline {
             store,
             rt,
             producer,
-            metrics: Arc::new(PipelineMetrics::default()),
+            metrics: Arc::new(metrics),
             consumer: OnceLock::new(),
             workers: Mutex::new(HashMap::new()),
         });
+        let group = match stage {
+            Stage::Gateway => shared.kafka.group_id.clone(),
+            Stage::Subjects => shared.kafka.subjects_group(),
+        };
         let mut c = common;
-        c.set("group.id", &shared.kafka.group_id)
+        c.set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", shared.kafka.start_from.as_str())
@@ -181,7 +282,11 @@ impl Pipeline {
         if let Some(id) = &shared.kafka.instance_id {
             // Static membership (KIP-345): a restarted instance with the same
             // id takes its partitions back at once, with no rebalance.
-            c.set("group.instance.id", id);
+            let id = match stage {
+                Stage::Gateway => id.clone(),
+                Stage::Subjects => format!("{id}.subjects"),
+            };
+            c.set("group.instance.id", &id);
         }
         let consumer: BaseConsumer<PipelineContext> = c
             .create_with_context(PipelineContext {
@@ -193,7 +298,10 @@ impl Pipeline {
             })?;
         let consumer = Arc::new(consumer);
         let _ = shared.consumer.set(Arc::downgrade(&consumer));
-        let topics = shared.kafka.topic_names();
+        let topics = match stage {
+            Stage::Gateway => shared.kafka.topic_names(),
+            Stage::Subjects => vec![shared.kafka.subjects.topic.as_str()],
+        };
         consumer
             .subscribe(&topics)
             .map_err(|source| PipelineError::Kafka {
@@ -229,6 +337,11 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Which stage this pipeline is: `gateway` or `subjects`.
+    pub fn stage(&self) -> &'static str {
+        self.shared.metrics.stage
+    }
+
     /// Workers that stopped on their own (fenced) are forgotten.
     fn reap_finished(&self) {
         let mut w = self.shared.workers.lock().expect("workers lock");
@@ -242,5 +355,124 @@ impl Pipeline {
                 let _ = v.thread.join();
             }
         }
+    }
+}
+
+/// Creates the second stage's topic when it is missing; returns how many
+/// partitions it has.
+fn ensure_topic(
+    common: &ClientConfig,
+    cfg: &crate::config::SubjectsTopicConfig,
+    rt: &tokio::runtime::Handle,
+) -> Result<u32, PipelineError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        common.create().map_err(|source| PipelineError::Kafka {
+            what: "creating the admin client for the second stage's topic",
+            source,
+        })?;
+    let partitions = |admin: &AdminClient<DefaultClientContext>| {
+        admin
+            .inner()
+            .fetch_metadata(Some(&cfg.topic), Duration::from_secs(5))
+            .map(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == cfg.topic && t.error().is_none())
+                    .map_or(0, |t| t.partitions().len() as u32)
+            })
+    };
+    if let Ok(n @ 1..) = partitions(&admin) {
+        return Ok(n);
+    }
+    let topic = NewTopic::new(
+        &cfg.topic,
+        cfg.partitions,
+        TopicReplication::Fixed(cfg.replication),
+    );
+    let opts = AdminOptions::new()
+        .request_timeout(Some(Duration::from_secs(10)))
+        .operation_timeout(Some(Duration::from_secs(10)));
+    // Another instance may create it at the same moment: TopicAlreadyExists is fine.
+    let _ = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            admin.create_topics([&topic], &opts),
+        )
+        .await
+    });
+    let mut last = None;
+    for _ in 0..50 {
+        match partitions(&admin) {
+            Ok(n @ 1..) => return Ok(n),
+            Ok(_) => {}
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(PipelineError::Kafka {
+        what: "creating or reading the second stage's topic (kafka.subjects.topic)",
+        source: last.unwrap_or(KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+        )),
+    })
+}
+
+impl Shared {
+    /// How many partitions `topic` has, from the broker's metadata (0 when
+    /// it cannot be read now).
+    fn partitions_of(&self, topic: &str) -> u32 {
+        if let Some(&n) = self
+            .topic_partitions
+            .lock()
+            .expect("partitions lock")
+            .get(topic)
+        {
+            return n;
+        }
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return 0;
+        };
+        let n = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len() as u32)
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            self.topic_partitions
+                .lock()
+                .expect("partitions lock")
+                .insert(topic.to_owned(), n);
+        }
+        n
+    }
+
+    /// Writes one frame to each stage-two partition (index = partition) and
+    /// waits for every acknowledgement; false if any failed (the caller
+    /// writes them all again: a repeat is dropped by the second stage).
+    fn send_frames(&self, frames: &[Vec<u8>]) -> bool {
+        let Some(out) = &self.subjects_out else {
+            return true;
+        };
+        let mut pending = Vec::with_capacity(frames.len());
+        for (p, f) in frames.iter().enumerate() {
+            let rec: FutureRecord<'_, (), [u8]> =
+                FutureRecord::to(&out.topic).partition(p as i32).payload(f);
+            pending.push(self.producer.send_result(rec).map_err(|(e, _)| e));
+        }
+        let mut ok = true;
+        for p in pending {
+            ok &= match p {
+                Ok(fut) => matches!(self.rt.block_on(fut), Ok(Ok(_))),
+                Err(_) => false,
+            };
+        }
+        ok
     }
 }

@@ -126,7 +126,11 @@ impl Shared {
             {
                 Ok(mut s) => {
                     if let Some((at, bytes)) = &s.checkpoint {
-                        if let Err(e) = serde_json::from_slice::<EngineState>(bytes) {
+                        let read = match self.stage {
+                            Stage::Gateway => serde_json::from_slice::<EngineState>(bytes).err(),
+                            Stage::Subjects => serde_json::from_slice::<SubjectState>(bytes).err(),
+                        };
+                        if let Some(e) = read {
                             Part { topic, partition }.checkpoint_unreadable(*at, &e);
                             s.checkpoint = None;
                         }

@@ -1,6 +1,12 @@
-//! One partition's worker: reads its partition queue, decodes and detects
-//! each record, holds one batch, and commits it (dead letters acknowledged,
-//! the Parquet file, one Postgres transaction) before it reads on.
+//! One partition's worker: reads its partition queue, runs each record
+//! through its stage's engine, holds one batch, and commits it (dead
+//! letters and projections acknowledged, the Parquet file, one Postgres
+//! transaction) before it reads on.
+//!
+//! The bookkeeping (where the partition resumes, what a batch covers, the
+//! fence, retries) is the same for both stages; what a record *is* differs
+//! ([`Work`]): a gateway record for stage one, a frame of projections for
+//! stage two.
 
 use super::*;
 
@@ -14,16 +20,46 @@ pub(super) struct DeadLetter {
     error: String,
 }
 
+/// Stage one's work on a partition of gateway records.
+pub(super) struct GatewayWork {
+    engine: Engine,
+    decoder: Decoder,
+    /// The format of this topic's records.
+    format: Format,
+    rollups: Rollups,
+    lake: Vec<storage::parquet::EventRow>,
+    /// Whether there is a lake (`pipeline.parquet_dir`).
+    lake_on: bool,
+    /// The batch's projections for the second stage (None: it is off).
+    frames: Option<FrameWriter>,
+    /// How many partitions this topic has (for the frames' header).
+    topic_partitions: u32,
+    /// When frames were last written, and whether the last said "idle".
+    last_frame: Instant,
+    idle_sent: bool,
+}
+
+/// Stage two's work on a partition of the internal topic.
+pub(super) struct SubjectWork {
+    engine: SubjectEngine,
+    rollups: AddressRollups,
+}
+
+/// What a partition's records are and what is done with them.
+pub(super) enum Work {
+    /// Gateway records (stage one).
+    Gateway(Box<GatewayWork>),
+    /// Projection frames (stage two).
+    Subjects(Box<SubjectWork>),
+}
+
 /// The state of one partition's worker.
 pub(super) struct PartitionWorker<'s> {
     shared: &'s Shared,
     pub(super) topic: String,
     pub(super) partition: i32,
     stop: Arc<AtomicBool>,
-    engine: Engine,
-    decoder: Decoder,
-    /// The format of this topic's records.
-    format: Format,
+    work: Work,
     /// The offset stored in Postgres: re-read records below it change no data.
     committed: Option<i64>,
     /// Next offset expected (lower ones are re-deliveries).
@@ -32,12 +68,12 @@ pub(super) struct PartitionWorker<'s> {
     // The open batch.
     first: Option<i64>,
     last: i64,
+    /// Records counted in the open batch.
+    counted: usize,
     forced_end: Option<i64>,
     opened: Instant,
-    rollups: Rollups,
     alerts: Vec<Alert>,
     scratch: Vec<Alert>,
-    lake: Vec<storage::parquet::EventRow>,
     dead: Vec<DeadLetter>,
     fenced: bool,
     /// The first batch after assignment has been opened.
@@ -67,41 +103,74 @@ impl<'s> PartitionWorker<'s> {
         stop: Arc<AtomicBool>,
     ) -> Self {
         let checkpoint_at = start.checkpoint.as_ref().map(|c| c.0);
-        let fresh = || Engine::new(&shared.engine).expect("engine config was validated");
         // Expecting the first offset makes records a broker no longer has
         // show up as a gap.
         let (_, expected) =
             decide::resume_point(checkpoint_at, start.next_offset, shared.kafka.start_from);
-        let (engine, next_expected) = match start.checkpoint {
-            Some((_, bytes)) => match serde_json::from_slice::<EngineState>(&bytes) {
-                Ok(state) => (
-                    Engine::restore(&shared.engine, state).expect("engine config was validated"),
-                    expected,
-                ),
-                // The assignment already checked it decodes (see `load_start`).
-                Err(_) => (fresh(), None),
-            },
-            None => (fresh(), expected),
+        // The assignment already checked a checkpoint decodes (see `load_start`).
+        let bytes = start.checkpoint.as_ref().map(|c| c.1.as_slice());
+        let (work, restored) = match shared.stage {
+            Stage::Gateway => {
+                let state = bytes.and_then(|b| serde_json::from_slice::<EngineState>(b).ok());
+                let restored = state.is_some();
+                let engine = match state {
+                    Some(s) => Engine::restore(&shared.engine, s),
+                    None => Engine::new(&shared.engine),
+                }
+                .expect("engine config was validated");
+                let frames = shared
+                    .subjects_out
+                    .as_ref()
+                    .map(|o| FrameWriter::new(o.partitions));
+                let work = GatewayWork {
+                    engine,
+                    decoder: shared.decoder.clone(),
+                    format: shared.kafka.format_of(&topic),
+                    rollups: Rollups::default(),
+                    lake: Vec::new(),
+                    lake_on: shared.pipeline.parquet_dir.is_some(),
+                    frames,
+                    topic_partitions: shared.partitions_of(&topic).max(partition as u32 + 1),
+                    last_frame: Instant::now(),
+                    idle_sent: false,
+                };
+                (Work::Gateway(Box::new(work)), restored)
+            }
+            Stage::Subjects => {
+                let state = bytes.and_then(|b| serde_json::from_slice::<SubjectState>(b).ok());
+                let restored = state.is_some();
+                let engine = match state {
+                    Some(s) => SubjectEngine::restore(&shared.engine, s),
+                    None => SubjectEngine::new(&shared.engine),
+                }
+                .expect("engine config was validated");
+                let work = SubjectWork {
+                    engine,
+                    rollups: AddressRollups::default(),
+                };
+                (Work::Subjects(Box::new(work)), restored)
+            }
+        };
+        let next_expected = match (start.checkpoint.is_some(), restored) {
+            (true, false) => None,
+            _ => expected,
         };
         PartitionWorker {
             shared,
-            decoder: shared.decoder.clone(),
-            format: shared.kafka.format_of(&topic),
+            work,
             topic,
             partition,
             stop,
-            engine,
             committed: start.next_offset,
             next_expected,
             last_checkpoint: Instant::now(),
             first: None,
             last: 0,
+            counted: 0,
             forced_end: None,
             opened: Instant::now(),
-            rollups: Rollups::default(),
             alerts: Vec::new(),
             scratch: Vec::new(),
-            lake: Vec::new(),
             dead: Vec::new(),
             fenced: false,
             resumed: false,
@@ -141,7 +210,7 @@ impl<'s> PartitionWorker<'s> {
                 .forced_end
                 .is_some_and(|end| self.first.is_some() && self.last >= end);
             if decide::batch_closes(
-                self.lake.len() + self.dead.len(),
+                self.counted + self.dead.len(),
                 self.shared.pipeline.batch_max_records,
                 self.first.map(|_| self.opened.elapsed()),
                 Duration::from_millis(self.shared.pipeline.batch_max_ms),
@@ -151,6 +220,8 @@ impl<'s> PartitionWorker<'s> {
                 if self.fenced {
                     return;
                 }
+            } else if self.first.is_none() {
+                self.heartbeat();
             }
         }
     }
@@ -185,16 +256,14 @@ impl<'s> PartitionWorker<'s> {
                 .caught_up
                 .fetch_add(1, Ordering::Relaxed);
             if payload.len() <= self.shared.pipeline.max_record_bytes {
-                let format = self.format;
-                split_records(payload, |piece| {
-                    if let Piece::Record(bytes, element) = piece {
-                        if let Ok((ev, _)) = self.read(format, bytes, offset, element, reference_ms)
-                        {
-                            self.engine.observe(&ev, &mut self.scratch);
-                            self.scratch.clear();
-                        }
+                let origin = (self.topic.as_str(), self.partition);
+                match &mut self.work {
+                    Work::Gateway(g) => g.rebuild(origin, offset, payload, reference_ms),
+                    Work::Subjects(s) => {
+                        let _ = s.engine.observe_frame(payload, &mut self.scratch, None);
                     }
-                });
+                }
+                self.scratch.clear();
             }
             return;
         }
@@ -205,7 +274,7 @@ impl<'s> PartitionWorker<'s> {
             // end this batch where that file ends, so it is rewritten, not doubled.
             // Only the first batch after an assignment can meet such a file.
             self.forced_end = match &self.shared.pipeline.parquet_dir {
-                Some(dir) if !self.resumed => {
+                Some(dir) if !self.resumed && self.shared.stage == Stage::Gateway => {
                     self.resumed = true;
                     storage::parquet::existing_batch_end(dir, &self.topic, self.partition, offset)
                         .unwrap_or_else(|e| {
@@ -232,76 +301,33 @@ impl<'s> PartitionWorker<'s> {
             );
             return;
         }
-        // A message holding a JSON array is its records, each decoded,
-        // counted and dead-lettered on its own. A batch closes only between
-        // messages, so a message's records commit together.
-        let format = self.format;
-        split_records(payload, |piece| match piece {
-            Piece::Record(bytes, element) => {
-                if element.is_some() {
-                    self.shared
-                        .metrics
-                        .array_records
-                        .fetch_add(1, Ordering::Relaxed);
+        let origin = (self.topic.as_str(), self.partition);
+        let mut failed = Vec::new();
+        match &mut self.work {
+            Work::Gateway(g) => {
+                self.counted += g.count_message(
+                    &self.shared.metrics,
+                    origin,
+                    offset,
+                    payload,
+                    reference_ms,
+                    &mut self.alerts,
+                    &mut failed,
+                );
+            }
+            Work::Subjects(s) => {
+                self.shared.metrics.decoded.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) =
+                    s.engine
+                        .observe_frame(payload, &mut self.alerts, Some(&mut s.rollups))
+                {
+                    failed.push((payload, None, format!("projection frame: {e}")));
                 }
-                match self.read(format, bytes, offset, element, reference_ms) {
-                    Ok((ev, read_as)) => self.count(&ev, offset, element, read_as),
-                    Err(e) => {
-                        let error = match element {
-                            Some(i) => format!("element {i}: {e}"),
-                            None => e.to_string(),
-                        };
-                        self.dead_letter(bytes, key, offset, element, error);
-                    }
-                }
+                self.counted += 1;
             }
-            Piece::Broken(bytes, element, e) => {
-                self.shared
-                    .metrics
-                    .array_records
-                    .fetch_add(1, Ordering::Relaxed);
-                let error =
-                    format!("element {element}: {e} (this element and the rest of the array)");
-                let kept = &bytes[..OVERSIZE_KEPT.min(bytes.len())];
-                self.dead_letter(kept, key, offset, Some(element), error);
-            }
-        });
-    }
-
-    /// Counts a decoded record: the detectors, the rollups, the lake row.
-    fn count(
-        &mut self,
-        ev: &detectors::Event<'_>,
-        offset: i64,
-        element: Option<u32>,
-        read_as: Format,
-    ) {
-        let m = &self.shared.metrics;
-        if ev.repaired & detectors::decode::TS_REPAIRED != 0 {
-            m.ahead.fetch_add(1, Ordering::Relaxed);
         }
-        m.decoded.fetch_add(1, Ordering::Relaxed);
-        if let Some(i) = Format::CONCRETE.iter().position(|f| *f == read_as) {
-            m.by_format[i].fetch_add(1, Ordering::Relaxed);
-        }
-        if ev.repaired != 0 {
-            m.repaired.fetch_add(1, Ordering::Relaxed);
-        }
-        let outcome = self.engine.observe(ev, &mut self.alerts);
-        let duplicate = match outcome {
-            Outcome::Counted { cost_micros } => {
-                self.rollups.add(ev, cost_micros);
-                false
-            }
-            Outcome::Duplicate => true,
-        };
-        if self.shared.pipeline.parquet_dir.is_some() {
-            let at = RowOrigin {
-                offset,
-                element,
-                format: read_as,
-            };
-            self.lake.push(event_row(ev, at, duplicate));
+        for (bytes, element, error) in failed {
+            self.dead_letter(bytes, key, offset, element, error);
         }
     }
 
@@ -321,28 +347,6 @@ impl<'s> PartitionWorker<'s> {
             element,
             error,
         });
-    }
-
-    /// A record as the detectors take it: decoded in the topic's format,
-    /// and its time held to its message's. The first read and a rebuild's
-    /// re-read go through here alike, so both decide the same.
-    fn read<'p>(
-        &mut self,
-        format: Format,
-        bytes: &'p [u8],
-        offset: i64,
-        element: Option<u32>,
-        reference_ms: i64,
-    ) -> Result<(detectors::Event<'p>, Format), detectors::DecodeError> {
-        let origin = Origin {
-            stream: &self.topic,
-            partition: self.partition,
-            offset,
-            element,
-        };
-        let (mut ev, read_as) = self.decoder.decode_as(format, bytes, &origin)?;
-        self.engine.bound_time(&mut ev, reference_ms);
-        Ok((ev, read_as))
     }
 
     /// The first record after a resume is past the one asked for. Some
@@ -373,10 +377,37 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
-    /// Writes the batch: dead letters (acknowledged), the Parquet file, then
-    /// one Postgres transaction. Retries until it succeeds, the partition is
-    /// fenced, or a stop is requested (then nothing is committed and the next
-    /// owner re-reads the batch).
+    /// Between batches, a stage-one partition that has read nothing for
+    /// `kafka.subjects.idle_after_ms` tells the second stage it is idle (and
+    /// says so again every ten times that), so its event time is not waited
+    /// for. Best effort: a heartbeat not written now is written next time.
+    fn heartbeat(&mut self) {
+        let idle_after = Duration::from_millis(self.shared.kafka.subjects.idle_after_ms);
+        let Work::Gateway(g) = &mut self.work else {
+            return;
+        };
+        if g.frames.is_none() {
+            return;
+        }
+        let due = if g.idle_sent {
+            g.last_frame.elapsed() >= 10 * idle_after
+        } else {
+            g.last_frame.elapsed() >= idle_after
+        };
+        if !due {
+            return;
+        }
+        let frames = g.finish_frames(&self.topic, self.partition, true);
+        if self.shared.send_frames(&frames) {
+            g.idle_sent = true;
+        }
+        g.last_frame = Instant::now();
+    }
+
+    /// Writes the batch: dead letters and projections (acknowledged), the
+    /// Parquet file, then one Postgres transaction. Retries until it
+    /// succeeds, the partition is fenced, or a stop is requested (then
+    /// nothing is committed and the next owner re-reads the batch).
     fn commit(&mut self, final_commit: bool) {
         let checkpoint_due = decide::checkpoint_due(
             final_commit,
@@ -402,42 +433,29 @@ impl<'s> PartitionWorker<'s> {
         if !self.send_dead_letters() {
             return;
         }
-        // A batch of nothing but dead letters has no lake rows, and no file.
-        if let (Some(dir), Some(first)) = (
-            self.shared
-                .pipeline
-                .parquet_dir
-                .as_ref()
-                .filter(|_| !self.lake.is_empty()),
-            self.first,
-        ) {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match storage::parquet::write_batch(
-                    dir,
-                    &self.topic,
-                    self.partition,
-                    first,
-                    self.last,
-                    &self.lake,
-                    0,
-                ) {
-                    Ok(_) => break,
-                    Err(e) => {
-                        self.part().parquet_retry(&e.detail());
-                        if !self.backoff(&mut backoff) {
-                            return;
-                        }
-                    }
-                }
+        if !self.send_projections() {
+            return;
+        }
+        if let (Work::Gateway(g), Some(first)) = (&self.work, self.first) {
+            if !self.write_lake(g, first) {
+                return;
             }
         }
-        let checkpoint = if checkpoint_due {
-            Some(serde_json::to_vec(self.engine.state()).expect("engine state serializes"))
-        } else {
-            None
+        let checkpoint = checkpoint_due.then(|| {
+            match &self.work {
+                Work::Gateway(g) => serde_json::to_vec(g.engine.state()),
+                Work::Subjects(s) => serde_json::to_vec(s.engine.state()),
+            }
+            .expect("engine state serializes")
+        });
+        let (budgets, addresses, sources) = match &self.work {
+            Work::Gateway(g) => (g.budget_rows(), Vec::new(), Vec::new()),
+            Work::Subjects(s) => (Vec::new(), s.address_rows(), s.source_rows()),
         };
-        let budgets = self.budget_rows();
+        let rollups = match &self.work {
+            Work::Gateway(g) => g.rollups.rows(),
+            Work::Subjects(_) => &[],
+        };
         let mut backoff = Duration::from_millis(50);
         loop {
             let batch = BatchCommit {
@@ -445,10 +463,12 @@ impl<'s> PartitionWorker<'s> {
                 partition: self.partition,
                 start_offset,
                 next_offset,
-                rollups: self.rollups.rows(),
+                rollups,
                 alerts: &self.alerts,
                 checkpoint: checkpoint.as_deref(),
                 budgets: &budgets,
+                addresses: &addresses,
+                sources: &sources,
             };
             match self
                 .shared
@@ -506,42 +526,49 @@ impl<'s> PartitionWorker<'s> {
         self.committed = Some(next_offset);
         self.first = None;
         self.forced_end = None;
-        self.rollups.clear();
+        self.counted = 0;
         self.alerts.clear();
-        self.lake.clear();
+        match &mut self.work {
+            Work::Gateway(g) => {
+                g.rollups.clear();
+                g.lake.clear();
+            }
+            Work::Subjects(s) => s.rollups.clear(),
+        }
     }
 
-    /// The budget ledger (day, and month when it applies) of every user this
-    /// batch counted, as the engine has it now.
-    fn budget_rows(&self) -> Vec<BudgetRow> {
-        let mut seen = std::collections::HashSet::new();
-        let mut rows = Vec::new();
-        for r in self.rollups.rows() {
-            if !seen.insert(r.user_id.as_str()) {
-                continue;
-            }
-            let Some(u) = self.engine.user(&r.user_id) else {
-                continue;
-            };
-            let months = u.ledger.month.as_deref().map(|m| &m[..]).unwrap_or(&[]);
-            let periods = u
-                .ledger
-                .day
-                .iter()
-                .map(|p| ("day", p))
-                .chain(months.iter().map(|p| ("month", p)));
-            for (period, p) in periods.filter(|(_, p)| p.start_ms != 0) {
-                rows.push(BudgetRow {
-                    user_id: r.user_id.clone(),
-                    period,
-                    period_start_ms: p.start_ms,
-                    limit_micros: p.limit_micros as i64,
-                    spent_micros: p.micros as i64,
-                    tokens: p.tokens as i64,
-                });
+    /// Writes the batch's Parquet file (none for a batch of nothing but dead
+    /// letters); false when a stop came while it kept failing.
+    fn write_lake(&self, g: &GatewayWork, first: i64) -> bool {
+        let Some(dir) = self
+            .shared
+            .pipeline
+            .parquet_dir
+            .as_ref()
+            .filter(|_| !g.lake.is_empty())
+        else {
+            return true;
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match storage::parquet::write_batch(
+                dir,
+                &self.topic,
+                self.partition,
+                first,
+                self.last,
+                &g.lake,
+                0,
+            ) {
+                Ok(_) => return true,
+                Err(e) => {
+                    self.part().parquet_retry(&e.detail());
+                    if !self.backoff(&mut backoff) {
+                        return false;
+                    }
+                }
             }
         }
-        rows
     }
 
     /// Sleeps before a retry; false when a stop was requested instead.
@@ -552,6 +579,36 @@ impl<'s> PartitionWorker<'s> {
         }
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        true
+    }
+
+    /// Writes the batch's projection frames to the second stage's topic and
+    /// waits for every acknowledgement (as dead letters): the batch commits
+    /// only once the second stage can see what it counted. Every stage-two
+    /// partition gets a frame, empty or not: it carries this source's event
+    /// time.
+    fn send_projections(&mut self) -> bool {
+        let Work::Gateway(g) = &mut self.work else {
+            return true;
+        };
+        if g.frames.is_none() {
+            return true;
+        }
+        let entries = g.frames.as_ref().map_or(0, FrameWriter::entries);
+        let frames = g.finish_frames(&self.topic, self.partition, false);
+        g.last_frame = Instant::now();
+        g.idle_sent = false;
+        let mut backoff = Duration::from_millis(50);
+        while !self.shared.send_frames(&frames) {
+            self.part().dead_letters_unacked(frames.len(), frames.len());
+            if !self.backoff(&mut backoff) {
+                return false;
+            }
+        }
+        self.shared
+            .metrics
+            .projections
+            .fetch_add(entries, Ordering::Relaxed);
         true
     }
 
@@ -621,5 +678,224 @@ impl<'s> PartitionWorker<'s> {
             }
         }
         true
+    }
+}
+
+/// A message's records that could not be counted: bytes, array element, error.
+type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
+
+impl GatewayWork {
+    /// A record as the detectors take it: decoded in the topic's format,
+    /// and its time held to its message's. The first read and a rebuild's
+    /// re-read go through here alike, so both decide the same.
+    fn read<'p>(
+        &mut self,
+        (topic, partition): (&str, i32),
+        bytes: &'p [u8],
+        offset: i64,
+        element: Option<u32>,
+        reference_ms: i64,
+    ) -> Result<(detectors::Event<'p>, Format), detectors::DecodeError> {
+        let origin = Origin {
+            stream: topic,
+            partition,
+            offset,
+            element,
+        };
+        let (mut ev, read_as) = self.decoder.decode_as(self.format, bytes, &origin)?;
+        self.engine.bound_time(&mut ev, reference_ms);
+        Ok((ev, read_as))
+    }
+
+    /// Re-reads a committed message to rebuild the engine: no effects.
+    fn rebuild(&mut self, origin: (&str, i32), offset: i64, payload: &[u8], reference_ms: i64) {
+        let mut scratch = Vec::new();
+        split_records(payload, |piece| {
+            if let Piece::Record(bytes, element) = piece {
+                if let Ok((ev, _)) = self.read(origin, bytes, offset, element, reference_ms) {
+                    self.engine.observe(&ev, &mut scratch);
+                    scratch.clear();
+                }
+            }
+        });
+    }
+
+    /// Counts a message's records (a JSON array's one by one): the
+    /// detectors, the rollups, the lake row, the projection. What cannot be
+    /// read goes to `failed`. Returns how many records the message held.
+    #[allow(clippy::too_many_arguments)]
+    fn count_message<'p>(
+        &mut self,
+        m: &PipelineMetrics,
+        origin: (&str, i32),
+        offset: i64,
+        payload: &'p [u8],
+        reference_ms: i64,
+        alerts: &mut Vec<Alert>,
+        failed: &mut Failed<'p>,
+    ) -> usize {
+        let mut records = 0;
+        // A message holding a JSON array is its records, each decoded,
+        // counted and dead-lettered on its own. A batch closes only between
+        // messages, so a message's records commit together.
+        split_records(payload, |piece| {
+            records += 1;
+            match piece {
+                Piece::Record(bytes, element) => {
+                    if element.is_some() {
+                        m.array_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match self.read(origin, bytes, offset, element, reference_ms) {
+                        Ok((ev, read_as)) => self.count(m, &ev, offset, element, read_as, alerts),
+                        Err(e) => {
+                            let error = match element {
+                                Some(i) => format!("element {i}: {e}"),
+                                None => e.to_string(),
+                            };
+                            failed.push((bytes, element, error));
+                        }
+                    }
+                }
+                Piece::Broken(bytes, element, e) => {
+                    m.array_records.fetch_add(1, Ordering::Relaxed);
+                    let error =
+                        format!("element {element}: {e} (this element and the rest of the array)");
+                    let kept = &bytes[..OVERSIZE_KEPT.min(bytes.len())];
+                    failed.push((kept, Some(element), error));
+                }
+            }
+        });
+        records
+    }
+
+    /// Counts a decoded record: the detectors, the rollups, the lake row,
+    /// the projection.
+    fn count(
+        &mut self,
+        m: &PipelineMetrics,
+        ev: &detectors::Event<'_>,
+        offset: i64,
+        element: Option<u32>,
+        read_as: Format,
+        alerts: &mut Vec<Alert>,
+    ) {
+        if ev.repaired & detectors::decode::TS_REPAIRED != 0 {
+            m.ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        m.decoded.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Format::CONCRETE.iter().position(|f| *f == read_as) {
+            m.by_format[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if ev.repaired != 0 {
+            m.repaired.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = self.engine.observe(ev, alerts);
+        let duplicate = match outcome {
+            Outcome::Counted { cost_micros } => {
+                self.rollups.add(ev, cost_micros);
+                if let Some(w) = &mut self.frames {
+                    w.add(
+                        &self
+                            .engine
+                            .projection(ev, cost_micros, Seq::new(offset, element)),
+                    );
+                }
+                false
+            }
+            Outcome::Duplicate => true,
+        };
+        if self.lake_on {
+            let at = RowOrigin {
+                offset,
+                element,
+                format: read_as,
+            };
+            self.lake.push(event_row(ev, at, duplicate));
+        }
+    }
+
+    /// The frames of the projections gathered so far, one per stage-two
+    /// partition (the writer is empty again after).
+    fn finish_frames(&mut self, topic: &str, partition: i32, idle: bool) -> Vec<Vec<u8>> {
+        let now = self.engine.state().now_ms;
+        let h = FrameHeader {
+            topic,
+            partition,
+            partitions: self.topic_partitions,
+            frontier_ms: if now == 0 { i64::MIN } else { now },
+            idle,
+        };
+        self.frames
+            .as_mut()
+            .map(|w| w.finish(&h))
+            .unwrap_or_default()
+    }
+
+    /// The budget ledger (day, and month when it applies) of every user this
+    /// batch counted, as the engine has it now.
+    fn budget_rows(&self) -> Vec<BudgetRow> {
+        let mut seen = std::collections::HashSet::new();
+        let mut rows = Vec::new();
+        for r in self.rollups.rows() {
+            if !seen.insert(r.user_id.as_str()) {
+                continue;
+            }
+            let Some(u) = self.engine.user(&r.user_id) else {
+                continue;
+            };
+            let months = u.ledger.month.as_deref().map(|m| &m[..]).unwrap_or(&[]);
+            let periods = u
+                .ledger
+                .day
+                .iter()
+                .map(|p| ("day", p))
+                .chain(months.iter().map(|p| ("month", p)));
+            for (period, p) in periods.filter(|(_, p)| p.start_ms != 0) {
+                rows.push(BudgetRow {
+                    user_id: r.user_id.clone(),
+                    period,
+                    period_start_ms: p.start_ms,
+                    limit_micros: p.limit_micros as i64,
+                    spent_micros: p.micros as i64,
+                    tokens: p.tokens as i64,
+                });
+            }
+        }
+        rows
+    }
+}
+
+impl SubjectWork {
+    /// The batch's traffic per address and minute.
+    fn address_rows(&self) -> Vec<AddressRow> {
+        self.rollups
+            .iter()
+            .map(|((ip, minute_ms), t)| AddressRow {
+                ip: ip.to_string(),
+                minute_ms: *minute_ms,
+                requests: t.requests,
+                errors: t.errors,
+                auth_failures: t.auth_failures,
+                prompt_tokens: t.prompt_tokens,
+                completion_tokens: t.completion_tokens,
+                cost_micros: t.cost_micros,
+            })
+            .collect()
+    }
+
+    /// Where the partition stands in every source.
+    fn source_rows(&self) -> Vec<SourceRow> {
+        self.engine
+            .state()
+            .merge
+            .sources()
+            .map(|(topic, partition, s)| SourceRow {
+                source_topic: topic.to_owned(),
+                source_partition: partition,
+                mark: s.mark.map(|m| (m.offset, m.element as i32)),
+                frontier_ms: (s.frontier_ms != i64::MIN).then_some(s.frontier_ms),
+                idle: s.idle,
+            })
+            .collect()
     }
 }
