@@ -51,6 +51,13 @@ DLQ = "gw-dlq"
 # both consumers (keywatch through [kafka.settings]), to see past the broker's
 # ceiling (see broker_ceiling).
 FETCH_WAIT_MS = int(os.environ.get("KW_BENCH_FETCH_WAIT_MS", "100"))
+# The second stage (issue 15): "off" (kafka.subjects.enabled = false),
+# "project" (stage one writes projections; `keywatch run --stage gateway`,
+# no stage-two consumer in the process) or "both" (the default service: both
+# stages in one process). Only stage one's offsets are timed.
+SUBJECTS = os.environ.get("KW_BENCH_SUBJECTS", "both")
+if SUBJECTS not in ("off", "project", "both"):
+    sys.exit(f"KW_BENCH_SUBJECTS: off, project or both, not {SUBJECTS!r}")
 # Further librdkafka settings for both consumers, "k=v,k=v" (keywatch gets
 # them in [kafka.settings]), e.g. fetch.queue.backoff.ms=10.
 EXTRA = dict(kv.split("=", 1) for kv in os.environ.get("KW_BENCH_KAFKA_SETTINGS", "").split(",") if "=" in kv)
@@ -502,13 +509,18 @@ url = "{db_url(db)}"
 
 [privacy]
 hash_key = "bench"
+
+[kafka.subjects]
+enabled = {"false" if SUBJECTS == "off" else "true"}
+topic = "keywatch.by-subject-{PID}-{run}"
 """)
     logf = os.path.join(tmp, f"keywatch-{run}.log")
     poller = Poller(db_url(db))
     tansu0, pg0, sys0 = cpu_of(TANSU.pid), postgres_cpu(db), system_busy()
     t0 = time.monotonic()
     proc = CLEAN.spawn(
-        [BIN, "run", "--progress-secs", "0", "--config", cfg],
+        [BIN, "run", "--progress-secs", "0", "--config", cfg]
+        + (["--stage", "gateway"] if SUBJECTS == "project" else []),
         stdout=subprocess.DEVNULL,
         stderr=open(logf, "w"),
     )
@@ -705,6 +717,9 @@ def main():
           f"consume(10000) batches, counts messages), {RUNS} runs, new group each:")
     print(f"  {b:,.0f} msgs/s median, first poll -> last message   [{every(bare, 'rate')}]")
     print(f"  {fmt_rate(bs)} msgs/s median, first message -> last message [{every(bare, 'steady_rate')}]")
+    print(f"second stage: KW_BENCH_SUBJECTS={SUBJECTS} ("
+          + {"off": "kafka.subjects.enabled = false", "project": "stage one writes projections; keywatch run --stage gateway",
+             "both": "both stages in the keywatch process; stage one's offsets timed"}[SUBJECTS] + ")")
     print(f"keywatch run (librdkafka {mach['rdkafka_rust']} via rust-rdkafka; decode + detectors + Postgres "
           f"transaction per batch + Parquet; batch_max_records=20000, batch_max_ms=500), {RUNS} runs, fresh "
           f"database and group each:")

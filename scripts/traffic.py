@@ -515,6 +515,11 @@ def gateway(args):
                 t += int(every + rng.uniform(-5_000, 5_000))
 
     attacks = plan_attacks(rng, sp, sizes, accounts, traits, start, end, out, args.attacks)
+    # Attacks across accounts, on a generator of their own: every record and
+    # attack above is what it was before they existed.
+    attacks += plan_cross_attacks(random.Random(args.seed ^ 0xC2055), sizes, start, end, out,
+                                  max(3, args.attacks // 10))
+    attacks.sort(key=lambda x: x["onset_ms"])
     n = out.write(args.output)
     truth = {"benign_user_days": round(user_days, 3), "attacks": attacks, "start_ms": start,
              "model": "gateway", "seed": args.seed, "sizes": sizes.source}
@@ -658,6 +663,76 @@ def plan_attacks(rng, sp, sizes, accounts, traits, start, end, out, per_run):
                 attacks.append(dict(kind=kind, user_id=acct.uid, key_id=acct.keys[0], onset_ms=onset, end_ms=last))
     attacks.sort(key=lambda x: x["onset_ms"])
     # Campaign members must follow their head.
+    return attacks
+
+
+def plan_cross_attacks(rng, sizes, start, end, out, count):
+    """Abuse spanning accounts, each a group in the truth (a head entry with
+    no key, then one per account): throwaway free accounts cycled from one
+    address (a hosting network or a residential one), credential stuffing
+    (guessed keys refused with 401 or 403 from one address; the gateway
+    names the guess as the account), and one prompt farmed by many accounts
+    behind residential proxies, each sending it only two or three times."""
+    attacks = []
+    kinds = ["key_cycling", "credential_stuffing", "spread_farming"]
+    for i in range(count):
+        kind = kinds[i] if i < len(kinds) else rng.choice(kinds)
+        onset = start + int(rng.uniform(2 * HOUR, end - start - 2 * HOUR))
+        group = []
+        if kind == "key_cycling":
+            hosting = rng.random() < 0.5
+            if hosting:
+                ip, asn, ua = stolen_context(rng)
+            else:
+                asn, o1 = rng.choice(ACCESS_ASNS)
+                ip, ua = f"{o1}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}", rng.choice(ATTACK_AGENTS)
+            stop = onset + int(rng.uniform(20, 40) * MIN)
+            for _ in range(rng.randint(12, 40)):
+                acct = Account(rng, f"c{rng.getrandbits(32):08x}", "free", onset)
+                acct.ip, acct.asn, acct.ua = ip, asn, ua
+                t = onset + int(rng.uniform(0, (stop - onset) / 3))
+                for _ in range(rng.randint(5, 10)):
+                    pt, ct = sized(rng, sizes, acct, "chat")
+                    emit(out, rng, acct, t, pt=pt, ct=ct)
+                    t += int(rng.uniform(1, 5) * MIN)
+                group.append(acct)
+            variant = "from a hosting network" if hosting else "from a residential address"
+        elif kind == "credential_stuffing":
+            ip, asn, ua = stolen_context(rng)
+            stop = onset + int(rng.uniform(5, 20) * MIN)
+            guesses = rng.randint(40, 250)
+            for g in range(guesses):
+                acct = Account(rng, f"kh_{hexid(rng, 16)}", "free", onset)
+                acct.keys = [acct.uid]
+                acct.ip, acct.asn, acct.ua = ip, asn, ua
+                t = onset + (stop - onset) * g // guesses
+                for _ in range(rng.randint(1, 2)):
+                    emit(out, rng, acct, t, pt=rng.randint(10, 200), ct=0,
+                         status=401 if rng.random() < 0.9 else 403)
+                    t += int(rng.uniform(500, 5000))
+                group.append(acct)
+            variant = None
+        else:
+            fp = hexid(rng, 16)
+            pt = rng.randint(30, 300)
+            stop = onset + int(rng.uniform(20, 40) * MIN)
+            for _ in range(rng.randint(25, 60)):
+                acct = Account(rng, f"s{rng.getrandbits(32):08x}", "free", onset)
+                t = onset + int(rng.uniform(0, (stop - onset) / 2))
+                for _ in range(rng.randint(2, 3)):
+                    emit(out, rng, acct, t, pt=pt, ct=rng.randint(150, 450), fp=fp)
+                    t += int(rng.uniform(2, 6) * MIN)
+                group.append(acct)
+            variant = None
+        head = dict(kind=kind, user_id=group[0].uid, key_id=None, onset_ms=onset, end_ms=stop)
+        if variant:
+            head["variant"] = variant
+        attacks.append(head)
+        for a in group:
+            e = dict(kind=kind, user_id=a.uid, key_id=a.keys[0], onset_ms=onset, end_ms=stop)
+            if variant:
+                e["variant"] = variant
+            attacks.append(e)
     return attacks
 
 

@@ -24,6 +24,23 @@ pub struct RunArgs {
     /// Seconds between progress lines on stderr (0: none).
     #[arg(long, default_value_t = 10)]
     progress_secs: u64,
+    /// Which stages this instance runs: `both`, `gateway` (stage one only:
+    /// it still writes projections when `kafka.subjects.enabled`) or
+    /// `subjects` (the second stage only). Each stage is its own consumer
+    /// group, so they can be scaled apart.
+    #[arg(long, value_enum, default_value_t = Stages::Both)]
+    stage: Stages,
+}
+
+/// The stages a `keywatch run` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stages {
+    /// Stage one and, with `kafka.subjects.enabled`, the second stage.
+    Both,
+    /// Stage one only.
+    Gateway,
+    /// The second stage only.
+    Subjects,
 }
 
 /// Arguments of `keywatch migrate`.
@@ -82,20 +99,25 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     // before any partition is taken.
     let prepared = Outward::prepare(&rt, &cfg)?;
     let pool = store.pool().clone();
-    let pipeline = Pipeline::start(
-        cfg.kafka.clone(),
-        cfg.pipeline.clone(),
-        cfg.engine.clone(),
-        decoder,
-        store.clone(),
-        rt.handle().clone(),
-    )?;
+    anyhow::ensure!(
+        args.stage != Stages::Subjects || cfg.kafka.subjects.enabled,
+        "--stage subjects: kafka.subjects.enabled is false"
+    );
+    let pipeline = (args.stage != Stages::Subjects)
+        .then(|| {
+            Pipeline::start(
+                cfg.kafka.clone(),
+                cfg.pipeline.clone(),
+                cfg.engine.clone(),
+                decoder,
+                store.clone(),
+                rt.handle().clone(),
+            )
+        })
+        .transpose()?;
     // The second stage, in this process: its own consumer group on the
     // internal topic, its own workers and commits.
-    let subjects = cfg
-        .kafka
-        .subjects
-        .enabled
+    let subjects = (cfg.kafka.subjects.enabled && args.stage != Stages::Gateway)
         .then(|| {
             Pipeline::start_subjects(
                 cfg.kafka.clone(),
@@ -106,9 +128,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             )
         })
         .transpose()?;
-    let metrics = pipeline.metrics();
-    let mut stages = vec![Arc::clone(&metrics)];
-    stages.extend(subjects.as_ref().map(Pipeline::metrics));
+    let pipelines: Vec<Pipeline> = pipeline.into_iter().chain(subjects).collect();
+    let stages: Vec<Arc<PipelineMetrics>> = pipelines.iter().map(Pipeline::metrics).collect();
+    let metrics = Arc::clone(&stages[0]);
     let outward = Outward::start(&rt, &cfg, prepared, pool, Some(pipeline_metrics(stages)))?;
     if let Some(a) = outward.addr {
         info!(address = %a, "feed and /metrics on http://{a}");
@@ -123,6 +145,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .join(","),
         brokers = %cfg.kafka.brokers,
         group = %cfg.kafka.group_id,
+        stages = %pipelines.iter().map(Pipeline::stage).collect::<Vec<_>>().join(","),
         "consuming"
     );
     let progress = (args.progress_secs > 0).then(|| {
@@ -154,19 +177,34 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         })
     });
-    let second = subjects.map(|s| {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || s.run_until(&stop))
-    });
-    let first = pipeline.run_until(&stop).context("consuming");
-    stop.store(true, Ordering::Release);
-    if let Some(t) = second {
-        match t.join() {
-            Ok(r) => r.context("consuming the second stage's topic")?,
-            Err(_) => anyhow::bail!("the second stage's consumer thread panicked"),
+    // Each stage polls its consumer on a thread of its own; when one stops
+    // (a signal, or an error), the others are stopped too.
+    let running: Vec<_> = pipelines
+        .into_iter()
+        .map(|p| {
+            let stop = Arc::clone(&stop);
+            let stage = p.stage();
+            let t = std::thread::spawn(move || {
+                let r = p.run_until(&stop);
+                stop.store(true, Ordering::Release);
+                r
+            });
+            (stage, t)
+        })
+        .collect();
+    let mut result = Ok(());
+    for (stage, t) in running {
+        let r = match t.join() {
+            Ok(r) => r.with_context(|| format!("consuming ({stage} stage)")),
+            Err(_) => Err(anyhow::anyhow!(
+                "the {stage} stage's consumer thread panicked"
+            )),
+        };
+        if result.is_ok() {
+            result = r;
         }
     }
-    first?;
+    result?;
     if let Some(p) = progress {
         let _ = p.join();
     }

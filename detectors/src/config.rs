@@ -357,7 +357,7 @@ impl Default for SubjectsConfig {
     fn default() -> Self {
         SubjectsConfig {
             lateness_secs: 5,
-            max_buffered: 2_000_000,
+            max_buffered: 500_000,
             young_minutes: 120,
             history_hours: 24,
             hosting_asns: default_hosting_asns(),

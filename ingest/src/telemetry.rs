@@ -393,6 +393,12 @@ pub(crate) fn rebalance_failed(what: &'static str, error: &dyn std::fmt::Debug) 
     error!(step = what, error = ?error, "rebalance failed");
 }
 
+/// Partitions given to this instance, or taken from it, by a rebalance.
+pub(crate) fn rebalanced(stage: &str, what: &'static str, parts: &[(String, i32)]) {
+    let list: Vec<String> = parts.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+    info!(stage, partitions = %list.join(","), "{what}");
+}
+
 /// A worker did not finish its batch in time at shutdown or revocation;
 /// the next owner re-reads that batch.
 pub(crate) fn worker_not_drained(within: Duration) {

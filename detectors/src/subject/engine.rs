@@ -112,6 +112,8 @@ pub struct SubjectEngine {
     state: SubjectState,
     /// Projections taken (after repeats were dropped).
     taken: u64,
+    /// The source of [`SubjectEngine::observe_local`], once it has one.
+    local: Option<usize>,
 }
 
 /// A key or account's tag in a distinct window.
@@ -178,7 +180,12 @@ impl SubjectEngine {
                 max_tracked: MAX_TRACKED,
             }),
         };
-        Ok(SubjectEngine { r, state, taken: 0 })
+        Ok(SubjectEngine {
+            r,
+            state,
+            taken: 0,
+            local: None,
+        })
     }
 
     /// The state, for a checkpoint.
@@ -220,13 +227,12 @@ impl SubjectEngine {
         mut rollups: Option<&mut AddressRollups>,
     ) -> Result<(), FrameError> {
         let mut frame = Frame::parse(bytes)?;
-        let h = frame.header.clone();
-        self.state.merge.header(&h);
+        let source = self.state.merge.header(&frame.header);
         let mut result = Ok(());
         loop {
             match frame.next() {
                 Ok(Some(p)) => {
-                    if let Offered::Late(p) = self.state.merge.offer(h.topic, h.partition, p) {
+                    if let Offered::Late(p) = self.state.merge.offer(source, p) {
                         self.take(&p, out, rollups.as_deref_mut());
                     }
                 }
@@ -250,15 +256,23 @@ impl SubjectEngine {
         out: &mut Vec<Alert>,
         mut rollups: Option<&mut AddressRollups>,
     ) {
-        let h = FrameHeader {
-            topic: "",
-            partition: 0,
-            partitions: 1,
-            frontier_ms,
-            idle: false,
+        let source = match self.local {
+            Some(id) => {
+                self.state.merge.advance(id, frontier_ms, false);
+                id
+            }
+            None => {
+                let id = self.state.merge.header(&FrameHeader {
+                    topic: "",
+                    partition: 0,
+                    partitions: 1,
+                    frontier_ms,
+                    idle: false,
+                });
+                *self.local.insert(id)
+            }
         };
-        self.state.merge.header(&h);
-        if let Offered::Late(p) = self.state.merge.offer("", 0, p) {
+        if let Offered::Late(p) = self.state.merge.offer(source, p) {
             self.take(&p, out, rollups.as_deref_mut());
         }
         self.release(out, rollups);
@@ -645,7 +659,7 @@ mod tests {
                     frontier_ms: frontier[s],
                     idle,
                 });
-                e.observe_frame(&frame[0], &mut out, None).unwrap();
+                e.observe_frame(&frame[0].1, &mut out, None).unwrap();
             }
             if !any {
                 break;

@@ -31,7 +31,7 @@
 //! within the stage-two partition, never of a clock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,14 +48,28 @@ pub struct Source {
     pub idle: bool,
 }
 
-/// A topic's sources.
+/// A topic the merge has heard from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topic {
+    /// Its name.
+    pub name: String,
     /// Partitions the topic has (the most any frame reported).
     pub partitions: u32,
-    /// Sources heard from, by partition.
-    pub sources: BTreeMap<i32, Source>,
 }
+
+/// A source: its topic (an index into the topics), partition and state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceEntry {
+    /// Index of its topic.
+    pub topic: usize,
+    /// Its partition.
+    pub partition: i32,
+    /// Where it stands.
+    pub source: Source,
+}
+
+/// A source's place in the merge, as [`Merge::header`] returns it.
+pub type SourceId = usize;
 
 /// A projection waiting for its turn, ordered by (event time, request hash).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +112,10 @@ pub struct MergeStats {
 /// The merge's state: sources, marks and what is waiting.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Merge {
-    topics: BTreeMap<String, Topic>,
+    /// Topics heard from (a handful).
+    topics: Vec<Topic>,
+    /// Sources heard from (a topic's partitions: dozens), found by a scan.
+    sources: Vec<SourceEntry>,
     /// Waiting projections, oldest first when popped.
     #[serde(with = "heap")]
     waiting: BinaryHeap<Reverse<Waiting>>,
@@ -116,6 +133,7 @@ impl PartialEq for Merge {
             v
         };
         self.topics == o.topics
+            && self.sources == o.sources
             && self.released_ms == o.released_ms
             && self.stats == o.stats
             && sorted(&self.waiting) == sorted(&o.waiting)
@@ -153,37 +171,59 @@ impl Merge {
     }
 
     /// Takes a frame's header: the source's partition count, frontier and
-    /// idleness.
-    pub fn header(&mut self, h: &FrameHeader<'_>) {
-        let t = match self.topics.get_mut(h.topic) {
+    /// idleness; returns the source's id for [`Merge::offer`].
+    pub fn header(&mut self, h: &FrameHeader<'_>) -> SourceId {
+        let t = match self.topics.iter().position(|t| t.name == h.topic) {
             Some(t) => t,
-            None => self.topics.entry(h.topic.to_owned()).or_default(),
+            None => {
+                self.topics.push(Topic {
+                    name: h.topic.to_owned(),
+                    partitions: 0,
+                });
+                self.topics.len() - 1
+            }
         };
-        t.partitions = t.partitions.max(h.partitions);
-        let s = t.sources.entry(h.partition).or_insert(Source {
-            mark: None,
-            frontier_ms: i64::MIN,
-            idle: false,
-        });
-        s.frontier_ms = s.frontier_ms.max(h.frontier_ms);
-        s.idle = h.idle;
+        self.topics[t].partitions = self.topics[t].partitions.max(h.partitions);
+        let id = match self
+            .sources
+            .iter()
+            .position(|e| e.partition == h.partition && e.topic == t)
+        {
+            Some(id) => id,
+            None => {
+                self.sources.push(SourceEntry {
+                    topic: t,
+                    partition: h.partition,
+                    source: Source {
+                        mark: None,
+                        frontier_ms: i64::MIN,
+                        idle: false,
+                    },
+                });
+                self.sources.len() - 1
+            }
+        };
+        self.advance(id, h.frontier_ms, h.idle);
+        id
     }
 
-    /// Offers a projection from `(topic, partition)` (whose header came
-    /// first): a repeat is dropped, one behind the released time is handed
-    /// back to be taken now, the rest wait.
-    pub fn offer(&mut self, topic: &str, partition: i32, p: Projection) -> Offered {
-        let source = self
-            .topics
-            .get_mut(topic)
-            .and_then(|t| t.sources.get_mut(&partition));
-        if let Some(s) = source {
-            if s.mark.is_some_and(|m| p.seq <= m) {
-                self.stats.repeats += 1;
-                return Offered::Repeat;
-            }
-            s.mark = Some(p.seq);
+    /// A source's news without a frame: its frontier and idleness.
+    pub fn advance(&mut self, id: SourceId, frontier_ms: i64, idle: bool) {
+        let s = &mut self.sources[id].source;
+        s.frontier_ms = s.frontier_ms.max(frontier_ms);
+        s.idle = idle;
+    }
+
+    /// Offers a projection from source `id` (from its frame's header): a
+    /// repeat is dropped, one behind the released time is handed back to be
+    /// taken now, the rest wait.
+    pub fn offer(&mut self, id: SourceId, p: Projection) -> Offered {
+        let s = &mut self.sources[id].source;
+        if s.mark.is_some_and(|m| p.seq <= m) {
+            self.stats.repeats += 1;
+            return Offered::Repeat;
         }
+        s.mark = Some(p.seq);
         if p.ts_ms <= self.released_ms {
             self.stats.late += 1;
             return Offered::Late(p);
@@ -199,17 +239,21 @@ impl Merge {
     pub fn watermark(&self, lateness_ms: i64) -> i64 {
         let mut slowest: Option<i64> = None;
         let mut newest = i64::MIN;
-        for t in self.topics.values() {
-            for p in 0..t.partitions as i32 {
-                match t.sources.get(&p) {
-                    Some(s) => {
-                        newest = newest.max(s.frontier_ms);
-                        if !s.idle {
-                            slowest = Some(slowest.map_or(s.frontier_ms, |m| m.min(s.frontier_ms)));
-                        }
-                    }
-                    None => slowest = Some(i64::MIN),
+        for (t, topic) in self.topics.iter().enumerate() {
+            let mut heard = 0u32;
+            for e in self.sources.iter().filter(|e| e.topic == t) {
+                if (e.partition as u32) < topic.partitions {
+                    heard += 1;
                 }
+                let s = &e.source;
+                newest = newest.max(s.frontier_ms);
+                if !s.idle {
+                    slowest = Some(slowest.map_or(s.frontier_ms, |m| m.min(s.frontier_ms)));
+                }
+            }
+            if heard < topic.partitions {
+                // A partition of a known topic never heard from holds it back.
+                slowest = Some(i64::MIN);
             }
         }
         match slowest {
@@ -254,9 +298,9 @@ impl Merge {
 
     /// Sources heard from.
     pub fn sources(&self) -> impl Iterator<Item = (&str, i32, &Source)> {
-        self.topics
+        self.sources
             .iter()
-            .flat_map(|(t, v)| v.sources.iter().map(move |(p, s)| (t.as_str(), *p, s)))
+            .map(|e| (self.topics[e.topic].name.as_str(), e.partition, &e.source))
     }
 }
 
@@ -309,13 +353,13 @@ mod tests {
         // Source 0 races ahead to t=100; source 1 has said nothing.
         m.header(&h(0, 100, false));
         for (i, ts) in [10, 50, 100].into_iter().enumerate() {
-            assert_eq!(m.offer("t", 0, p(ts, i as i64)), Offered::Held);
+            assert_eq!(m.offer(0, p(ts, i as i64)), Offered::Held);
         }
         assert_eq!(taken(&mut m, 5), Vec::<i64>::new(), "partition 1 unheard");
         // Source 1 catches up to t=40.
         m.header(&h(1, 40, false));
         for (i, ts) in [5, 30, 40].into_iter().enumerate() {
-            m.offer("t", 1, p(ts, i as i64));
+            m.offer(1, p(ts, i as i64));
         }
         assert_eq!(taken(&mut m, 5), vec![5, 10, 30], "up to 40 - 5");
         m.header(&h(1, 200, false));
@@ -324,7 +368,7 @@ mod tests {
         m.header(&h(0, 100, true));
         assert_eq!(taken(&mut m, 5), vec![100]);
         // A record behind what was released is taken at once.
-        assert!(matches!(m.offer("t", 1, p(60, 9)), Offered::Late(_)));
+        assert!(matches!(m.offer(1, p(60, 9)), Offered::Late(_)));
         assert_eq!(m.stats.late, 1);
     }
 
@@ -346,9 +390,9 @@ mod tests {
             let mut frontier = [i64::MIN; 2];
             for (src, ts) in order {
                 frontier[*src as usize] = frontier[*src as usize].max(*ts);
-                m.header(&h(*src, frontier[*src as usize], false));
+                let id = m.header(&h(*src, frontier[*src as usize], false));
                 offsets[*src as usize] += 1;
-                if let Offered::Late(q) = m.offer("t", *src, p(*ts, offsets[*src as usize])) {
+                if let Offered::Late(q) = m.offer(id, p(*ts, offsets[*src as usize])) {
                     out.push(q.ts_ms);
                 }
                 let w = m.watermark(10);
@@ -369,12 +413,12 @@ mod tests {
         m.header(&h(0, 10, false));
         m.header(&h(1, 10, false));
         for o in 0..5 {
-            assert_eq!(m.offer("t", 0, p(1 + o, o)), Offered::Held);
+            assert_eq!(m.offer(0, p(1 + o, o)), Offered::Held);
         }
         // The same batch again (a crash before stage one's commit), and a
         // longer one overlapping it.
         for o in 0..8 {
-            let r = m.offer("t", 0, p(1 + o, o));
+            let r = m.offer(0, p(1 + o, o));
             assert_eq!(r == Offered::Repeat, o < 5, "offset {o}");
         }
         assert_eq!(m.stats.repeats, 5);
@@ -391,7 +435,7 @@ mod tests {
         m.header(&h(1, 0, false));
         let mut out = vec![];
         for o in 0..100 {
-            m.offer("t", 0, p(100 + o, o));
+            m.offer(0, p(100 + o, o));
             let w = m.watermark(0);
             m.release(w, 10, |q| out.push(q.ts_ms));
         }

@@ -35,6 +35,11 @@ pub const MAGIC: &[u8; 4] = b"KWP1";
 /// refused before anything is allocated).
 pub const MAX_ENTRIES: u32 = 1 << 24;
 
+/// A frame's body is cut into messages of about this many bytes (well under
+/// the 1 MB a Kafka message may have by default): a big batch is several
+/// frames to the same partition, in order.
+pub const FRAME_BYTES: usize = 256 * 1024;
+
 /// Where in its source a record sits: its offset and, for a record that was
 /// an element of a JSON array, its index plus one (0: not in an array).
 /// Ordered, so "already seen" is a comparison.
@@ -277,6 +282,8 @@ pub struct FrameWriter {
     bodies: Vec<Vec<u8>>,
     /// Entries per partition.
     counts: Vec<u32>,
+    /// Per partition, where each full chunk of the body ends (byte, entries).
+    cuts: Vec<Vec<(usize, u32)>>,
 }
 
 impl FrameWriter {
@@ -286,6 +293,7 @@ impl FrameWriter {
         FrameWriter {
             bodies: vec![Vec::new(); n],
             counts: vec![0; n],
+            cuts: vec![Vec::new(); n],
         }
     }
 
@@ -310,8 +318,17 @@ impl FrameWriter {
                 .flatten()
                 .filter(|(q, _)| *q == part)
                 .fold(Kinds::default(), |acc, (_, k)| acc | *k);
-            encode_entry(p, kinds, &mut self.bodies[part as usize]);
-            self.counts[part as usize] += 1;
+            let (body, count) = (
+                &mut self.bodies[part as usize],
+                &mut self.counts[part as usize],
+            );
+            encode_entry(p, kinds, body);
+            *count += 1;
+            let cuts = &mut self.cuts[part as usize];
+            let since = cuts.last().map_or(0, |c| c.0);
+            if body.len() - since >= FRAME_BYTES {
+                cuts.push((body.len(), *count));
+            }
         }
     }
 
@@ -320,17 +337,34 @@ impl FrameWriter {
         self.counts.iter().map(|&c| c as u64).sum()
     }
 
-    /// The frame of every partition (index = partition), header first;
-    /// the writer is empty again afterwards.
-    pub fn finish(&mut self, h: &FrameHeader<'_>) -> Vec<Vec<u8>> {
+    /// The frames of every partition, header first: `(partition, frame)`
+    /// in order, at least one per partition (a big body is cut into frames
+    /// of about [`FRAME_BYTES`]); the writer is empty again afterwards.
+    pub fn finish(&mut self, h: &FrameHeader<'_>) -> Vec<(u32, Vec<u8>)> {
         let mut out = Vec::with_capacity(self.bodies.len());
-        for (body, count) in self.bodies.iter_mut().zip(self.counts.iter_mut()) {
-            let mut f = Vec::with_capacity(64 + h.topic.len() + body.len());
-            write_header(h, *count, &mut f);
-            f.extend_from_slice(body);
+        for (part, ((body, count), cuts)) in self
+            .bodies
+            .iter_mut()
+            .zip(self.counts.iter_mut())
+            .zip(self.cuts.iter_mut())
+            .enumerate()
+        {
+            let last = (body.len(), *count);
+            let mut from = (0usize, 0u32);
+            for (to, upto) in cuts.iter().copied().chain(std::iter::once(last)) {
+                // A cut right at the end leaves nothing after it.
+                if (to, upto) == from && from != (0, 0) {
+                    continue;
+                }
+                let mut f = Vec::with_capacity(64 + h.topic.len() + to - from.0);
+                write_header(h, upto - from.1, &mut f);
+                f.extend_from_slice(&body[from.0..to]);
+                out.push((part as u32, f));
+                from = (to, upto);
+            }
             body.clear();
+            cuts.clear();
             *count = 0;
-            out.push(f);
         }
         out
     }
@@ -672,7 +706,8 @@ mod tests {
         let frames = w.finish(&header());
         assert_eq!(frames.len(), 4);
         let mut seen = Kinds::default();
-        for (i, f) in frames.iter().enumerate() {
+        for (i, (part, f)) in frames.iter().enumerate() {
+            assert_eq!(*part, i as u32);
             let got = read_all(f).unwrap();
             let h = Frame::parse(f).unwrap().header;
             assert_eq!(h, header(), "every partition gets the header");
@@ -696,10 +731,35 @@ mod tests {
             idle: true,
             ..header()
         };
-        for f in w.finish(&h) {
+        for (_, f) in w.finish(&h) {
             let frame = Frame::parse(&f).unwrap();
             assert!(frame.header.idle);
             assert_eq!(read_all(&f).unwrap(), vec![]);
+        }
+    }
+
+    #[test]
+    fn a_big_batch_is_cut_into_frames_that_keep_its_order() {
+        let mut w = FrameWriter::new(2);
+        for i in 0..20_000 {
+            w.add(&sample(i));
+        }
+        let frames = w.finish(&header());
+        assert!(frames.len() > 4, "{} frames", frames.len());
+        for part in 0..2u32 {
+            let mut seqs = vec![];
+            for (_, f) in frames.iter().filter(|(p, _)| *p == part) {
+                assert!(f.len() <= FRAME_BYTES + 1024, "{} bytes", f.len());
+                seqs.extend(read_all(f).unwrap().into_iter().map(|p| p.seq));
+            }
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "source order kept");
+            let want = (0..20_000).filter(|&i| {
+                routes(&sample(i), 2)
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r.0 == part)
+            });
+            assert_eq!(seqs.len(), want.count());
         }
     }
 
@@ -711,7 +771,7 @@ mod tests {
         ));
         let mut w = FrameWriter::new(1);
         w.add(&sample(3));
-        let f = w.finish(&header()).remove(0);
+        let f = w.finish(&header()).remove(0).1;
         for cut in 0..f.len() {
             assert!(read_all(&f[..cut]).is_err(), "cut at {cut}");
         }
@@ -744,7 +804,7 @@ mod tests {
             }
             let frames = w.finish(&header());
             let mut got = vec![];
-            for f in &frames { got.extend(read_all(f).unwrap()); }
+            for (_, f) in &frames { got.extend(read_all(f).unwrap()); }
             // Each projection arrives once per distinct partition of its subjects.
             for p in &all {
                 let copies = got.iter().filter(|g| g.seq == p.seq).count();

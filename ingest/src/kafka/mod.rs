@@ -453,17 +453,18 @@ impl Shared {
         n
     }
 
-    /// Writes one frame to each stage-two partition (index = partition) and
-    /// waits for every acknowledgement; false if any failed (the caller
+    /// Writes frames to their stage-two partitions (in order, so a
+    /// partition's frames keep the source's order) and waits for every
+    /// acknowledgement; false if any failed (the caller
     /// writes them all again: a repeat is dropped by the second stage).
-    fn send_frames(&self, frames: &[Vec<u8>]) -> bool {
+    fn send_frames(&self, frames: &[(u32, Vec<u8>)]) -> bool {
         let Some(out) = &self.subjects_out else {
             return true;
         };
         let mut pending = Vec::with_capacity(frames.len());
-        for (p, f) in frames.iter().enumerate() {
+        for (p, f) in frames {
             let rec: FutureRecord<'_, (), [u8]> =
-                FutureRecord::to(&out.topic).partition(p as i32).payload(f);
+                FutureRecord::to(&out.topic).partition(*p as i32).payload(f);
             pending.push(self.producer.send_result(rec).map_err(|(e, _)| e));
         }
         let mut ok = true;

@@ -79,6 +79,9 @@ impl ConsumerContext for PipelineContext {
                     telemetry::rebalance_failed("assign", &e);
                     return;
                 }
+                let parts: Vec<(String, i32)> =
+                    starts.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+                telemetry::rebalanced(self.shared.metrics.stage, "partitions assigned", &parts);
                 for ((topic, partition, start), queue) in starts.into_iter().zip(queues) {
                     match queue {
                         Some(q) => self.shared.spawn_worker(q, topic, partition, start),
@@ -96,6 +99,7 @@ impl ConsumerContext for PipelineContext {
                     .iter()
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
+                telemetry::rebalanced(self.shared.metrics.stage, "partitions revoked", &parts);
                 self.shared.stop_workers(&parts);
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)

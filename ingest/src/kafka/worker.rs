@@ -255,7 +255,7 @@ impl<'s> PartitionWorker<'s> {
                 .metrics
                 .caught_up
                 .fetch_add(1, Ordering::Relaxed);
-            if payload.len() <= self.shared.pipeline.max_record_bytes {
+            if payload.len() <= self.max_record() {
                 let origin = (self.topic.as_str(), self.partition);
                 match &mut self.work {
                     Work::Gateway(g) => g.rebuild(origin, offset, payload, reference_ms),
@@ -286,7 +286,7 @@ impl<'s> PartitionWorker<'s> {
             };
         }
         self.last = offset;
-        if payload.len() > self.shared.pipeline.max_record_bytes {
+        if payload.len() > self.max_record() {
             let error = format!(
                 "record: {} bytes, more than pipeline.max_record_bytes ({}); the first {OVERSIZE_KEPT} kept",
                 payload.len(),
@@ -328,6 +328,16 @@ impl<'s> PartitionWorker<'s> {
         }
         for (bytes, element, error) in failed {
             self.dead_letter(bytes, key, offset, element, error);
+        }
+    }
+
+    /// The largest record taken: `pipeline.max_record_bytes` for gateway
+    /// records; the second stage's frames are keywatch's own, cut to about
+    /// `FRAME_BYTES` by stage one (only a broken one is bigger).
+    fn max_record(&self) -> usize {
+        match self.work {
+            Work::Gateway(_) => self.shared.pipeline.max_record_bytes,
+            Work::Subjects(_) => 64 << 20,
         }
     }
 
@@ -816,7 +826,7 @@ impl GatewayWork {
 
     /// The frames of the projections gathered so far, one per stage-two
     /// partition (the writer is empty again after).
-    fn finish_frames(&mut self, topic: &str, partition: i32, idle: bool) -> Vec<Vec<u8>> {
+    fn finish_frames(&mut self, topic: &str, partition: i32, idle: bool) -> Vec<(u32, Vec<u8>)> {
         let now = self.engine.state().now_ms;
         let h = FrameHeader {
             topic,
