@@ -31,6 +31,8 @@ pub enum AlertKind {
     CredentialStuffing,
     /// One key under more accounts than it serves (an extension of the contract).
     KeySharing,
+    /// A key's traffic moving to hosting networks (an extension of the contract).
+    DataCenterShare,
     /// Not a detector's: a receiver answered `410 Gone` and keywatch stopped
     /// sending to it (an operator alert; its `user_id` is `keywatch`).
     ReceiverDisabled,
@@ -51,6 +53,7 @@ impl AlertKind {
             AlertKind::KeyCycling => "key_cycling",
             AlertKind::CredentialStuffing => "credential_stuffing",
             AlertKind::KeySharing => "key_sharing",
+            AlertKind::DataCenterShare => "data_center_share",
             AlertKind::ReceiverDisabled => "receiver_disabled",
         }
     }
@@ -63,11 +66,12 @@ impl AlertKind {
                 | AlertKind::KeyCycling
                 | AlertKind::CredentialStuffing
                 | AlertKind::KeySharing
+                | AlertKind::DataCenterShare
         )
     }
 
     /// Every detector's kind, in a fixed order.
-    pub const ALL: [AlertKind; 11] = [
+    pub const ALL: [AlertKind; 12] = [
         AlertKind::BudgetThreshold,
         AlertKind::TokenQuota,
         AlertKind::RequestSpike,
@@ -79,6 +83,7 @@ impl AlertKind {
         AlertKind::KeyCycling,
         AlertKind::CredentialStuffing,
         AlertKind::KeySharing,
+        AlertKind::DataCenterShare,
     ];
 }
 

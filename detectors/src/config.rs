@@ -72,6 +72,9 @@ pub struct EngineConfig {
     /// One key under many accounts (second stage).
     #[serde(default)]
     pub key_sharing: KeySharingConfig,
+    /// A key's traffic moving to hosting networks (second stage).
+    #[serde(default)]
+    pub data_center_share: DataCenterShareConfig,
 }
 
 /// Event-time bounds. A record's `ts` is the gateway's word, and one record
@@ -464,6 +467,41 @@ impl Default for KeySharingConfig {
     }
 }
 
+/// Data-center share (see `subject`): the share of a key's requests from
+/// hosting networks (`subjects.hosting_asns`), learned per key, jumping: a
+/// key that lived on people's networks now called from data centers.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataCenterShareConfig {
+    /// Turns the detector on.
+    pub enabled: bool,
+    /// Window, in minutes.
+    pub window_minutes: u32,
+    /// Fewest requests in a window…
+    pub min_requests: u32,
+    /// …at least this share of them from hosting networks…
+    pub min_share: f64,
+    /// …with this improbable a count under the key's learned share
+    /// (Beta-Binomial; prior 2% worth 20 requests)…
+    pub p_value: f64,
+    /// …once the key has this many requests of history (a key born in a
+    /// data center is not moving there).
+    pub min_history: u32,
+}
+
+impl Default for DataCenterShareConfig {
+    fn default() -> Self {
+        DataCenterShareConfig {
+            enabled: true,
+            window_minutes: 60,
+            min_requests: 10,
+            min_share: 0.5,
+            p_value: 1e-4,
+            min_history: 50,
+        }
+    }
+}
+
 /// State lifetime settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -494,6 +532,7 @@ impl Default for EngineConfig {
             key_cycling: KeyCyclingConfig::default(),
             credential_stuffing: CredentialStuffingConfig::default(),
             key_sharing: KeySharingConfig::default(),
+            data_center_share: DataCenterShareConfig::default(),
         }
     }
 }
@@ -804,6 +843,25 @@ impl EngineConfig {
             ));
         }
         positive("key_sharing.factor", ks.factor)?;
+        let dc = &self.data_center_share;
+        if dc.window_minutes == 0 || dc.min_requests == 0 {
+            return Err(bad(
+                "data_center_share",
+                "window_minutes and min_requests must be at least 1",
+            ));
+        }
+        if !(dc.min_share > 0.0 && dc.min_share <= 1.0) {
+            return Err(bad(
+                "data_center_share.min_share",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if !(dc.p_value > 0.0 && dc.p_value < 0.5) {
+            return Err(bad(
+                "data_center_share.p_value",
+                "must be between 0 and 0.5",
+            ));
+        }
         let rp = &self.repeated_prompt;
         if rp.max_repeats == 0 || rp.max_repeats > 1000 {
             return Err(bad("repeated_prompt.max_repeats", "must be from 1 to 1000"));

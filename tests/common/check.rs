@@ -21,7 +21,7 @@ pub const HASH_KEY: &str = "pipeline-test-key";
 
 /// The second stage's alert kinds, as an SQL list.
 pub const SECOND_STAGE_KINDS: &str =
-    "'prompt_farming', 'key_cycling', 'credential_stuffing', 'key_sharing'";
+    "'prompt_farming', 'key_cycling', 'credential_stuffing', 'key_sharing', 'data_center_share'";
 
 /// Simulated records plus a few poison ones, as lines.
 pub fn trace(users: u32, hours: f64, seed: u64, poison_every: usize) -> Vec<String> {

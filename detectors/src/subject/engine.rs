@@ -12,7 +12,8 @@ use super::projection::{
 };
 use super::window::{Crossing, Distinct, DistinctParams};
 use crate::alert::{Action, Alert, AlertKind, Severity};
-use crate::config::{ConfigError, EngineConfig};
+use crate::baseline::{Incident, ShareBaseline, SharePrior};
+use crate::config::{ConfigError, DataCenterShareConfig, EngineConfig};
 use crate::hash::stable_hash;
 use crate::text::group_digits;
 use crate::time::MINUTE_MS;
@@ -43,6 +44,96 @@ pub struct Crowd {
     distinct: Distinct,
 }
 
+/// A key: its accounts, and the share of its requests from hosting networks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeySubject {
+    last_minute: u32,
+    accounts: Distinct,
+    #[serde(default)]
+    hosted: HostedShare,
+}
+
+/// The share of a key's requests from hosting networks: this window's
+/// count, and the learned share of the windows before (a Beta-Binomial
+/// rate with forgetting, fed by whole windows that did not alert).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostedShare {
+    since: u32,
+    requests: u32,
+    hosted: u32,
+    learned: ShareBaseline,
+    alerted: bool,
+    incident: Incident,
+}
+
+/// The prior of a key's hosted share: 2%, worth 20 requests.
+const HOSTED_PRIOR: SharePrior = SharePrior {
+    share: 0.02,
+    trials: 20.0,
+};
+/// Per-window forgetting of the learned hosted share.
+const HOSTED_DECAY: f32 = 0.8;
+
+/// A jump in a key's hosted share.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShareJump {
+    /// Requests from hosting networks in the window.
+    pub hosted: u32,
+    /// Requests in the window.
+    pub requests: u32,
+    /// The learned share.
+    pub learned: f64,
+    /// Minute the window opened.
+    pub since: u32,
+}
+
+impl HostedShare {
+    /// Counts a request at `minute`; a jump when the window's hosted share
+    /// passes the bar for the first time in an incident.
+    fn see(&mut self, minute: u32, hosted: bool, p: &DataCenterShareConfig) -> Option<ShareJump> {
+        if self.since == 0 || minute >= self.since + p.window_minutes {
+            if self.since != 0 && !self.alerted {
+                let l = &mut self.learned;
+                l.hits = l.hits * HOSTED_DECAY + self.hosted as f32;
+                l.trials = l.trials * HOSTED_DECAY + self.requests as f32;
+            }
+            *self = HostedShare {
+                since: minute.max(1),
+                learned: self.learned,
+                incident: self.incident,
+                ..HostedShare::default()
+            };
+        }
+        self.requests = self.requests.saturating_add(1);
+        self.hosted = self.hosted.saturating_add(hosted as u32);
+        if self.alerted
+            || !hosted
+            || self.requests < p.min_requests
+            || (self.hosted as f64) < p.min_share * self.requests as f64
+            // A key born in a data center is not moving there: it needs a history.
+            || self.learned.trials < p.min_history as f32
+        {
+            return None;
+        }
+        let tail = self
+            .learned
+            .upper_tail(HOSTED_PRIOR, self.hosted, self.requests);
+        if tail >= p.p_value {
+            return None;
+        }
+        self.alerted = true;
+        if !self.incident.begins(minute, 2 * p.window_minutes) {
+            return None;
+        }
+        Some(ShareJump {
+            hosted: self.hosted,
+            requests: self.requests,
+            learned: self.learned.mean(HOSTED_PRIOR),
+            since: self.since,
+        })
+    }
+}
+
 /// Everything stage two has learned: what its checkpoint holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SubjectState {
@@ -53,7 +144,7 @@ pub struct SubjectState {
     last_sweep: u32,
     addresses: HashMap<IpAddr, Box<AddressState>, StableBuild>,
     networks: HashMap<u64, Box<Crowd>, StableBuild>,
-    keys: HashMap<Box<str>, Box<Crowd>, StableBuild>,
+    keys: HashMap<Box<str>, Box<KeySubject>, StableBuild>,
     prompts: HashMap<u64, Box<Crowd>, StableBuild>,
 }
 
@@ -102,6 +193,7 @@ struct Resolved {
     cycling: Option<DistinctParams>,
     stuffing: Option<(DistinctParams, u32)>,
     sharing: Option<DistinctParams>,
+    hosted: Option<DataCenterShareConfig>,
     farming: Option<DistinctParams>,
 }
 
@@ -172,6 +264,10 @@ impl SubjectEngine {
                 prior: 1.0,
                 max_tracked: MAX_TRACKED,
             }),
+            hosted: cfg
+                .data_center_share
+                .enabled
+                .then(|| cfg.data_center_share.clone()),
             farming: (rp.enabled && rp.farming_min_users > 0).then_some(DistinctParams {
                 window_minutes: rp.window_minutes,
                 min: rp.farming_min_users,
@@ -354,14 +450,20 @@ impl SubjectEngine {
             }
         }
         if p.kinds.has(Kinds::KEY) && p.counts_request() {
+            let hosting = self.hosting(p.asn);
+            let c = match self.state.keys.get_mut(&*p.key) {
+                Some(c) => c,
+                None => self.state.keys.entry(p.key.clone()).or_default(),
+            };
+            c.last_minute = minute;
             if let Some(sp) = self.r.sharing {
-                let c = match self.state.keys.get_mut(&*p.key) {
-                    Some(c) => c,
-                    None => self.state.keys.entry(p.key.clone()).or_default(),
-                };
-                c.last_minute = minute;
-                if let Some(x) = c.distinct.see(minute, user, young, &sp, |_| true) {
+                if let Some(x) = c.accounts.see(minute, user, young, &sp, |_| true) {
                     out.push(sharing_alert(p, &x, sp.window_minutes));
+                }
+            }
+            if let Some(dc) = &self.r.hosted {
+                if let Some(j) = c.hosted.see(minute, hosting, dc) {
+                    out.push(hosted_alert(p, &j, dc.window_minutes));
                 }
             }
         }
@@ -571,6 +673,34 @@ fn sharing_alert(p: &Projection, x: &Crossing, window: u32) -> Alert {
     a
 }
 
+fn hosted_alert(p: &Projection, j: &ShareJump, window: u32) -> Alert {
+    let id = Alert::make_id(
+        AlertKind::DataCenterShare,
+        &format!("key:{}", p.key),
+        &format!("m{}", j.since),
+    );
+    let mut a = base(
+        AlertKind::DataCenterShare,
+        id,
+        p,
+        Severity::Info,
+        Action::Notify,
+    );
+    a.key_id = Some(p.key.to_string());
+    let share = j.hosted as f64 / j.requests as f64;
+    a.observed = Some((share * 1000.0).round() / 1000.0);
+    a.baseline = Some((j.learned * 1000.0).round() / 1000.0);
+    a.reason = format!(
+        "Key {} of {} made {} of its {} requests within {window} minutes from hosting providers' networks (usually {:.0}%): its traffic has moved to data centers, as a stolen key's does; no action was taken.",
+        p.key,
+        p.user,
+        j.hosted,
+        j.requests,
+        100.0 * j.learned
+    );
+    a
+}
+
 fn farming_alert(p: &Projection, fp: &str, x: &Crossing, window: u32) -> Alert {
     let short = &fp[..fp.char_indices().nth(12).map_or(fp.len(), |(i, _)| i)];
     let id = Alert::make_id(
@@ -717,6 +847,77 @@ mod tests {
             .filter(|a| a.ip.as_deref() == Some("73.1.2.3"))
             .all(|a| a.severity == Severity::Info));
         assert_eq!(e.merge_stats().late, 0);
+    }
+
+    #[test]
+    fn a_key_moving_to_data_centers_is_noticed_one_born_there_is_not() {
+        let mut e = SubjectEngine::new(&EngineConfig::default()).unwrap();
+        let mut out = vec![];
+        let mut o = 0;
+        let mut send = |e: &mut SubjectEngine,
+                        ts: i64,
+                        key: &str,
+                        ip: [u8; 4],
+                        asn: u32,
+                        out: &mut Vec<Alert>| {
+            o += 1;
+            let mut p = proj(ts, o, "acct", ip, asn);
+            p.key = key.into();
+            p.kinds = Kinds::KEY;
+            e.observe_local(p, ts, out, None);
+        };
+        // A key on a home network for a day, then from a cloud.
+        for i in 0..200i64 {
+            send(
+                &mut e,
+                T0 + i * 300_000,
+                "key_home",
+                [73, 1, 1, 1],
+                7922,
+                &mut out,
+            );
+        }
+        // A back end's key, in a cloud from its first request.
+        for i in 0..200i64 {
+            send(
+                &mut e,
+                T0 + i * 300_000 + 1,
+                "key_svc",
+                [3, 1, 1, 1],
+                16509,
+                &mut out,
+            );
+        }
+        let t1 = T0 + 200 * 300_000;
+        for i in 0..30i64 {
+            send(
+                &mut e,
+                t1 + i * 20_000,
+                "key_home",
+                [3, 2, 2, (i % 200) as u8],
+                16509,
+                &mut out,
+            );
+            send(
+                &mut e,
+                t1 + i * 20_000 + 1,
+                "key_svc",
+                [3, 1, 1, 1],
+                16509,
+                &mut out,
+            );
+        }
+        e.drain(&mut out, None);
+        let dc: Vec<_> = out
+            .iter()
+            .filter(|a| a.kind == AlertKind::DataCenterShare)
+            .collect();
+        assert_eq!(dc.len(), 1, "{dc:#?}");
+        assert_eq!(dc[0].key_id.as_deref(), Some("key_home"));
+        assert_eq!(
+            (dc[0].severity, dc[0].action),
+            (Severity::Info, Action::Notify)
+        );
     }
 
     #[test]

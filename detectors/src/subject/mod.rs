@@ -31,6 +31,10 @@
 //!   blocked for 24 hours. A client retrying its one revoked key is one key.
 //! - **key sharing**: one key id under more accounts than it has been
 //!   learned to serve: a warning.
+//! - **data-center share**: the share of a key's requests from hosting
+//!   networks jumping above its learned share (a stolen key's traffic
+//!   moves to data centers): an info alert, a signal for the other
+//!   detectors' context; a key born in a data center is not moving there.
 //! - **prompt farming**: distinct accounts each repeating one prompt
 //!   fingerprint (stage one marks an account's second sighting of a
 //!   prompt in the repeat window), counted over the whole topic: a warning.
