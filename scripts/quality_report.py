@@ -11,6 +11,8 @@ import sys
 
 CORE = ["request_flood", "token_exhaustion", "prompt_farming", "coordinated_farming", "budget_drain"]
 FAST = ["request_flood", "token_exhaustion", "coordinated_farming", "budget_drain"]
+# Attacks across accounts, caught by the second stage (issue 15).
+CROSS = ["key_cycling", "credential_stuffing", "spread_farming"]
 
 
 def load(path):
@@ -38,8 +40,8 @@ def main():
         name, path = arg.split("=", 1)
         models.setdefault(name, []).append(load(path))
 
-    print("| traffic (runs) | benign user-days | pages | pages per 10k user-days | accounts throttled or blocked | cold-start pages (first 6 h) | core attacks caught | floods, exhaustion, campaigns, drains within 2 min | prompt farming at one repeat a minute, median |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| traffic (runs) | benign user-days | pages | pages per 10k user-days | accounts throttled or blocked | cold-start pages (first 6 h) | core attacks caught | floods, exhaustion, campaigns, drains within 2 min | prompt farming at one repeat a minute, median | attacks across accounts caught |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     detectors = collections.OrderedDict()
     kinds = collections.OrderedDict()
     for name, runs in models.items():
@@ -66,7 +68,10 @@ def main():
         per10k = pages / days * 1e4 if days else 0.0
         core_s = f"{caught}/{len(core)} ({caught / len(core):.3f})" if core else "none injected"
         fast_s = f"{quick}/{len(fast)} ({quick / len(fast):.3f})" if fast else "-"
-        print(f"| {name} ({len(runs)}) | {days:,.0f} | {pages} | {per10k:.2f} | {restricted} | {cold} | {core_s} | {fast_s} | {human(pct(farm, 0.5))} |")
+        cross = [l for k in CROSS for l in lat.get(k, [])]
+        cross_n = sum(l is not None for l in cross)
+        cross_s = f"{cross_n}/{len(cross)} ({cross_n / len(cross):.3f})" if cross else "none injected"
+        print(f"| {name} ({len(runs)}) | {days:,.0f} | {pages} | {per10k:.2f} | {restricted} | {cold} | {core_s} | {fast_s} | {human(pct(farm, 0.5))} | {cross_s} |")
         for k, ls in lat.items():
             kinds.setdefault(k, {})[name] = ls
     print()

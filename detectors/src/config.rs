@@ -485,8 +485,11 @@ pub struct DataCenterShareConfig {
     /// (Beta-Binomial; prior 2% worth 20 requests)…
     pub p_value: f64,
     /// …once the key has this many requests of history (a key born in a
-    /// data center is not moving there).
+    /// data center is not moving there)…
     pub min_history: u32,
+    /// …and its learned share is at most this (a key that lives in data
+    /// centers already is not moving there either).
+    pub max_learned_share: f64,
 }
 
 impl Default for DataCenterShareConfig {
@@ -498,6 +501,7 @@ impl Default for DataCenterShareConfig {
             min_share: 0.5,
             p_value: 1e-4,
             min_history: 50,
+            max_learned_share: 0.2,
         }
     }
 }
@@ -854,6 +858,12 @@ impl EngineConfig {
             return Err(bad(
                 "data_center_share.min_share",
                 "must be above 0 and at most 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&dc.max_learned_share) {
+            return Err(bad(
+                "data_center_share.max_learned_share",
+                "must be from 0 to below 1",
             ));
         }
         if !(dc.p_value > 0.0 && dc.p_value < 0.5) {

@@ -110,8 +110,10 @@ impl HostedShare {
             || !hosted
             || self.requests < p.min_requests
             || (self.hosted as f64) < p.min_share * self.requests as f64
-            // A key born in a data center is not moving there: it needs a history.
+            // A key born in a data center is not moving there: it needs a
+            // history, and one spent mostly elsewhere.
             || self.learned.trials < p.min_history as f32
+            || self.learned.mean(HOSTED_PRIOR) > p.max_learned_share
         {
             return None;
         }
