@@ -43,6 +43,8 @@ from confluent_kafka import Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 TOKEN = "kwf_second-stage-latency-bench"
+# engine.subjects.lateness_secs for the run (KW_BENCH_LATENESS; keywatch's default 5).
+LATENESS = int(os.environ.get("KW_BENCH_LATENESS", "5"))
 SUBJECTS = "keywatch.by-subject"
 
 
@@ -106,6 +108,9 @@ url = "{bk.db_url(db)}"
 
 [privacy]
 hash_key = "bench"
+
+[engine.subjects]
+lateness_secs = {LATENESS}
 
 [feed]
 listen = "127.0.0.1:{port}"
@@ -203,7 +208,7 @@ token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
           f"(the last ones, produced within the lateness of the end, may be missing)")
     print(f"record produced -> its stage-two block in the gateway's hands: p50 {pct(0.5):,.0f} ms, "
           f"p99 {pct(0.99):,.0f} ms, max {delays[-1]:,.0f} ms "
-          f"(engine.subjects.lateness_secs = 5: the wait that puts the second stage in event-time order)")
+          f"(engine.subjects.lateness_secs = {LATENESS}: the wait that puts the second stage in event-time order)")
 
 
 def _on_signal(signum, _frame):

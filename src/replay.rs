@@ -155,7 +155,14 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
     let format = args.format.unwrap_or(cfg.kafka.format);
     let source = args.input.display().to_string();
     let mut engine = Engine::new(&cfg.engine)?;
-    let mut subjects = SubjectEngine::new(&cfg.engine)?;
+    // The second stage, in this process (one source: the file), unless
+    // `kafka.subjects.enabled` is false.
+    let mut subjects = cfg
+        .kafka
+        .subjects
+        .enabled
+        .then(|| SubjectEngine::new(&cfg.engine))
+        .transpose()?;
     let truth = match &args.truth {
         Some(p) => {
             let f = File::open(p).with_context(|| format!("opening truth file {}", p.display()))?;
@@ -279,8 +286,9 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
                     std::hint::black_box(&ev);
                     return Ok(());
                 }
-                if let Outcome::Counted { cost_micros } = engine.observe(&ev, &mut alerts) {
-                    // The second stage, in this process: one source, the file.
+                if let (Outcome::Counted { cost_micros }, Some(subjects)) =
+                    (engine.observe(&ev, &mut alerts), subjects.as_mut())
+                {
                     let mut p =
                         engine.projection(&ev, cost_micros, Seq::new(line_no as i64, element));
                     p.kinds = p.every_subject();
@@ -315,7 +323,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             handle(line_no, Line::Text(line))?;
         }
     }
-    if !args.decode_only {
+    if let (false, Some(subjects)) = (args.decode_only, subjects.as_mut()) {
         subjects.drain(&mut alerts, None);
         emit(
             &mut alerts,
@@ -338,7 +346,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode> {
             .map(|b| b as f64 / tracked.users as f64);
         s.tracked = Some(tracked);
         s.engine = Some(engine.stats().clone());
-        s.subjects = Some(SubjectsSummary {
+        s.subjects = subjects.as_ref().map(|subjects| SubjectsSummary {
             alerts: std::mem::take(&mut s.second_alerts),
             taken: subjects.taken(),
             late: subjects.merge_stats().late,

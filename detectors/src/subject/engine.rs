@@ -549,9 +549,17 @@ fn young_majority(x: &Crossing, min: u32) -> bool {
     x.flagged >= min && 2 * x.flagged >= x.distinct
 }
 
-fn base(kind: AlertKind, id: String, p: &Projection, severity: Severity, action: Action) -> Alert {
+/// An alert of the second stage: `kind` decided on `subject` in the window
+/// that opened at minute `since`, the record `p` crossing the bar.
+fn base(
+    kind: AlertKind,
+    subject: &str,
+    since: u32,
+    p: &Projection,
+    (severity, action): (Severity, Action),
+) -> Alert {
     Alert {
-        id,
+        id: Alert::make_id(kind, subject, &format!("m{since}")),
         kind,
         severity,
         action,
@@ -563,9 +571,25 @@ fn base(kind: AlertKind, id: String, p: &Projection, severity: Severity, action:
         baseline: None,
         threshold: None,
         budget: None,
-        expires_at: None,
+        expires_at: (action == Action::Block).then_some(p.ts_ms + ADDRESS_BLOCK_MS),
         tier: None,
         reason: String::new(),
+    }
+}
+
+/// [`base`] for a distinct count's crossing: what was seen, the norm and the bar.
+fn crossing(
+    kind: AlertKind,
+    subject: &str,
+    x: &Crossing,
+    p: &Projection,
+    decision: (Severity, Action),
+) -> Alert {
+    Alert {
+        observed: Some(x.distinct as f64),
+        baseline: Some(round1(x.norm)),
+        threshold: Some(x.threshold),
+        ..base(kind, subject, x.since, p, decision)
     }
 }
 
@@ -583,12 +607,7 @@ fn cycling_alert(
     window: u32,
 ) -> Alert {
     let prefix = if network { "net" } else { "ip" };
-    let id = Alert::make_id(
-        AlertKind::KeyCycling,
-        &format!("{prefix}:{subject}"),
-        &format!("m{}", x.since),
-    );
-    let (severity, action) = match (suspect, network) {
+    let decision = match (suspect, network) {
         (true, false) => (Severity::Critical, Action::Block),
         (true, true) => (Severity::Warning, Action::Notify),
         (false, _) => (Severity::Info, Action::Notify),
@@ -599,19 +618,14 @@ fn cycling_alert(
         (false, y) if suspect => format!(", {y} of them accounts first seen within the last hours"),
         _ => String::new(),
     };
-    let then = match (severity, network) {
-        (Severity::Critical, _) => "a sign of throwaway accounts cycled from one place; keywatch asks gateways to block the address for 24 hours.",
-        (Severity::Warning, _) => "a sign of throwaway accounts cycled from one network; no action was taken.",
-        _ => "an office or shared network carries that many at times, so no action was taken.",
+    let then = match decision.0 {
+        Severity::Critical => "a sign of throwaway accounts cycled from one place; keywatch asks gateways to block the address for 24 hours.",
+        Severity::Warning => "a sign of throwaway accounts cycled from one network; no action was taken.",
+        Severity::Info => "an office or shared network carries that many at times, so no action was taken.",
     };
-    let mut a = base(AlertKind::KeyCycling, id, p, severity, action);
+    let subject_id = format!("{prefix}:{subject}");
+    let mut a = crossing(AlertKind::KeyCycling, &subject_id, x, p, decision);
     a.ip = Some(subject.to_string());
-    a.observed = Some(x.distinct as f64);
-    a.baseline = Some(round1(x.norm));
-    a.threshold = Some(x.threshold);
-    if action == Action::Block {
-        a.expires_at = Some(p.ts_ms + ADDRESS_BLOCK_MS);
-    }
     a.reason = format!(
         "The {what} {subject} carried {} distinct accounts within {window} minutes{why} (usually about {}; the latest {}), {then}",
         x.distinct,
@@ -622,23 +636,17 @@ fn cycling_alert(
 }
 
 fn stuffing_alert(p: &Projection, ip: IpAddr, x: &Crossing, window: u32) -> Alert {
-    let id = Alert::make_id(
+    let decision = (Severity::Critical, Action::Block);
+    let mut a = crossing(
         AlertKind::CredentialStuffing,
         &format!("ip:{ip}"),
-        &format!("m{}", x.since),
-    );
-    let mut a = base(
-        AlertKind::CredentialStuffing,
-        id,
+        x,
         p,
-        Severity::Critical,
-        Action::Block,
+        decision,
     );
     a.ip = Some(ip.to_string());
+    // The failures are what was seen; the norm and bar are of distinct keys.
     a.observed = Some(x.count as f64);
-    a.baseline = Some(round1(x.norm));
-    a.threshold = Some(x.threshold);
-    a.expires_at = Some(p.ts_ms + ADDRESS_BLOCK_MS);
     a.reason = format!(
         "The address {ip} failed authentication {} times for {} distinct keys within {window} minutes (usually about {} keys), a sign of credential stuffing; keywatch asks gateways to block the address for 24 hours.",
         group_digits(x.count as i128),
@@ -649,22 +657,15 @@ fn stuffing_alert(p: &Projection, ip: IpAddr, x: &Crossing, window: u32) -> Aler
 }
 
 fn sharing_alert(p: &Projection, x: &Crossing, window: u32) -> Alert {
-    let id = Alert::make_id(
+    let decision = (Severity::Warning, Action::Notify);
+    let mut a = crossing(
         AlertKind::KeySharing,
         &format!("key:{}", p.key),
-        &format!("m{}", x.since),
-    );
-    let mut a = base(
-        AlertKind::KeySharing,
-        id,
+        x,
         p,
-        Severity::Warning,
-        Action::Notify,
+        decision,
     );
     a.key_id = Some(p.key.to_string());
-    a.observed = Some(x.distinct as f64);
-    a.baseline = Some(round1(x.norm));
-    a.threshold = Some(x.threshold);
     a.reason = format!(
         "Key {} was used under {} distinct accounts within {window} minutes (usually {}; the latest {}): a key shared, resold or misattributed; no action was taken.",
         p.key,
@@ -676,18 +677,9 @@ fn sharing_alert(p: &Projection, x: &Crossing, window: u32) -> Alert {
 }
 
 fn hosted_alert(p: &Projection, j: &ShareJump, window: u32) -> Alert {
-    let id = Alert::make_id(
-        AlertKind::DataCenterShare,
-        &format!("key:{}", p.key),
-        &format!("m{}", j.since),
-    );
-    let mut a = base(
-        AlertKind::DataCenterShare,
-        id,
-        p,
-        Severity::Info,
-        Action::Notify,
-    );
+    let decision = (Severity::Info, Action::Notify);
+    let subject = format!("key:{}", p.key);
+    let mut a = base(AlertKind::DataCenterShare, &subject, j.since, p, decision);
     a.key_id = Some(p.key.to_string());
     let share = j.hosted as f64 / j.requests as f64;
     a.observed = Some((share * 1000.0).round() / 1000.0);
@@ -705,22 +697,15 @@ fn hosted_alert(p: &Projection, j: &ShareJump, window: u32) -> Alert {
 
 fn farming_alert(p: &Projection, fp: &str, x: &Crossing, window: u32) -> Alert {
     let short = &fp[..fp.char_indices().nth(12).map_or(fp.len(), |(i, _)| i)];
-    let id = Alert::make_id(
+    let decision = (Severity::Warning, Action::Notify);
+    let mut a = crossing(
         AlertKind::PromptFarming,
         &format!("fp:{fp}"),
-        &format!("m{}", x.since),
-    );
-    let mut a = base(
-        AlertKind::PromptFarming,
-        id,
+        x,
         p,
-        Severity::Warning,
-        Action::Notify,
+        decision,
     );
     a.key_id = Some(p.key.to_string());
-    a.observed = Some(x.distinct as f64);
-    a.baseline = Some(round1(x.norm));
-    a.threshold = Some(x.threshold);
     a.reason = format!(
         "{} accounts are each repeating the same prompt (fingerprint {short}) within {window} minutes, a sign of coordinated prompt farming; the latest is {} on key {}.",
         x.distinct, p.user, p.key
