@@ -742,3 +742,99 @@ fn the_feed_rides_out_a_postgres_restart() {
     let page = waiting.join().unwrap();
     assert_eq!(page["actions"][0]["key_id"], "key_after", "{page}");
 }
+
+/// Issue 15: an address action (the second stage's credential stuffing)
+/// reaches the feed with its address, no key and no account, and the
+/// blocklist lists it; a key's alert that carries an address as context
+/// (a leaked key) stays a key action.
+#[test]
+fn an_address_block_reaches_the_feed_with_its_address_and_no_account() {
+    use detectors::{Action, Alert, AlertKind, Severity};
+    use storage::{BatchCommit, Store};
+    let dir = common::scratch("feed-address");
+    let db = Database::create("feed_address");
+    let port = free_port();
+    let cfg = config(&dir, &db, port, 600);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(async {
+        let s = Store::connect(&db.url, 2).await.unwrap();
+        s.migrate().await.unwrap();
+        s
+    });
+    let ts = 4_102_444_800_000; // 2100-01-01: the blocks have not lapsed yet.
+    let base = |kind, subject: &str| Alert {
+        id: Alert::make_id(kind, subject, "m1"),
+        kind,
+        severity: Severity::Critical,
+        action: Action::Block,
+        user_id: "kh_guess_1".into(),
+        key_id: None,
+        ip: None,
+        ts,
+        observed: None,
+        baseline: None,
+        threshold: None,
+        budget: None,
+        expires_at: Some(ts + 86_400_000),
+        tier: None,
+        reason: format!("{} test", kind.as_str()),
+    };
+    let stuffing = Alert {
+        ip: Some("45.79.1.2".into()),
+        ..base(AlertKind::CredentialStuffing, "ip:45.79.1.2")
+    };
+    let leaked = Alert {
+        user_id: "acct_9".into(),
+        key_id: Some("key_9".into()),
+        ip: Some("203.0.113.9".into()),
+        expires_at: None,
+        ..base(AlertKind::LeakedKey, "key:key_9")
+    };
+    let alerts = [stuffing, leaked];
+    let batch = BatchCommit {
+        topic: "keywatch.by-subject",
+        partition: 0,
+        start_offset: 0,
+        next_offset: 1,
+        rollups: &[],
+        alerts: &alerts,
+        checkpoint: None,
+        budgets: &[],
+        addresses: &[],
+        sources: &[],
+    };
+    rt.block_on(store.commit_batch(&batch)).unwrap();
+    let _serve = start_serve(&cfg, &dir.join("serve.log"), Some(port));
+    let page = get(port, "/v1/revocations?after=0", Some(TOKEN), &[]).json();
+    let actions = page["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 2, "{page}");
+    let address = actions
+        .iter()
+        .find(|a| a["ip"].is_string())
+        .expect("an address action");
+    assert_eq!(address["ip"], "45.79.1.2");
+    assert_eq!(address["user_id"], "", "an address action names no account");
+    assert!(address["key_id"].is_null());
+    assert_eq!(address["action"], "block");
+    assert!(address["expires_at"].is_string());
+    let key = actions
+        .iter()
+        .find(|a| a["key_id"] == "key_9")
+        .expect("the key's block");
+    assert!(
+        key.get("ip").is_none(),
+        "a key's action carries no address: {key}"
+    );
+    assert_eq!(key["user_id"], "acct_9");
+    let list = get(port, "/v1/blocklist", Some(TOKEN), &[]).json();
+    let ips: Vec<&Value> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("ip"))
+        .collect();
+    assert_eq!(ips, vec![&Value::from("45.79.1.2")]);
+}
