@@ -201,6 +201,10 @@ enum KeysCommand {
         /// The key's user (looked up from recent traffic when omitted).
         #[arg(long)]
         user: Option<String>,
+        /// Block a client address instead (no key, no user): what the
+        /// second stage does on credential stuffing.
+        #[arg(long, conflicts_with_all = ["key_id", "user"])]
+        ip: Option<std::net::IpAddr>,
         /// Why, for the gateway's logs and the audit trail.
         #[arg(long)]
         reason: String,
@@ -222,6 +226,10 @@ enum KeysCommand {
         /// The user (looked up from recent traffic when omitted).
         #[arg(long)]
         user: Option<String>,
+        /// Lift the blocks of a client address instead (key cycling,
+        /// credential stuffing, or an operator's).
+        #[arg(long, conflicts_with_all = ["key_id", "user"])]
+        ip: Option<std::net::IpAddr>,
         /// Why.
         #[arg(long)]
         reason: String,
@@ -243,6 +251,7 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
             KeysCommand::Block {
                 key_id,
                 user,
+                ip,
                 reason,
                 hours,
                 throttle,
@@ -256,18 +265,16 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                         );
                     }
                 }
-                let user = subject(feed, key_id.as_deref(), user).await?;
                 let action = if throttle { "throttle" } else { "block" };
-                let seq = record(
-                    feed,
-                    key_id.as_deref(),
-                    &user,
-                    action,
-                    &reason,
-                    hours,
-                    &operator,
-                )
-                .await?;
+                if let Some(ip) = ip {
+                    let seq =
+                        record(feed, Target::Address(ip), action, &reason, hours, &operator).await?;
+                    println!("{action} recorded as feed seq {seq}: address {ip}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let user = subject(feed, key_id.as_deref(), user).await?;
+                let target = Target::Key(key_id.as_deref(), &user);
+                let seq = record(feed, target, action, &reason, hours, &operator).await?;
                 println!(
                     "{action} recorded as feed seq {seq}: user {user}, {}",
                     describe(key_id.as_deref())
@@ -276,9 +283,16 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
             KeysCommand::Unblock {
                 key_id,
                 user,
+                ip,
                 reason,
                 operator,
             } => {
+                if let Some(ip) = ip {
+                    let target = Target::Address(ip);
+                    let seq = record(feed, target, "unblock", &reason, None, &operator).await?;
+                    println!("unblock recorded as feed seq {seq}: address {ip}");
+                    return Ok(ExitCode::SUCCESS);
+                }
                 check_ids(key_id.as_deref(), user.as_deref())?;
                 if let (Some(k), Some(u)) = (key_id.as_deref(), user.as_deref()) {
                     // An unblock lifts the blocks of (user, key): under another
@@ -295,16 +309,8 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                     }
                 }
                 let user = subject(feed, key_id.as_deref(), user).await?;
-                let seq = record(
-                    feed,
-                    key_id.as_deref(),
-                    &user,
-                    "unblock",
-                    &reason,
-                    None,
-                    &operator,
-                )
-                .await?;
+                let target = Target::Key(key_id.as_deref(), &user);
+                let seq = record(feed, target, "unblock", &reason, None, &operator).await?;
                 println!(
                     "unblock recorded as feed seq {seq}: user {user}, {}",
                     describe(key_id.as_deref())
@@ -317,13 +323,16 @@ pub fn keys(args: KeysArgs) -> Result<ExitCode> {
                     // Ids and reasons come from traffic and operators:
                     // control characters are escaped, so no value can forge
                     // a row or drive the terminal.
+                    let key = match (&r.ip, r.key_id.as_deref()) {
+                        (Some(ip), _) => format!("(address {})", printable(ip)),
+                        (None, Some(k)) => printable(k),
+                        (None, None) => "(all keys)".into(),
+                    };
                     println!(
                         "{}\t{}\t{}\t{}\t{}\t{}",
                         r.seq,
                         printable(&r.user_id),
-                        r.key_id
-                            .as_deref()
-                            .map_or_else(|| "(all keys)".into(), printable),
+                        key,
                         printable(&r.action),
                         r.expires_ms.map_or_else(|| "never".into(), format_rfc3339),
                         printable(&r.reason),
@@ -397,10 +406,18 @@ async fn subject(feed: &Feed, key_id: Option<&str>, user: Option<String>) -> Res
 
 /// Records a manual action in the feed (same table, order and notification
 /// as the detectors' actions); returns its sequence number.
+/// What a manual action is about.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// A key of a user (no key: every key of the user).
+    Key(Option<&'a str>, &'a str),
+    /// A client address (an address action names no key and no account).
+    Address(std::net::IpAddr),
+}
+
 async fn record(
     feed: &Feed,
-    key_id: Option<&str>,
-    user: &str,
+    target: Target<'_>,
     action: &str,
     reason: &str,
     hours: Option<f64>,
@@ -409,10 +426,19 @@ async fn record(
     if reason.trim().is_empty() {
         bail!("--reason: must not be empty");
     }
+    let ip = match target {
+        Target::Address(ip) => Some(ip.to_string()),
+        Target::Key(..) => None,
+    };
+    let (key_id, user) = match target {
+        Target::Key(key, user) => (key, user),
+        Target::Address(_) => (None, ""),
+    };
     let seq = feed
         .record_manual(&ManualAction {
             key_id,
             user_id: user,
+            ip: ip.as_deref(),
             action,
             reason,
             hours,

@@ -837,4 +837,42 @@ fn an_address_block_reaches_the_feed_with_its_address_and_no_account() {
         .filter_map(|e| e.get("ip"))
         .collect();
     assert_eq!(ips, vec![&Value::from("45.79.1.2")]);
+
+    // An operator blocks and lifts addresses by hand too.
+    let listed = keys(&cfg, &["list"]);
+    assert!(listed.contains("(address 45.79.1.2)"), "{listed}");
+    keys(
+        &cfg,
+        &[
+            "block",
+            "--ip",
+            "198.51.100.7",
+            "--hours",
+            "2",
+            "--reason",
+            "scraper",
+        ],
+    );
+    keys(
+        &cfg,
+        &["unblock", "--ip", "45.79.1.2", "--reason", "a shared proxy"],
+    );
+    let list = get(port, "/v1/blocklist", Some(TOKEN), &[]).json();
+    let ips: Vec<&Value> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("ip"))
+        .collect();
+    assert_eq!(ips, vec![&Value::from("198.51.100.7")]);
+    let page = get(port, "/v1/revocations?after=0", Some(TOKEN), &[]).json();
+    let last = page["actions"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            last["action"].as_str(),
+            last["ip"].as_str(),
+            last["user_id"].as_str()
+        ),
+        (Some("unblock"), Some("45.79.1.2"), Some(""))
+    );
 }

@@ -48,8 +48,10 @@ pub struct FeedRow {
 pub struct ManualAction<'a> {
     /// The key, or `None` for every key of the user.
     pub key_id: Option<&'a str>,
-    /// The account.
+    /// The account (empty for an address action).
     pub user_id: &'a str,
+    /// The address, for an address action (then no key and no account).
+    pub ip: Option<&'a str>,
     /// `block`, `throttle` or `unblock`.
     pub action: &'a str,
     /// Why.
@@ -164,8 +166,8 @@ impl Feed {
     /// notification as the detectors' actions); returns its sequence number.
     pub async fn record_manual(&self, a: &ManualAction<'_>) -> Result<i64, StorageError> {
         sqlx::query_scalar(
-            "INSERT INTO revocation_actions (key_id, user_id, action, reason, issued_at, expires_at, actor)
-             VALUES ($1, $2, $3, $4, now(), now() + $5 * interval '1 hour', $6)
+            "INSERT INTO revocation_actions (key_id, user_id, ip, action, reason, issued_at, expires_at, actor)
+             VALUES ($1, $2, $7, $3, $4, now(), now() + $5 * interval '1 hour', $6)
              RETURNING seq",
         )
         .bind(a.key_id)
@@ -174,6 +176,7 @@ impl Feed {
         .bind(a.reason)
         .bind(a.hours)
         .bind(format!("operator:{}", a.operator))
+        .bind(a.ip)
         .fetch_one(&self.pool)
         .await
         .map_err(query_error("record an operator's action"))
