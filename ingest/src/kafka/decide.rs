@@ -41,17 +41,27 @@ pub(crate) fn resume_point(
     }
 }
 
+/// How long a batch that must end where an existing lake file ends waits
+/// for that offset before it closes anyway (the file's last records are
+/// then gone from the broker: retention).
+pub(crate) const REWRITE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Whether the open batch closes now: it holds `max_records` records
-/// (dead letters included), it has been open `max_age`, or it reached the
-/// end of a lake file it must rewrite (`at_boundary`).
+/// (dead letters included) or it has been open `max_age`. A batch that
+/// rewrites a lake file left by a crash (`rewrite`: whether it reached the
+/// file's last offset) closes there and only there: closed earlier, it
+/// would write a second file over part of the same records.
 pub(crate) fn batch_closes(
     records: usize,
     max_records: usize,
     open_for: Option<Duration>,
     max_age: Duration,
-    at_boundary: bool,
+    rewrite: Option<bool>,
 ) -> bool {
-    records >= max_records || open_for.is_some_and(|d| d >= max_age) || at_boundary
+    match rewrite {
+        Some(reached) => reached || open_for.is_some_and(|d| d >= REWRITE_PATIENCE),
+        None => records >= max_records || open_for.is_some_and(|d| d >= max_age),
+    }
 }
 
 /// What a commit covers.
@@ -139,12 +149,22 @@ mod tests {
     fn a_batch_closes_when_full_old_or_at_a_file_boundary() {
         let age = Duration::from_millis(500);
         let young = Some(Duration::from_millis(100));
-        assert!(!batch_closes(9, 10, young, age, false));
-        assert!(batch_closes(10, 10, young, age, false));
-        assert!(batch_closes(1, 10, Some(age), age, false));
-        assert!(batch_closes(1, 10, young, age, true));
+        assert!(!batch_closes(9, 10, young, age, None));
+        assert!(batch_closes(10, 10, young, age, None));
+        assert!(batch_closes(1, 10, Some(age), age, None));
         // No open batch: nothing ages.
-        assert!(!batch_closes(0, 10, None, age, false));
+        assert!(!batch_closes(0, 10, None, age, None));
+        // Rewriting a crash's lake file: at its end, and not before, whatever
+        // the count or age (a slow re-read must not write a second file).
+        assert!(batch_closes(1, 10, young, age, Some(true)));
+        assert!(!batch_closes(10, 10, Some(age), age, Some(false)));
+        assert!(batch_closes(
+            1,
+            10,
+            Some(REWRITE_PATIENCE),
+            age,
+            Some(false)
+        ));
     }
 
     #[test]

@@ -206,15 +206,12 @@ impl<'s> PartitionWorker<'s> {
             if self.fenced {
                 return;
             }
-            let at_boundary = self
-                .forced_end
-                .is_some_and(|end| self.first.is_some() && self.last >= end);
             if decide::batch_closes(
                 self.counted + self.dead.len(),
                 self.shared.pipeline.batch_max_records,
                 self.first.map(|_| self.opened.elapsed()),
                 Duration::from_millis(self.shared.pipeline.batch_max_ms),
-                at_boundary,
+                self.rewrite(),
             ) {
                 self.commit(false);
                 if self.fenced {
@@ -331,6 +328,14 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
+    /// Whether the open batch rewrites a lake file left by a crash, and if
+    /// so whether it has reached that file's last offset.
+    fn rewrite(&self) -> Option<bool> {
+        self.forced_end
+            .filter(|_| self.first.is_some())
+            .map(|end| self.last >= end)
+    }
+
     /// The largest record taken: `pipeline.max_record_bytes` for gateway
     /// records; the second stage's frames are keywatch's own, cut to about
     /// `FRAME_BYTES` by stage one (only a broken one is bigger).
@@ -439,6 +444,12 @@ impl<'s> PartitionWorker<'s> {
         else {
             return;
         };
+        if final_commit && self.rewrite() == Some(false) {
+            // Leaving halfway through rewriting a crash's lake file: a file
+            // for part of its records would double them; the next owner
+            // re-reads the batch instead.
+            return;
+        }
         let started = Instant::now();
         if !self.send_dead_letters() {
             return;
