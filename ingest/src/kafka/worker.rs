@@ -393,9 +393,12 @@ impl<'s> PartitionWorker<'s> {
     }
 
     /// Between batches, a stage-one partition that has read nothing for
-    /// `kafka.subjects.idle_after_ms` tells the second stage it is idle (and
-    /// says so again every ten times that), so its event time is not waited
-    /// for. Best effort: a heartbeat not written now is written next time.
+    /// `kafka.subjects.idle_after_ms` *and* has read everything the broker
+    /// holds tells the second stage it is idle (and says so again every ten
+    /// times that), so its event time is not waited for. A partition whose
+    /// reads merely stalled (a slow fetch, a busy machine) is not idle: the
+    /// second stage waits for it rather than take its records out of order.
+    /// Best effort: a heartbeat not written now is written next time.
     fn heartbeat(&mut self) {
         let idle_after = Duration::from_millis(self.shared.kafka.subjects.idle_after_ms);
         let Work::Gateway(g) = &mut self.work else {
@@ -412,11 +415,20 @@ impl<'s> PartitionWorker<'s> {
         if !due {
             return;
         }
+        g.last_frame = Instant::now();
+        let caught_up = match self.shared.consumer.get().and_then(Weak::upgrade) {
+            Some(c) => c
+                .fetch_watermarks(&self.topic, self.partition, Duration::from_secs(2))
+                .is_ok_and(|(low, high)| self.next_expected.unwrap_or(low) >= high),
+            None => false,
+        };
+        if !caught_up {
+            return;
+        }
         let frames = g.finish_frames(&self.topic, self.partition, true);
         if self.shared.send_frames(&frames) {
             g.idle_sent = true;
         }
-        g.last_frame = Instant::now();
     }
 
     /// Writes the batch: dead letters and projections (acknowledged), the
