@@ -404,8 +404,6 @@ async fn subject(feed: &Feed, key_id: Option<&str>, user: Option<String>) -> Res
     })
 }
 
-/// Records a manual action in the feed (same table, order and notification
-/// as the detectors' actions); returns its sequence number.
 /// What a manual action is about.
 #[derive(Clone, Copy)]
 enum Target<'a> {
@@ -415,6 +413,8 @@ enum Target<'a> {
     Address(std::net::IpAddr),
 }
 
+/// Records a manual action in the feed (same table, order and notification
+/// as the detectors' actions); returns its sequence number.
 async fn record(
     feed: &Feed,
     target: Target<'_>,
@@ -426,13 +426,9 @@ async fn record(
     if reason.trim().is_empty() {
         bail!("--reason: must not be empty");
     }
-    let ip = match target {
-        Target::Address(ip) => Some(ip.to_string()),
-        Target::Key(..) => None,
-    };
-    let (key_id, user) = match target {
-        Target::Key(key, user) => (key, user),
-        Target::Address(_) => (None, ""),
+    let (key_id, user, ip) = match target {
+        Target::Key(key, user) => (key, user, None),
+        Target::Address(ip) => (None, "", Some(ip.to_string())),
     };
     let seq = feed
         .record_manual(&ManualAction {

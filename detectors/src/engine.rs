@@ -334,7 +334,8 @@ fn ratio(observed: f64, baseline: f64) -> String {
     }
 }
 
-fn short_fp(fp: &str) -> &str {
+/// A fingerprint's first 12 characters, as alert reasons show it.
+pub(crate) fn short_fp(fp: &str) -> &str {
     match fp.char_indices().nth(12) {
         Some((i, _)) => &fp[..i],
         None => fp,

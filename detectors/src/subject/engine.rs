@@ -377,20 +377,29 @@ impl SubjectEngine {
     }
 
     /// Takes everything still waiting (the end of a replay).
-    pub fn drain(&mut self, out: &mut Vec<Alert>, mut rollups: Option<&mut AddressRollups>) {
-        let mut taken = Vec::new();
-        self.state.merge.drain(|p| taken.push(p));
-        for p in &taken {
-            self.take(p, out, rollups.as_deref_mut());
-        }
+    pub fn drain(&mut self, out: &mut Vec<Alert>, rollups: Option<&mut AddressRollups>) {
+        self.release_to(i64::MAX, 0, out, rollups);
     }
 
-    fn release(&mut self, out: &mut Vec<Alert>, mut rollups: Option<&mut AddressRollups>) {
+    /// Takes every projection whose turn has come.
+    fn release(&mut self, out: &mut Vec<Alert>, rollups: Option<&mut AddressRollups>) {
         let w = self.state.merge.watermark(self.r.lateness_ms);
+        self.release_to(w, self.r.max_buffered, out, rollups);
+    }
+
+    /// Takes, oldest first, what the merge releases up to `watermark` (and
+    /// beyond `max_waiting`).
+    fn release_to(
+        &mut self,
+        watermark: i64,
+        max_waiting: usize,
+        out: &mut Vec<Alert>,
+        mut rollups: Option<&mut AddressRollups>,
+    ) {
         let mut taken = Vec::new();
         self.state
             .merge
-            .release(w, self.r.max_buffered, |p| taken.push(p));
+            .release(watermark, max_waiting, |p| taken.push(p));
         for p in &taken {
             self.take(p, out, rollups.as_deref_mut());
         }
@@ -410,6 +419,7 @@ impl SubjectEngine {
         self.sweep(minute);
         let user = tag(&p.user);
         let young = p.flags & YOUNG != 0;
+        let hosting = self.hosting(p.asn);
         if p.kinds.has(Kinds::ADDRESS) {
             if let Some(ip) = p.ip {
                 if let Some(r) = rollups {
@@ -425,34 +435,20 @@ impl SubjectEngine {
                     t.completion_tokens += p.completion_tokens as i64;
                     t.cost_micros += p.cost_micros.min(i64::MAX as u64) as i64;
                 }
-                self.address(p, ip, minute, user, young, out);
+                self.address(p, ip, (minute, user, young, hosting), out);
             }
         }
         if p.kinds.has(Kinds::NETWORK) && p.counts_request() {
             if let (Some(ip), Some(cp)) = (p.ip, self.r.cycling) {
-                let hosting = self.hosting(p.asn);
                 let net = network_key(ip);
                 let c = self.state.networks.entry(net).or_default();
                 c.last_minute = minute;
                 if let Some(x) = c.distinct.see(minute, user, young, &cp, |_| true) {
-                    let suspect = hosting || young_majority(&x, cp.min);
-                    if !suspect {
-                        c.distinct.accept();
-                    }
-                    out.push(cycling_alert(
-                        p,
-                        &network_prefix(ip),
-                        true,
-                        suspect,
-                        hosting,
-                        &x,
-                        cp.window_minutes,
-                    ));
+                    out.push(cycling(&mut c.distinct, &x, &cp, p, ip, true, hosting));
                 }
             }
         }
         if p.kinds.has(Kinds::KEY) && p.counts_request() {
-            let hosting = self.hosting(p.asn);
             let c = match self.state.keys.get_mut(&*p.key) {
                 Some(c) => c,
                 None => self.state.keys.entry(p.key.clone()).or_default(),
@@ -481,36 +477,22 @@ impl SubjectEngine {
         }
     }
 
-    /// Key cycling and credential stuffing on one address.
+    /// Key cycling and credential stuffing on one address; `(minute, user,
+    /// young, hosting)` as [`SubjectEngine::take`] found them.
     fn address(
         &mut self,
         p: &Projection,
         ip: IpAddr,
-        minute: u32,
-        user: u32,
-        young: bool,
+        (minute, user, young, hosting): (u32, u32, bool, bool),
         out: &mut Vec<Alert>,
     ) {
-        let hosting = self.hosting(p.asn);
-        let (cycling, stuffing) = (self.r.cycling, self.r.stuffing);
+        let (cycling_on, stuffing) = (self.r.cycling, self.r.stuffing);
         let a = self.state.addresses.entry(ip).or_default();
         a.last_minute = minute;
         if p.counts_request() {
-            if let Some(cp) = cycling {
+            if let Some(cp) = cycling_on {
                 if let Some(x) = a.accounts.see(minute, user, young, &cp, |_| true) {
-                    let suspect = hosting || young_majority(&x, cp.min);
-                    if !suspect {
-                        a.accounts.accept();
-                    }
-                    out.push(cycling_alert(
-                        p,
-                        &ip.to_string(),
-                        false,
-                        suspect,
-                        hosting,
-                        &x,
-                        cp.window_minutes,
-                    ));
+                    out.push(cycling(&mut a.accounts, &x, &cp, p, ip, false, hosting));
                 }
             }
         }
@@ -547,6 +529,25 @@ impl SubjectEngine {
 /// Most of the window's accounts are young, and enough of them.
 fn young_majority(x: &Crossing, min: u32) -> bool {
     x.flagged >= min && 2 * x.flagged >= x.distinct
+}
+
+/// Judges a key-cycling crossing `x` of an address (of its /24 or /64 with
+/// `network`): from a hosting network, or of mostly young accounts, it is
+/// suspect; otherwise an office's, and its windows teach the norm `d`.
+fn cycling(
+    d: &mut Distinct,
+    x: &Crossing,
+    cp: &DistinctParams,
+    p: &Projection,
+    ip: IpAddr,
+    network: bool,
+    hosting: bool,
+) -> Alert {
+    let suspect = hosting || young_majority(x, cp.min);
+    if !suspect {
+        d.accept();
+    }
+    cycling_alert(p, ip, network, suspect, hosting, x, cp.window_minutes)
 }
 
 /// An alert of the second stage: `kind` decided on `subject` in the window
@@ -599,14 +600,18 @@ fn round1(x: f64) -> f64 {
 
 fn cycling_alert(
     p: &Projection,
-    subject: &str,
+    ip: IpAddr,
     network: bool,
     suspect: bool,
     hosting: bool,
     x: &Crossing,
     window: u32,
 ) -> Alert {
-    let prefix = if network { "net" } else { "ip" };
+    let (prefix, subject) = if network {
+        ("net", network_prefix(ip))
+    } else {
+        ("ip", ip.to_string())
+    };
     let decision = match (suspect, network) {
         (true, false) => (Severity::Critical, Action::Block),
         (true, true) => (Severity::Warning, Action::Notify),
@@ -625,7 +630,7 @@ fn cycling_alert(
     };
     let subject_id = format!("{prefix}:{subject}");
     let mut a = crossing(AlertKind::KeyCycling, &subject_id, x, p, decision);
-    a.ip = Some(subject.to_string());
+    a.ip = Some(subject.clone());
     a.reason = format!(
         "The {what} {subject} carried {} distinct accounts within {window} minutes{why} (usually about {}; the latest {}), {then}",
         x.distinct,
@@ -696,7 +701,7 @@ fn hosted_alert(p: &Projection, j: &ShareJump, window: u32) -> Alert {
 }
 
 fn farming_alert(p: &Projection, fp: &str, x: &Crossing, window: u32) -> Alert {
-    let short = &fp[..fp.char_indices().nth(12).map_or(fp.len(), |(i, _)| i)];
+    let short = crate::engine::short_fp(fp);
     let decision = (Severity::Warning, Action::Notify);
     let mut a = crossing(
         AlertKind::PromptFarming,

@@ -105,8 +105,6 @@ pub const YOUNG: u8 = 1;
 /// This record made its account a repeater of its prompt (its second
 /// sighting in the repeat window): a farming sighting.
 pub const FARMING: u8 = 2;
-/// The record's network is a hosting provider's (data center).
-pub const HOSTING: u8 = 4;
 
 /// What stage two knows of one counted record.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -134,7 +132,8 @@ pub struct Projection {
     pub ip: Option<IpAddr>,
     /// The address's network number.
     pub asn: Option<u32>,
-    /// [`YOUNG`], [`FARMING`], [`HOSTING`].
+    /// [`YOUNG`], [`FARMING`] (stage two judges hosting networks by
+    /// `asn`, against its own `subjects.hosting_asns`).
     pub flags: u8,
     /// The account.
     pub user: Box<str>,
@@ -240,11 +239,7 @@ pub fn routes(p: &Projection, partitions: u32) -> [Option<(u32, Kinds)>; 4] {
             at(subject_hash(Kinds::ADDRESS, ip_bytes(ip, &mut b))),
             Kinds::ADDRESS,
         ));
-        let mut b = [0u8; 9];
-        out[1] = Some((
-            at(subject_hash(Kinds::NETWORK, prefix_bytes(ip, &mut b))),
-            Kinds::NETWORK,
-        ));
+        out[1] = Some((at(network_key(ip)), Kinds::NETWORK));
     }
     out[2] = Some((at(subject_hash(Kinds::KEY, p.key.as_bytes())), Kinds::KEY));
     if p.flags & FARMING != 0 {

@@ -372,17 +372,8 @@ fn ensure_topic(
             what: "creating the admin client for the second stage's topic",
             source,
         })?;
-    let partitions = |admin: &AdminClient<DefaultClientContext>| {
-        admin
-            .inner()
-            .fetch_metadata(Some(&cfg.topic), Duration::from_secs(5))
-            .map(|md| {
-                md.topics()
-                    .iter()
-                    .find(|t| t.name() == cfg.topic && t.error().is_none())
-                    .map_or(0, |t| t.partitions().len() as u32)
-            })
-    };
+    let partitions =
+        |admin: &AdminClient<DefaultClientContext>| partition_count(admin.inner(), &cfg.topic);
     if let Ok(n @ 1..) = partitions(&admin) {
         return Ok(n);
     }
@@ -419,6 +410,22 @@ fn ensure_topic(
     })
 }
 
+/// How many partitions `topic` has, from the broker's metadata (0: the
+/// broker does not know it, or reports an error for it).
+fn partition_count<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> KafkaResult<u32> {
+    client
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map(|md| {
+            md.topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len() as u32)
+        })
+}
+
 impl Shared {
     /// How many partitions `topic` has, from the broker's metadata (0 when
     /// it cannot be read now).
@@ -434,16 +441,7 @@ impl Shared {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return 0;
         };
-        let n = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|md| {
-                md.topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .map(|t| t.partitions().len() as u32)
-            })
-            .unwrap_or(0);
+        let n = partition_count(consumer.client(), topic).unwrap_or(0);
         if n > 0 {
             self.topic_partitions
                 .lock()

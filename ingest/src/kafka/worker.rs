@@ -255,7 +255,9 @@ impl<'s> PartitionWorker<'s> {
             if payload.len() <= self.max_record() {
                 let origin = (self.topic.as_str(), self.partition);
                 match &mut self.work {
-                    Work::Gateway(g) => g.rebuild(origin, offset, payload, reference_ms),
+                    Work::Gateway(g) => {
+                        g.rebuild(origin, offset, payload, reference_ms, &mut self.scratch)
+                    }
                     Work::Subjects(s) => {
                         let _ = s.engine.observe_frame(payload, &mut self.scratch, None);
                     }
@@ -481,13 +483,9 @@ impl<'s> PartitionWorker<'s> {
             }
             .expect("engine state serializes")
         });
-        let (budgets, addresses, sources) = match &self.work {
-            Work::Gateway(g) => (g.budget_rows(), Vec::new(), Vec::new()),
-            Work::Subjects(s) => (Vec::new(), s.address_rows(), s.source_rows()),
-        };
-        let rollups = match &self.work {
-            Work::Gateway(g) => g.rollups.rows(),
-            Work::Subjects(_) => &[],
+        let (rollups, budgets, addresses, sources) = match &self.work {
+            Work::Gateway(g) => (g.rollups.rows(), g.budget_rows(), Vec::new(), Vec::new()),
+            Work::Subjects(s) => (&[][..], Vec::new(), s.address_rows(), s.source_rows()),
         };
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -740,13 +738,20 @@ impl GatewayWork {
         Ok((ev, read_as))
     }
 
-    /// Re-reads a committed message to rebuild the engine: no effects.
-    fn rebuild(&mut self, origin: (&str, i32), offset: i64, payload: &[u8], reference_ms: i64) {
-        let mut scratch = Vec::new();
+    /// Re-reads a committed message to rebuild the engine: no effects (its
+    /// alerts go to `scratch` and are dropped).
+    fn rebuild(
+        &mut self,
+        origin: (&str, i32),
+        offset: i64,
+        payload: &[u8],
+        reference_ms: i64,
+        scratch: &mut Vec<Alert>,
+    ) {
         split_records(payload, |piece| {
             if let Piece::Record(bytes, element) = piece {
                 if let Ok((ev, _)) = self.read(origin, bytes, offset, element, reference_ms) {
-                    self.engine.observe(&ev, &mut scratch);
+                    self.engine.observe(&ev, scratch);
                     scratch.clear();
                 }
             }
