@@ -371,6 +371,18 @@ impl Part<'_> {
             "dead letters not acknowledged; the partition waits"
         );
     }
+
+    /// Some projection frames were not acknowledged by the second stage's
+    /// topic: the batch waits and sends them all again (the wait counts the
+    /// retry).
+    pub(crate) fn projections_unacked(self, frames: usize) {
+        warn!(
+            topic = self.topic,
+            partition = self.partition,
+            frames,
+            "projection frames not acknowledged; the partition waits"
+        );
+    }
 }
 
 /// A record reached the consumer's main queue instead of its partition's (a bug).

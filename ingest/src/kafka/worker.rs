@@ -631,7 +631,7 @@ impl<'s> PartitionWorker<'s> {
         g.idle_sent = false;
         let mut backoff = Duration::from_millis(50);
         while !self.shared.send_frames(&frames) {
-            self.part().dead_letters_unacked(frames.len(), frames.len());
+            self.part().projections_unacked(frames.len());
             if !self.backoff(&mut backoff) {
                 return false;
             }
