@@ -15,6 +15,7 @@ use crate::baseline::{
     decay_for_half_life, minute_of, QuantileCache, Raise, RatePrior, ShareBaseline, SharePrior,
     Tick,
 };
+use crate::checkpoint::{Checkpoint, CheckpointError, Entry, EntryKind};
 use crate::config::{ConfigError, EngineConfig, TierConfig};
 use crate::dedup::Dedup;
 use crate::detect::budget::{
@@ -103,8 +104,11 @@ pub struct EngineState {
     /// Users by id. The state is boxed so that the map's slots stay
     /// small: a map doubles its slots when it fills, and empty slots then
     /// cost a pointer each instead of a whole state (`tests/memory.rs`).
+    /// A checkpoint keeps them as entries of their own (its core has none).
+    #[serde(default)]
     pub users: HashMap<Box<str>, Box<UserState>, StableBuild>,
     /// Keys by id, boxed likewise.
+    #[serde(default)]
     pub keys: HashMap<Box<str>, Box<KeyState>, StableBuild>,
     /// The earliest event time seen, Unix ms (0: none): how long the
     /// engine has watched, for what counts as a young account.
@@ -117,6 +121,47 @@ pub struct EngineState {
     /// Minute of the last sweep of idle users and keys.
     #[serde(default)]
     last_idle_sweep: u32,
+}
+
+impl EngineState {
+    /// The state a checkpoint stored: its core, then its entries. Also
+    /// reads a checkpoint from before entries (accounts inside the core).
+    /// Returns the state and what [`Engine::track_changes`] wants: the
+    /// checkpoint's clock minute, or None when its accounts were inside
+    /// the core (so the next checkpoint writes them all as entries).
+    pub fn from_checkpoint(
+        core: &[u8],
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<(EngineState, Option<u32>), CheckpointError> {
+        let mut st: EngineState =
+            serde_json::from_slice(core).map_err(|source| CheckpointError {
+                what: "the checkpoint's core".into(),
+                source,
+            })?;
+        let inside = !st.users.is_empty() || !st.keys.is_empty();
+        for e in entries {
+            let bad = |source| CheckpointError {
+                what: format!("the checkpoint entry of {} {:?}", e.kind.as_str(), &*e.id),
+                source,
+            };
+            match e.kind {
+                EntryKind::User => {
+                    let u: UserState = serde_json::from_slice(&e.state).map_err(bad)?;
+                    st.users.insert(e.id, Box::new(u));
+                }
+                EntryKind::Key => {
+                    let k: KeyState = serde_json::from_slice(&e.state).map_err(bad)?;
+                    st.keys.insert(e.id, Box::new(k));
+                }
+            }
+        }
+        let since = (!inside).then(|| minute_of(st.now_ms));
+        Ok((st, since))
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("engine state serializes")
 }
 
 /// Counters for the run's report and metrics.
@@ -208,6 +253,36 @@ pub struct Engine {
     farming: bool,
     periods: PeriodClock,
     quantiles: QuantileCache,
+    /// What changed since the last checkpoint (None: not tracked, as in a
+    /// replay, which never checkpoints).
+    changes: Option<Box<Changes>>,
+}
+
+/// What an incremental checkpoint needs to know besides the state.
+#[derive(Clone, Debug, Default)]
+struct Changes {
+    /// The clock minute of the last stored checkpoint: an account or key
+    /// seen at or after it changed (`last_minute` is the engine's clock
+    /// when it was last seen). None: nothing stored yet; write everything.
+    since: Option<u32>,
+    /// Accounts whose prompt sightings a sweep may have changed without a
+    /// record of theirs.
+    swept: Vec<Box<str>>,
+    /// Accounts forgotten since.
+    forgotten_users: Vec<Box<str>>,
+    /// Keys forgotten since.
+    forgotten_keys: Vec<Box<str>>,
+}
+
+/// The part of [`EngineState`] a checkpoint's core holds: all but its
+/// accounts and keys (field names as in `EngineState`, which reads it).
+#[derive(Serialize)]
+struct CoreRef<'a> {
+    now_ms: i64,
+    first_ms: i64,
+    dedup: &'a Dedup,
+    last_sweep: u32,
+    last_idle_sweep: u32,
 }
 
 fn micros(usd: f64) -> u64 {
@@ -362,7 +437,99 @@ impl Engine {
             findings: Vec::new(),
             farming: false,
             quantiles: QuantileCache::default(),
+            changes: None,
         })
+    }
+
+    /// Starts tracking what changes, for [`Engine::checkpoint`]: `since` is
+    /// what [`EngineState::from_checkpoint`] returned (None: a fresh engine,
+    /// or one restored from a checkpoint that kept its accounts inside; its
+    /// first checkpoint writes every entry).
+    pub fn track_changes(&mut self, since: Option<u32>) {
+        self.changes = Some(Box::new(Changes {
+            since,
+            ..Changes::default()
+        }));
+    }
+
+    /// A checkpoint of the state: the core, and the accounts and keys that
+    /// changed since the last one stored (all of them when none was, or
+    /// when changes are not tracked). Call [`Engine::checkpoint_stored`] once
+    /// it is committed.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let st = &self.state;
+        let core = serde_json::to_vec(&CoreRef {
+            now_ms: st.now_ms,
+            first_ms: st.first_ms,
+            dedup: &st.dedup,
+            last_sweep: st.last_sweep,
+            last_idle_sweep: st.last_idle_sweep,
+        })
+        .expect("engine state serializes");
+        let since = self.changes.as_ref().and_then(|c| c.since);
+        let entry = |kind, id: &str, state: Vec<u8>| Entry {
+            kind,
+            id: id.into(),
+            state,
+        };
+        let mut changed = Vec::new();
+        let mut forgotten = Vec::new();
+        match (since, self.changes.as_deref()) {
+            (Some(since), Some(c)) => {
+                let swept: std::collections::HashSet<&str> =
+                    c.swept.iter().map(|id| &**id).collect();
+                for (id, u) in &st.users {
+                    if u.last_minute >= since || swept.contains(&**id) {
+                        changed.push(entry(EntryKind::User, id, to_json(u)));
+                    }
+                }
+                for (id, k) in &st.keys {
+                    if k.last_minute >= since {
+                        changed.push(entry(EntryKind::Key, id, to_json(k)));
+                    }
+                }
+                forgotten.extend(
+                    c.forgotten_users
+                        .iter()
+                        .map(|id| (EntryKind::User, id.clone())),
+                );
+                forgotten.extend(
+                    c.forgotten_keys
+                        .iter()
+                        .map(|id| (EntryKind::Key, id.clone())),
+                );
+            }
+            _ => {
+                changed.extend(
+                    st.users
+                        .iter()
+                        .map(|(id, u)| entry(EntryKind::User, id, to_json(u))),
+                );
+                changed.extend(
+                    st.keys
+                        .iter()
+                        .map(|(id, k)| entry(EntryKind::Key, id, to_json(k))),
+                );
+            }
+        }
+        Checkpoint {
+            core,
+            full: since.is_none(),
+            changed,
+            forgotten,
+            mark: minute_of(st.now_ms),
+        }
+    }
+
+    /// `cp`, taken by [`Engine::checkpoint`] since the last observation, is
+    /// stored: the next checkpoint writes what changes after it.
+    pub fn checkpoint_stored(&mut self, cp: &Checkpoint) {
+        if let Some(c) = self.changes.as_deref_mut() {
+            *c = Changes {
+                since: Some(cp.mark),
+                ..Changes::default()
+            };
+        }
     }
 
     /// The learned state, for a checkpoint.
@@ -750,19 +917,38 @@ impl Engine {
                 .overrides
                 .values()
                 .any(|o| o.monthly_micros.is_some());
-        self.state.users.retain(|_, u| {
-            u.last_minute >= cutoff || (keep_months && u.ledger.month_spend(month_start) > 0)
+        let mut changes = self.changes.as_deref_mut();
+        self.state.users.retain(|id, u| {
+            let keep =
+                u.last_minute >= cutoff || (keep_months && u.ledger.month_spend(month_start) > 0);
+            if let (false, Some(c)) = (keep, changes.as_deref_mut()) {
+                c.forgotten_users.push(id.clone());
+            }
+            keep
         });
-        self.state.keys.retain(|_, k| k.last_minute >= cutoff);
+        self.state.keys.retain(|id, k| {
+            let keep = k.last_minute >= cutoff;
+            if let (false, Some(c)) = (keep, changes.as_deref_mut()) {
+                c.forgotten_keys.push(id.clone());
+            }
+            keep
+        });
         self.expire_prompts((self.state.now_ms.max(0) / 1000) as u32);
     }
 
     /// Forgets prompt sightings that left their window.
     fn expire_prompts(&mut self, now_s: u32) {
         let p = &self.r.prompts;
-        for u in self.state.users.values_mut() {
+        let mut changes = self.changes.as_deref_mut();
+        for (id, u) in self.state.users.iter_mut() {
             if u.prompts.is_some() {
                 PromptTracker::expire_user(&mut u.prompts, now_s, p);
+                // An account seen since the last checkpoint is written anyway.
+                if let Some(c) = changes.as_deref_mut() {
+                    if c.since.is_some_and(|since| u.last_minute < since) {
+                        c.swept.push(id.clone());
+                    }
+                }
             }
         }
     }
@@ -1772,6 +1958,134 @@ mod tests {
             let again = run(&mut second, &recs[recs.len() - 5..]);
             assert!(again.is_empty());
         }
+    }
+
+    /// Accounts that come in waves an hour apart (so earlier waves go idle
+    /// and are forgotten), repeating prompts now and then, over the
+    /// eventful stream.
+    fn waves_of_accounts() -> Vec<Rec> {
+        let mut recs = eventful_stream();
+        let mut n = 0;
+        for h in 0..6i64 {
+            for m in 0..60i64 {
+                for u in 0..12i64 {
+                    if (m + u) % 5 != 0 {
+                        continue;
+                    }
+                    n += 1;
+                    let user = format!("wave{h}_{u}");
+                    recs.push(Rec {
+                        fp: Some(format!("p{}", (m / 15 + u) % 3)),
+                        ip: Some("198.51.100.9"),
+                        pt: 30,
+                        ct: 12,
+                        ..Rec::new(
+                            t0() + h * HOUR_MS + m * 60_000 + u * 700,
+                            format!("w{n}"),
+                            &user,
+                        )
+                    });
+                }
+            }
+        }
+        recs.sort_by_key(|r| r.ts);
+        recs
+    }
+
+    #[test]
+    fn incremental_checkpoints_restore_the_state_exactly() {
+        let mut cfg = EngineConfig::default();
+        cfg.state.idle_ttl_hours = 2;
+        let recs = waves_of_accounts();
+        let mut whole = Engine::new(&cfg).unwrap();
+        let want = run(&mut whole, &recs);
+        let mut e = Engine::new(&cfg).unwrap();
+        e.track_changes(None);
+        // What Postgres would hold: the core and one entry per account and key.
+        let mut core = Vec::new();
+        let mut stored: HashMap<(EntryKind, Box<str>), Vec<u8>> = HashMap::new();
+        let (mut got, mut fulls, mut written, mut forgotten, mut held) = (vec![], 0, 0, 0, 0);
+        let step = recs.len() / 23;
+        for (i, chunk) in recs.chunks(step).enumerate() {
+            got.extend(run(&mut e, chunk));
+            let cp = e.checkpoint();
+            if cp.full {
+                fulls += 1;
+                stored.clear();
+            }
+            for (kind, id) in &cp.forgotten {
+                stored.remove(&(*kind, id.clone()));
+            }
+            // Only what the chunk touched is written: its accounts and keys,
+            // and accounts whose prompt sightings a sweep went through (or
+            // ones seen in the minute of the previous checkpoint, unchanged).
+            let seen: std::collections::HashSet<&str> = chunk
+                .iter()
+                .flat_map(|r| [r.user.as_str(), r.key.as_str()])
+                .collect();
+            for en in &cp.changed {
+                let before = stored.insert((en.kind, en.id.clone()), en.state.clone());
+                if !cp.full && !seen.contains(&*en.id) {
+                    let before = before.unwrap_or_default();
+                    assert!(
+                        before == en.state || String::from_utf8_lossy(&before).contains("prompts"),
+                        "{:?} {} written unseen",
+                        en.kind,
+                        en.id
+                    );
+                }
+            }
+            core.clone_from(&cp.core);
+            written += cp.changed.len();
+            forgotten += cp.forgotten.len();
+            held += stored.len();
+            e.checkpoint_stored(&cp);
+            let entries = stored.iter().map(|((kind, id), state)| Entry {
+                kind: *kind,
+                id: id.clone(),
+                state: state.clone(),
+            });
+            let (state, since) = EngineState::from_checkpoint(&core, entries).unwrap();
+            assert_eq!(&state, e.state(), "after checkpoint {i}");
+            assert!(since.is_some());
+            // The restored engine goes on exactly as the one that kept running.
+            if i % 7 == 3 {
+                let mut restored = Engine::restore(&cfg, state).unwrap();
+                restored.track_changes(since);
+                let consumed = ((i + 1) * step).min(recs.len());
+                let mut rest = got.clone();
+                rest.extend(run(&mut restored, &recs[consumed..]));
+                assert_eq!(rest, want, "restored after checkpoint {i}");
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(fulls, 1, "only the first checkpoint writes everything");
+        assert!(forgotten > 0, "idle accounts were forgotten");
+        assert!(written < held, "{written} of {held}");
+    }
+
+    #[test]
+    fn a_checkpoint_with_its_accounts_inside_still_restores() {
+        let recs = eventful_stream();
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        run(&mut e, &recs);
+        let old = serde_json::to_vec(e.state()).unwrap();
+        let (state, since) = EngineState::from_checkpoint(&old, []).unwrap();
+        assert_eq!(&state, e.state());
+        assert_eq!(since, None, "its next checkpoint writes every entry");
+        let bad = EngineState::from_checkpoint(
+            &e.checkpoint().core,
+            [Entry {
+                kind: EntryKind::User,
+                id: "acct_0".into(),
+                state: b"{".to_vec(),
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            bad.to_string().contains("entry of user \"acct_0\""),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod alert;
 pub mod baseline;
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod detect;
@@ -23,6 +24,7 @@ pub mod time;
 mod dedup;
 
 pub use alert::{Action, Alert, AlertKind, BudgetInfo, Severity};
+pub use checkpoint::{Checkpoint, CheckpointError, Entry, EntryKind};
 pub use config::{ConfigError, EngineConfig};
 pub use decode::{DecodeError, Decoder, Problem};
 pub use engine::{Engine, EngineState, EngineStats, Outcome, Tracked};

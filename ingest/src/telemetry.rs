@@ -46,6 +46,10 @@ pub struct PipelineMetrics {
     pub alerts: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Bytes of engine checkpoints committed (core and entries written).
+    pub checkpoint_bytes: AtomicU64,
+    /// Checkpoint entries (accounts and keys) written.
+    pub checkpoint_entries: AtomicU64,
     /// Commits refused because another consumer owns the partition now.
     pub fenced: AtomicU64,
     /// Commit or dead-letter attempts that failed and were retried.
@@ -219,6 +223,8 @@ impl PipelineMetrics {
             one("keywatch_records_misrouted_total", "Records that arrived on the consumer's main queue instead of their partition's (should stay 0).", Kind::Counter, c(&self.unexpected)),
             one("keywatch_fenced_total", "Commits refused because another consumer owns the partition now.", Kind::Counter, c(&self.fenced)),
             one("keywatch_partitions", "Partitions this instance is working.", Kind::Gauge, c(&self.partitions)),
+            one("keywatch_checkpoint_bytes_total", "Bytes of engine checkpoints committed (a checkpoint writes the accounts and keys that changed since the last).", Kind::Counter, c(&self.checkpoint_bytes)),
+            one("keywatch_checkpoint_entries_total", "Accounts and keys written by engine checkpoints.", Kind::Counter, c(&self.checkpoint_entries)),
         ]);
         if self.stage != "subjects" {
             out.push(one("keywatch_projections_total", "Projections written to the second stage's topic (a record reaches up to four subjects; one copy per stage-two partition).", Kind::Counter, c(&self.projections)));

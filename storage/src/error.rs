@@ -46,6 +46,12 @@ pub enum StorageError {
         /// The batch's next offset.
         next_offset: i64,
     },
+    /// A stored row breaks the schema's promises (a hand edit, a foreign writer).
+    #[error("corrupt row in {what}")]
+    Corrupt {
+        /// The table, partition and row.
+        what: String,
+    },
     /// An alert could not be rendered as JSON.
     #[error("cannot encode alert {alert_id} as JSON")]
     Encode {
@@ -115,6 +121,7 @@ impl StorageError {
             StorageError::Migrate(_)
             | StorageError::Fenced { .. }
             | StorageError::OffsetsBackwards { .. }
+            | StorageError::Corrupt { .. }
             | StorageError::Encode { .. } => false,
         }
     }

@@ -10,9 +10,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use detectors::{Action, Alert};
+use detectors::{Action, Alert, Entry, EntryKind};
 
 use crate::{BatchCommit, PartitionStart, StorageError, Store};
+
+/// One partition's checkpoint entries: state by kind and id.
+type EntryStates = HashMap<(EntryKind, Box<str>), Vec<u8>>;
 
 /// Batches kept in memory.
 #[derive(Debug, Default)]
@@ -24,6 +27,8 @@ pub struct MemoryStore {
 struct Inner {
     offsets: HashMap<(String, i32), i64>,
     checkpoints: HashMap<(String, i32), (i64, Vec<u8>)>,
+    /// Each partition's checkpoint entries.
+    entries: HashMap<(String, i32), EntryStates>,
     alert_ids: HashSet<String>,
     alerts: Vec<Alert>,
     actions: Vec<MemoryAction>,
@@ -77,6 +82,17 @@ impl MemoryStore {
         PartitionStart {
             next_offset: inner.offsets.get(&key).copied(),
             checkpoint: inner.checkpoints.get(&key).cloned(),
+            entries: inner
+                .entries
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .map(|((kind, id), state)| Entry {
+                    kind: *kind,
+                    id: id.clone(),
+                    state: state.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -99,10 +115,20 @@ impl MemoryStore {
             }
         }
         inner.offsets.insert(key.clone(), batch.next_offset);
-        if let Some(state) = batch.checkpoint {
+        if let Some(cp) = batch.checkpoint {
+            let entries = inner.entries.entry(key.clone()).or_default();
+            if cp.full {
+                entries.clear();
+            }
+            for (kind, id) in &cp.forgotten {
+                entries.remove(&(*kind, id.clone()));
+            }
+            for e in &cp.changed {
+                entries.insert((e.kind, e.id.clone()), e.state.clone());
+            }
             inner
                 .checkpoints
-                .insert(key, (batch.next_offset, state.to_vec()));
+                .insert(key, (batch.next_offset, cp.core.clone()));
         }
         for r in batch.rollups {
             let m = inner.per_minute.entry(r.minute_ms).or_default();

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
-use detectors::{Action, Alert};
+use detectors::{Action, Alert, Checkpoint, Entry, EntryKind};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -36,6 +36,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "second stage",
         include_str!("../migrations/0004_second_stage.sql"),
+    ),
+    (
+        5,
+        "checkpoint entries",
+        include_str!("../migrations/0005_checkpoint_entries.sql"),
     ),
 ];
 
@@ -84,8 +89,11 @@ pub struct PartitionStart {
     /// committed (start where the consumer's reset policy says).
     pub next_offset: Option<i64>,
     /// The latest engine checkpoint: the offset it is valid at (the next record
-    /// it has not seen) and its bytes.
+    /// it has not seen) and its core's bytes.
     pub checkpoint: Option<(i64, Vec<u8>)>,
+    /// That checkpoint's accounts and keys (stage one's; none without a
+    /// checkpoint).
+    pub entries: Vec<Entry>,
 }
 
 /// One batch of a partition's work, stored by [`Store::commit_batch`] in one transaction.
@@ -106,8 +114,9 @@ pub struct BatchCommit<'a> {
     pub rollups: &'a [RollupRow],
     /// The batch's alerts; ones already stored (same id) are skipped.
     pub alerts: &'a [Alert],
-    /// Engine snapshot valid at `next_offset` (taken every few minutes, not every batch).
-    pub checkpoint: Option<&'a [u8]>,
+    /// Engine snapshot valid at `next_offset` (taken every few minutes, not
+    /// every batch): its core, and its entries that changed.
+    pub checkpoint: Option<&'a Checkpoint>,
     /// The budget ledger of the users the batch touched (absolute values).
     pub budgets: &'a [BudgetRow],
     /// Traffic per address and minute (the second stage's); added to what is stored.
@@ -227,6 +236,13 @@ impl Store {
         topic: &str,
         partition: i32,
     ) -> Result<PartitionStart, StorageError> {
+        // One snapshot for the offset, the core and its entries: a commit
+        // by another owner in between cannot mix two checkpoints.
+        let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("begin a snapshot"))?;
         let row = sqlx::query(
             "SELECT o.next_offset, c.at_offset, c.state
              FROM (SELECT $1::text AS topic, $2::int AS partition) p
@@ -235,7 +251,7 @@ impl Store {
         )
         .bind(topic)
         .bind(partition)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(query_error("load the partition's offset and checkpoint"))?;
         let get = |e| StorageError::Query {
@@ -245,9 +261,37 @@ impl Store {
         let next_offset: Option<i64> = row.try_get(0).map_err(get)?;
         let at_offset: Option<i64> = row.try_get(1).map_err(get)?;
         let state: Option<Vec<u8>> = row.try_get(2).map_err(get)?;
+        let mut entries = Vec::new();
+        if at_offset.is_some() {
+            let rows = sqlx::query_as::<_, (String, String, Vec<u8>)>(
+                "SELECT kind, id, state FROM engine_checkpoint_entries
+                 WHERE topic = $1 AND partition = $2",
+            )
+            .bind(topic)
+            .bind(partition)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error("load the checkpoint's entries"))?;
+            entries.reserve_exact(rows.len());
+            for (kind, id, state) in rows {
+                // The table's CHECK admits no other kind.
+                let kind = EntryKind::parse(&kind).ok_or_else(|| StorageError::Corrupt {
+                    what: format!(
+                        "engine_checkpoint_entries of {topic}[{partition}]: kind {kind:?} of {id:?}"
+                    ),
+                })?;
+                entries.push(Entry {
+                    kind,
+                    id: id.into(),
+                    state,
+                });
+            }
+        }
+        tx.commit().await.map_err(query_error("commit"))?;
         Ok(PartitionStart {
             next_offset,
             checkpoint: at_offset.zip(state),
+            entries,
         })
     }
 
@@ -293,20 +337,8 @@ impl Store {
         if !batch.sources.is_empty() {
             upsert_sources(&mut tx, batch).await?;
         }
-        if let Some(state) = batch.checkpoint {
-            sqlx::query(
-                "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (topic, partition) DO UPDATE
-                 SET at_offset = excluded.at_offset, state = excluded.state, taken_at = now()",
-            )
-            .bind(batch.topic)
-            .bind(batch.partition)
-            .bind(batch.next_offset)
-            .bind(state)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("store the engine checkpoint"))?;
+        if let Some(cp) = batch.checkpoint {
+            store_checkpoint(&mut tx, batch, cp).await?;
         }
         // Last: new block/throttle actions take the feed's ordering lock
         // (see migration 0003), held until the commit just below.
@@ -320,6 +352,76 @@ impl Store {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// Entries written per statement (a statement's binds stay a few MB).
+const ENTRY_CHUNK: usize = 5_000;
+
+/// Stores an engine checkpoint valid at the batch's `next_offset`: its core
+/// in `engine_checkpoints`; its entries in `engine_checkpoint_entries`
+/// (all replaced when it is full, else the forgotten deleted, then the
+/// changed written).
+async fn store_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &BatchCommit<'_>,
+    cp: &Checkpoint,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (topic, partition) DO UPDATE
+         SET at_offset = excluded.at_offset, state = excluded.state, taken_at = now()",
+    )
+    .bind(batch.topic)
+    .bind(batch.partition)
+    .bind(batch.next_offset)
+    .bind(&cp.core)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("store the engine checkpoint"))?;
+    if cp.full {
+        sqlx::query("DELETE FROM engine_checkpoint_entries WHERE topic = $1 AND partition = $2")
+            .bind(batch.topic)
+            .bind(batch.partition)
+            .execute(&mut **tx)
+            .await
+            .map_err(query_error("replace the checkpoint's entries"))?;
+    }
+    for chunk in cp.forgotten.chunks(ENTRY_CHUNK) {
+        let kinds: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+        let ids: Vec<&str> = chunk.iter().map(|(_, id)| &**id).collect();
+        sqlx::query(
+            "DELETE FROM engine_checkpoint_entries e
+             USING UNNEST($3::text[], $4::text[]) AS f(kind, id)
+             WHERE e.topic = $1 AND e.partition = $2 AND e.kind = f.kind AND e.id = f.id",
+        )
+        .bind(batch.topic)
+        .bind(batch.partition)
+        .bind(kinds)
+        .bind(ids)
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error("delete forgotten checkpoint entries"))?;
+    }
+    for chunk in cp.changed.chunks(ENTRY_CHUNK) {
+        let kinds: Vec<&str> = chunk.iter().map(|e| e.kind.as_str()).collect();
+        let ids: Vec<&str> = chunk.iter().map(|e| &*e.id).collect();
+        let states: Vec<&[u8]> = chunk.iter().map(|e| e.state.as_slice()).collect();
+        sqlx::query(
+            "INSERT INTO engine_checkpoint_entries (topic, partition, kind, id, state)
+             SELECT $1, $2, k, i, s FROM UNNEST($3::text[], $4::text[], $5::bytea[]) AS c(k, i, s)
+             ON CONFLICT (topic, partition, kind, id) DO UPDATE SET state = excluded.state",
+        )
+        .bind(batch.topic)
+        .bind(batch.partition)
+        .bind(kinds)
+        .bind(ids)
+        .bind(states)
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error("store the checkpoint's entries"))?;
+    }
+    Ok(())
 }
 
 /// Moves the partition's offset from `start_offset` to `next_offset`, or

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use detectors::time::PeriodKind;
-use detectors::{Action, Alert, AlertKind, BudgetInfo, Severity};
+use detectors::{Action, Alert, AlertKind, BudgetInfo, Checkpoint, Entry, EntryKind, Severity};
 use sqlx::{Connection, PgConnection};
 use storage::{BatchCommit, PartitionStart, RollupRow, StorageError, Store};
 
@@ -204,7 +204,7 @@ fn batch<'a>(
     next_offset: i64,
     rollups: &'a [RollupRow],
     alerts: &'a [Alert],
-    checkpoint: Option<&'a [u8]>,
+    checkpoint: Option<&'a Checkpoint>,
 ) -> BatchCommit<'a> {
     BatchCommit {
         topic: "gateway-logs",
@@ -266,6 +266,7 @@ async fn migrating_twice_is_fine_and_everything_is_documented() {
         ("budget_status", "v"),
         ("consumer_offsets", "r"),
         ("delivery_attempts", "r"),
+        ("engine_checkpoint_entries", "r"),
         ("engine_checkpoints", "r"),
         ("receiver_status", "r"),
         ("revocation_actions", "r"),
@@ -312,7 +313,13 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         rollup("acct_7", "kh_9", DAY0 + 3 * MINUTE, 1, 10),
     ];
     store
-        .commit_batch(&batch(0, 10, &rollups1, &alerts, Some(b"state@10")))
+        .commit_batch(&batch(
+            0,
+            10,
+            &rollups1,
+            &alerts,
+            Some(&Checkpoint::whole(b"state@10".to_vec())),
+        ))
         .await
         .unwrap();
     assert_eq!(
@@ -320,6 +327,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         PartitionStart {
             next_offset: Some(10),
             checkpoint: Some((10, b"state@10".to_vec())),
+            entries: vec![],
         }
     );
     // Other partitions and topics are separate.
@@ -330,7 +338,13 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
 
     // The same batch again: fenced, and nothing changes.
     let err = store
-        .commit_batch(&batch(0, 10, &rollups1, &alerts, Some(b"other")))
+        .commit_batch(&batch(
+            0,
+            10,
+            &rollups1,
+            &alerts,
+            Some(&Checkpoint::whole(b"other".to_vec())),
+        ))
         .await
         .unwrap_err();
     match &err {
@@ -393,6 +407,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         PartitionStart {
             next_offset: Some(20),
             checkpoint: Some((10, b"state@10".to_vec())),
+            entries: vec![],
         },
         "a batch without a checkpoint keeps the last one"
     );
@@ -485,7 +500,13 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         .await
         .unwrap();
     store
-        .commit_batch(&batch(20, 21, &[], &alerts[1..2], Some(b"state@21")))
+        .commit_batch(&batch(
+            20,
+            21,
+            &[],
+            &alerts[1..2],
+            Some(&Checkpoint::whole(b"state@21".to_vec())),
+        ))
         .await
         .unwrap();
     assert_eq!(count(store, "alert_outbox").await, 3);
@@ -495,6 +516,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         PartitionStart {
             next_offset: Some(21),
             checkpoint: Some((21, b"state@21".to_vec())),
+            entries: vec![],
         },
         "only the latest checkpoint is kept"
     );
@@ -538,9 +560,10 @@ async fn two_committers_from_one_offset_exactly_one_wins() {
                             Some("kh_1"),
                             DAY0,
                         )];
+                        let cp = Checkpoint::whole(b"s".to_vec());
                         let batch = BatchCommit {
                             partition,
-                            ..batch(start, start + 10, &rollups, &alerts, Some(b"s"))
+                            ..batch(start, start + 10, &rollups, &alerts, Some(&cp))
                         };
                         barrier.wait().await;
                         store.commit_batch(&batch).await
@@ -846,4 +869,105 @@ async fn bad_batches_store_nothing() {
         Some(10)
     );
     assert_eq!(count(store, "rollup_minute").await, 0);
+}
+
+fn entry(kind: EntryKind, id: &str, state: &str) -> Entry {
+    Entry {
+        kind,
+        id: id.into(),
+        state: state.as_bytes().to_vec(),
+    }
+}
+
+fn sorted(mut e: Vec<Entry>) -> Vec<Entry> {
+    e.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+    e
+}
+
+#[tokio::test]
+async fn checkpoint_entries_are_written_as_they_change_and_read_back_whole() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let full = Checkpoint {
+        core: b"core@10".to_vec(),
+        full: true,
+        changed: vec![
+            entry(EntryKind::User, "acct_1", "u1"),
+            entry(EntryKind::User, "acct_2", "u2"),
+            entry(EntryKind::Key, "kh_1", "k1"),
+        ],
+        ..Checkpoint::default()
+    };
+    store
+        .commit_batch(&batch(0, 10, &[], &[], Some(&full)))
+        .await
+        .unwrap();
+    // A delta: acct_2 forgotten, acct_1 changed, acct_3 new; a key forgotten
+    // and seen again in the same interval is kept.
+    let delta = Checkpoint {
+        core: b"core@20".to_vec(),
+        full: false,
+        changed: vec![
+            entry(EntryKind::User, "acct_1", "u1'"),
+            entry(EntryKind::User, "acct_3", "u3"),
+            entry(EntryKind::Key, "kh_1", "k1'"),
+        ],
+        forgotten: vec![
+            (EntryKind::User, "acct_2".into()),
+            (EntryKind::Key, "kh_1".into()),
+        ],
+        ..Checkpoint::default()
+    };
+    store
+        .commit_batch(&batch(10, 20, &[], &[], Some(&delta)))
+        .await
+        .unwrap();
+    // Another partition's entries are its own.
+    let other = BatchCommit {
+        partition: 4,
+        ..batch(0, 5, &[], &[], Some(&full))
+    };
+    store.commit_batch(&other).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(start.checkpoint, Some((20, b"core@20".to_vec())));
+    assert_eq!(
+        sorted(start.entries),
+        vec![
+            entry(EntryKind::User, "acct_1", "u1'"),
+            entry(EntryKind::User, "acct_3", "u3"),
+            entry(EntryKind::Key, "kh_1", "k1'"),
+        ]
+    );
+    // A fenced batch writes none of its checkpoint.
+    let stale = Checkpoint {
+        core: b"stale".to_vec(),
+        full: true,
+        ..Checkpoint::default()
+    };
+    let err = store
+        .commit_batch(&batch(10, 30, &[], &[], Some(&stale)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
+    assert_eq!(count(store, "engine_checkpoint_entries").await, 6);
+    // A full checkpoint replaces every entry.
+    let fresh = Checkpoint {
+        core: b"core@30".to_vec(),
+        full: true,
+        changed: vec![entry(EntryKind::User, "acct_9", "u9")],
+        ..Checkpoint::default()
+    };
+    store
+        .commit_batch(&batch(20, 30, &[], &[], Some(&fresh)))
+        .await
+        .unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(start.entries, vec![entry(EntryKind::User, "acct_9", "u9")]);
+    // Without a checkpoint there is nothing to read entries for.
+    sqlx::query("DELETE FROM engine_checkpoints WHERE partition = 3")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!((start.checkpoint, start.entries.len()), (None, 0));
 }

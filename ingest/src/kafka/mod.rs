@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 use detectors::decode::{split_records, Format, Origin, Piece};
 use detectors::subject::{AddressRollups, FrameHeader, FrameWriter, Seq};
 use detectors::{
-    Alert, Decoder, Engine, EngineConfig, EngineState, Outcome, SubjectEngine, SubjectState,
+    Alert, Checkpoint, Decoder, Engine, EngineConfig, EngineState, Outcome, SubjectEngine,
+    SubjectState,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
@@ -55,9 +56,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use storage::{
-    AddressRow, Backend, BatchCommit, BudgetRow, PartitionStart, SourceRow, StorageError,
-};
+use storage::{AddressRow, Backend, BatchCommit, BudgetRow, SourceRow, StorageError};
 
 use crate::batch::{event_row, Rollups, RowOrigin};
 use crate::config::{KafkaConfig, PipelineConfig};

@@ -120,33 +120,40 @@ impl ConsumerContext for PipelineContext {
 }
 
 impl Shared {
-    /// Loads where a partition resumes, retrying while Postgres is away.
-    pub(super) fn load_start(&self, topic: &str, partition: i32) -> PartitionStart {
+    /// Loads where a partition resumes, retrying while Postgres is away,
+    /// and decodes its checkpoint (one that does not decode is dropped,
+    /// loudly: the state is rebuilt from the partition's start).
+    pub(super) fn load_start(&self, topic: &str, partition: i32) -> Start {
         let mut backoff = Duration::from_millis(100);
-        loop {
+        let s = loop {
             match self
                 .rt
                 .block_on(self.store.load_partition(topic, partition))
             {
-                Ok(mut s) => {
-                    if let Some((at, bytes)) = &s.checkpoint {
-                        let read = match self.stage {
-                            Stage::Gateway => serde_json::from_slice::<EngineState>(bytes).err(),
-                            Stage::Subjects => serde_json::from_slice::<SubjectState>(bytes).err(),
-                        };
-                        if let Some(e) = read {
-                            Part { topic, partition }.checkpoint_unreadable(*at, &e);
-                            s.checkpoint = None;
-                        }
-                    }
-                    return s;
-                }
+                Ok(s) => break s,
                 Err(e) => {
                     Part { topic, partition }.load_retry(&self.metrics, &e.detail());
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        };
+        let checkpoint = s.checkpoint.and_then(|(at, core)| {
+            let read = match self.stage {
+                Stage::Gateway => EngineState::from_checkpoint(&core, s.entries)
+                    .map(|(st, since)| Restored::Gateway(Box::new(st), since))
+                    .map_err(|e| e.to_string()),
+                Stage::Subjects => serde_json::from_slice::<SubjectState>(&core)
+                    .map(|st| Restored::Subjects(Box::new(st)))
+                    .map_err(|e| e.to_string()),
+            };
+            read.map_err(|e| Part { topic, partition }.checkpoint_unreadable(at, &e))
+                .ok()
+                .map(|r| (at, r))
+        });
+        Start {
+            next_offset: s.next_offset,
+            checkpoint,
         }
     }
 
@@ -155,7 +162,7 @@ impl Shared {
         queue: rdkafka::consumer::base_consumer::PartitionQueue<PipelineContext>,
         topic: String,
         partition: i32,
-        start: PartitionStart,
+        start: Start,
     ) {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::clone(self);

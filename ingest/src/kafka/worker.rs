@@ -54,6 +54,24 @@ pub(super) enum Work {
 }
 
 /// The state of one partition's worker.
+/// Where a partition resumes, its checkpoint decoded (`Shared::load_start`).
+pub(super) struct Start {
+    /// The first offset not yet committed (None: never committed).
+    pub(super) next_offset: Option<i64>,
+    /// The checkpoint's offset and state (None: none stored, or it did not
+    /// decode).
+    pub(super) checkpoint: Option<(i64, Restored)>,
+}
+
+/// A decoded checkpoint, of the stage that wrote it.
+pub(super) enum Restored {
+    /// A stage-one engine's state and the minute its entries were written
+    /// at (None: its accounts were inside its core).
+    Gateway(Box<EngineState>, Option<u32>),
+    /// A stage-two engine's state.
+    Subjects(Box<SubjectState>),
+}
+
 pub(super) struct PartitionWorker<'s> {
     shared: &'s Shared,
     pub(super) topic: String,
@@ -99,25 +117,23 @@ impl<'s> PartitionWorker<'s> {
         shared: &'s Shared,
         topic: String,
         partition: i32,
-        start: PartitionStart,
+        start: Start,
         stop: Arc<AtomicBool>,
     ) -> Self {
         let checkpoint_at = start.checkpoint.as_ref().map(|c| c.0);
         // Expecting the first offset makes records a broker no longer has
         // show up as a gap.
-        let (_, expected) =
+        let (_, next_expected) =
             decide::resume_point(checkpoint_at, start.next_offset, shared.kafka.start_from);
-        // The assignment already checked a checkpoint decodes (see `load_start`).
-        let bytes = start.checkpoint.as_ref().map(|c| c.1.as_slice());
-        let (work, restored) = match shared.stage {
+        let work = match shared.stage {
             Stage::Gateway => {
-                let state = bytes.and_then(|b| serde_json::from_slice::<EngineState>(b).ok());
-                let restored = state.is_some();
-                let engine = match state {
-                    Some(s) => Engine::restore(&shared.engine, s),
-                    None => Engine::new(&shared.engine),
-                }
-                .expect("engine config was validated");
+                let (state, since) = match start.checkpoint {
+                    Some((_, Restored::Gateway(st, since))) => (*st, since),
+                    _ => (EngineState::default(), None),
+                };
+                let mut engine =
+                    Engine::restore(&shared.engine, state).expect("engine config was validated");
+                engine.track_changes(since);
                 let frames = shared
                     .subjects_out
                     .as_ref()
@@ -134,26 +150,21 @@ impl<'s> PartitionWorker<'s> {
                     last_frame: Instant::now(),
                     idle_sent: false,
                 };
-                (Work::Gateway(Box::new(work)), restored)
+                Work::Gateway(Box::new(work))
             }
             Stage::Subjects => {
-                let state = bytes.and_then(|b| serde_json::from_slice::<SubjectState>(b).ok());
-                let restored = state.is_some();
-                let engine = match state {
-                    Some(s) => SubjectEngine::restore(&shared.engine, s),
-                    None => SubjectEngine::new(&shared.engine),
-                }
-                .expect("engine config was validated");
+                let state = match start.checkpoint {
+                    Some((_, Restored::Subjects(st))) => *st,
+                    _ => SubjectState::default(),
+                };
+                let engine = SubjectEngine::restore(&shared.engine, state)
+                    .expect("engine config was validated");
                 let work = SubjectWork {
                     engine,
                     rollups: AddressRollups::default(),
                 };
-                (Work::Subjects(Box::new(work)), restored)
+                Work::Subjects(Box::new(work))
             }
-        };
-        let next_expected = match (start.checkpoint.is_some(), restored) {
-            (true, false) => None,
-            _ => expected,
         };
         PartitionWorker {
             shared,
@@ -476,12 +487,11 @@ impl<'s> PartitionWorker<'s> {
                 return;
             }
         }
-        let checkpoint = checkpoint_due.then(|| {
-            match &self.work {
-                Work::Gateway(g) => serde_json::to_vec(g.engine.state()),
-                Work::Subjects(s) => serde_json::to_vec(s.engine.state()),
-            }
-            .expect("engine state serializes")
+        let checkpoint = checkpoint_due.then(|| match &self.work {
+            Work::Gateway(g) => g.engine.checkpoint(),
+            Work::Subjects(s) => Checkpoint::whole(
+                serde_json::to_vec(s.engine.state()).expect("engine state serializes"),
+            ),
         });
         let (rollups, budgets, addresses, sources) = match &self.work {
             Work::Gateway(g) => (g.rollups.rows(), g.budget_rows(), Vec::new(), Vec::new()),
@@ -496,7 +506,7 @@ impl<'s> PartitionWorker<'s> {
                 next_offset,
                 rollups,
                 alerts: &self.alerts,
-                checkpoint: checkpoint.as_deref(),
+                checkpoint: checkpoint.as_ref(),
                 budgets: &budgets,
                 addresses: &addresses,
                 sources: &sources,
@@ -550,7 +560,14 @@ impl<'s> PartitionWorker<'s> {
         {
             o.committed = next_offset;
         }
-        if checkpoint_due {
+        if let Some(cp) = &checkpoint {
+            if let Work::Gateway(g) = &mut self.work {
+                g.engine.checkpoint_stored(cp);
+            }
+            m.checkpoint_bytes
+                .fetch_add(cp.bytes() as u64, Ordering::Relaxed);
+            m.checkpoint_entries
+                .fetch_add(cp.changed.len() as u64, Ordering::Relaxed);
             self.last_checkpoint = Instant::now();
             self.checkpoint_at = Some(next_offset);
         }
