@@ -99,7 +99,6 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
     rt.block_on(store.commit_batch(&batch(0, offset, &full)))
         .unwrap();
     let store_full = took.elapsed();
-    engine.checkpoint_stored(&full);
     // Accounts and keys seen in the checkpoint's own minute go into the next
     // one too (the engine marks changes by minute, at no memory per account).
     let st = engine.state();
@@ -139,10 +138,20 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
     assert!(touched_users >= changed && touched_users <= changed + overlap_users);
     assert!(touched_keys >= changed && touched_keys <= changed + overlap_keys);
     assert!(delta.forgotten.is_empty());
-    rt.block_on(store.commit_batch(&batch(offset, offset + changed as i64, &delta)))
-        .unwrap();
+    // As the pipeline stores a periodic checkpoint: in a transaction of its
+    // own, after its batch committed, on top of the one it was taken against.
+    let at = offset + changed as i64;
+    let moved = BatchCommit {
+        checkpoint: None,
+        ..batch(offset, at, &delta)
+    };
+    rt.block_on(store.commit_batch(&moved)).unwrap();
+    let stored = rt.block_on(store.store_checkpoint("gateway-logs", 0, at, Some(offset), &delta));
+    assert!(stored.unwrap(), "stored on top of the full one");
     let store_delta = took.elapsed();
-    engine.checkpoint_stored(&delta);
+    // A delta taken against another checkpoint is refused, and changes nothing.
+    let stale = rt.block_on(store.store_checkpoint("gateway-logs", 0, at + 1, Some(0), &delta));
+    assert!(!stale.unwrap());
 
     // Restore: read the core and every entry, decode, build the engine.
     let took = Instant::now();

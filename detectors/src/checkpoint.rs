@@ -59,7 +59,7 @@ pub struct Checkpoint {
     /// Entries to delete.
     pub forgotten: Vec<(EntryKind, Box<str>)>,
     /// The engine's clock minute when it was taken: entries seen at or after
-    /// it go into the next one.
+    /// it went into the next one.
     pub mark: u32,
 }
 

@@ -453,10 +453,11 @@ impl Engine {
     }
 
     /// A checkpoint of the state: the core, and the accounts and keys that
-    /// changed since the last one stored (all of them when none was, or
-    /// when changes are not tracked). Call [`Engine::checkpoint_stored`] once
-    /// it is committed.
-    pub fn checkpoint(&self) -> Checkpoint {
+    /// changed since the last one taken (all of them when none was, or
+    /// when changes are not tracked). What changes from here on goes into
+    /// the next one; should this one not be stored, call
+    /// [`Engine::checkpoint_lost`] so that the next is full.
+    pub fn checkpoint(&mut self) -> Checkpoint {
         let st = &self.state;
         let core = serde_json::to_vec(&CoreRef {
             now_ms: st.now_ms,
@@ -512,23 +513,27 @@ impl Engine {
                 );
             }
         }
+        let mark = minute_of(st.now_ms);
+        if let Some(c) = self.changes.as_deref_mut() {
+            *c = Changes {
+                since: Some(mark),
+                ..Changes::default()
+            };
+        }
         Checkpoint {
             core,
             full: since.is_none(),
             changed,
             forgotten,
-            mark: minute_of(st.now_ms),
+            mark,
         }
     }
 
-    /// `cp`, taken by [`Engine::checkpoint`] since the last observation, is
-    /// stored: the next checkpoint writes what changes after it.
-    pub fn checkpoint_stored(&mut self, cp: &Checkpoint) {
+    /// The last checkpoint taken was not stored (or another writer's
+    /// replaced it): the next one writes every account and key.
+    pub fn checkpoint_lost(&mut self) {
         if let Some(c) = self.changes.as_deref_mut() {
-            *c = Changes {
-                since: Some(cp.mark),
-                ..Changes::default()
-            };
+            c.since = None;
         }
     }
 
@@ -2039,7 +2044,6 @@ mod tests {
             written += cp.changed.len();
             forgotten += cp.forgotten.len();
             held += stored.len();
-            e.checkpoint_stored(&cp);
             let entries = stored.iter().map(|((kind, id), state)| Entry {
                 kind: *kind,
                 id: id.clone(),
@@ -2073,6 +2077,15 @@ mod tests {
         let (state, since) = EngineState::from_checkpoint(&old, []).unwrap();
         assert_eq!(&state, e.state());
         assert_eq!(since, None, "its next checkpoint writes every entry");
+        let mut again = Engine::restore(&EngineConfig::default(), state).unwrap();
+        again.track_changes(since);
+        assert!(again.checkpoint().full);
+        assert!(!again.checkpoint().full);
+        again.checkpoint_lost();
+        assert!(
+            again.checkpoint().full,
+            "a lost checkpoint makes the next full"
+        );
         let bad = EngineState::from_checkpoint(
             &e.checkpoint().core,
             [Entry {

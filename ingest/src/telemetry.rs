@@ -378,6 +378,29 @@ impl Part<'_> {
         );
     }
 
+    /// A checkpoint stored behind the batches found another one stored
+    /// meanwhile (a new owner's): it is dropped and the next is full.
+    pub(crate) fn checkpoint_superseded(self, at: i64) {
+        info!(
+            topic = self.topic,
+            partition = self.partition,
+            checkpoint_offset = at,
+            "checkpoint not stored: another one was stored meanwhile; the next is full"
+        );
+    }
+
+    /// Storing a checkpoint behind the batches failed: the next is full
+    /// (the batches themselves are committed; a restart re-reads more).
+    pub(crate) fn checkpoint_failed(self, at: i64, error: &str) {
+        warn!(
+            topic = self.topic,
+            partition = self.partition,
+            checkpoint_offset = at,
+            error,
+            "checkpoint not stored; the next is full"
+        );
+    }
+
     /// Some projection frames were not acknowledged by the second stage's
     /// topic: the batch waits and sends them all again (the wait counts the
     /// retry).

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use detectors::{Action, Alert, Entry, EntryKind};
+use detectors::{Action, Alert, Checkpoint, Entry, EntryKind};
 
 use crate::{BatchCommit, PartitionStart, StorageError, Store};
 
@@ -74,6 +74,23 @@ pub struct MemorySnapshot {
     pub batches: u64,
 }
 
+impl Inner {
+    /// A checkpoint valid at `at`: its core, and its entries applied.
+    fn write_checkpoint(&mut self, key: (String, i32), at: i64, cp: &Checkpoint) {
+        let entries = self.entries.entry(key.clone()).or_default();
+        if cp.full {
+            entries.clear();
+        }
+        for (kind, id) in &cp.forgotten {
+            entries.remove(&(*kind, id.clone()));
+        }
+        for e in &cp.changed {
+            entries.insert((e.kind, e.id.clone()), e.state.clone());
+        }
+        self.checkpoints.insert(key, (at, cp.core.clone()));
+    }
+}
+
 impl MemoryStore {
     /// Where a partition resumes (nothing stored: from the start).
     pub fn load_partition(&self, topic: &str, partition: i32) -> PartitionStart {
@@ -96,6 +113,25 @@ impl MemoryStore {
         }
     }
 
+    /// Stores a checkpoint on its own, with [`Store::store_checkpoint`]'s rules.
+    pub fn store_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        at: i64,
+        previous: Option<i64>,
+        cp: &Checkpoint,
+    ) -> bool {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let key = (topic.to_owned(), partition);
+        let stored = inner.checkpoints.get(&key).map(|c| c.0);
+        if !crate::store::checkpoint_fits(stored, at, previous, cp.full) {
+            return false;
+        }
+        inner.write_checkpoint(key, at, cp);
+        true
+    }
+
     /// Stores a batch with the Postgres commit's rules: the start offset must
     /// be the stored one (`fence`: else [`StorageError::Fenced`]); an alert
     /// id is stored once, and only a new throttle or block alert adds an action.
@@ -116,19 +152,7 @@ impl MemoryStore {
         }
         inner.offsets.insert(key.clone(), batch.next_offset);
         if let Some(cp) = batch.checkpoint {
-            let entries = inner.entries.entry(key.clone()).or_default();
-            if cp.full {
-                entries.clear();
-            }
-            for (kind, id) in &cp.forgotten {
-                entries.remove(&(*kind, id.clone()));
-            }
-            for e in &cp.changed {
-                entries.insert((e.kind, e.id.clone()), e.state.clone());
-            }
-            inner
-                .checkpoints
-                .insert(key, (batch.next_offset, cp.core.clone()));
+            inner.write_checkpoint(key, batch.next_offset, cp);
         }
         for r in batch.rollups {
             let m = inner.per_minute.entry(r.minute_ms).or_default();
@@ -238,6 +262,33 @@ impl Backend {
             (Some(p), _) => p.load_partition(topic, partition).await,
             (None, Some(m)) => Ok(m.load_partition(topic, partition)),
             (None, None) => unreachable!("a backend has Postgres or memory"),
+        }
+    }
+
+    /// Stores a checkpoint on its own ([`Store::store_checkpoint`]); the
+    /// memory mirror follows Postgres' verdict.
+    pub async fn store_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        at: i64,
+        previous: Option<i64>,
+        cp: &Checkpoint,
+    ) -> Result<bool, StorageError> {
+        let stored = match &self.postgres {
+            Some(p) => {
+                p.store_checkpoint(topic, partition, at, previous, cp)
+                    .await?
+            }
+            None => true,
+        };
+        match (&self.memory, stored) {
+            (Some(m), true) => {
+                let mirrored = m.store_checkpoint(topic, partition, at, previous, cp);
+                // Without Postgres the memory store's verdict is the verdict.
+                Ok(mirrored || self.postgres.is_some())
+            }
+            _ => Ok(stored),
         }
     }
 

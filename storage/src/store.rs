@@ -338,7 +338,7 @@ impl Store {
             upsert_sources(&mut tx, batch).await?;
         }
         if let Some(cp) = batch.checkpoint {
-            store_checkpoint(&mut tx, batch, cp).await?;
+            write_checkpoint(&mut tx, batch.topic, batch.partition, batch.next_offset, cp).await?;
         }
         // Last: new block/throttle actions take the feed's ordering lock
         // (see migration 0003), held until the commit just below.
@@ -348,22 +348,75 @@ impl Store {
         tx.commit().await.map_err(query_error("commit"))
     }
 
+    /// Stores a checkpoint valid at offset `at` in a transaction of its own,
+    /// after the batch that ends there committed, so a batch need not wait
+    /// for it. It is stored only on top of what it was taken against: a
+    /// delta (not `full`) only when the stored checkpoint is at `previous`,
+    /// the last one its writer stored; a full one only when the stored one
+    /// is older than `at`. Returns whether it was stored (false: another
+    /// writer moved on, and the caller's next checkpoint must be full).
+    /// The stored row is locked first, so a batch's own checkpoint and
+    /// this one queue rather than mix.
+    pub async fn store_checkpoint(
+        &self,
+        topic: &str,
+        partition: i32,
+        at: i64,
+        previous: Option<i64>,
+        cp: &Checkpoint,
+    ) -> Result<bool, StorageError> {
+        let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT at_offset FROM engine_checkpoints
+             WHERE topic = $1 AND partition = $2 FOR UPDATE",
+        )
+        .bind(topic)
+        .bind(partition)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_error("lock the engine checkpoint"))?;
+        if !checkpoint_fits(stored, at, previous, cp.full) {
+            let _ = tx.rollback().await;
+            return Ok(false);
+        }
+        write_checkpoint(&mut tx, topic, partition, at, cp).await?;
+        tx.commit().await.map_err(query_error("commit"))?;
+        Ok(true)
+    }
+
     /// The pool, for tests and later issues.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 }
 
+/// Whether a checkpoint taken at `at` against `previous` may be stored over
+/// the one stored at `stored` (see [`Store::store_checkpoint`]).
+pub(crate) fn checkpoint_fits(
+    stored: Option<i64>,
+    at: i64,
+    previous: Option<i64>,
+    full: bool,
+) -> bool {
+    if full {
+        stored.is_none_or(|s| s < at)
+    } else {
+        stored.is_some() && stored == previous && previous.is_some_and(|p| p <= at)
+    }
+}
+
 /// Entries written per statement (a statement's binds stay a few MB).
 const ENTRY_CHUNK: usize = 5_000;
 
-/// Stores an engine checkpoint valid at the batch's `next_offset`: its core
-/// in `engine_checkpoints`; its entries in `engine_checkpoint_entries`
-/// (all replaced when it is full, else the forgotten deleted, then the
-/// changed written).
-async fn store_checkpoint(
+/// Writes an engine checkpoint valid at offset `at`: its core in
+/// `engine_checkpoints`; its entries in `engine_checkpoint_entries` (all
+/// replaced when it is full, else the forgotten deleted, then the changed
+/// written).
+async fn write_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchCommit<'_>,
+    topic: &str,
+    partition: i32,
+    at: i64,
     cp: &Checkpoint,
 ) -> Result<(), StorageError> {
     sqlx::query(
@@ -372,17 +425,17 @@ async fn store_checkpoint(
          ON CONFLICT (topic, partition) DO UPDATE
          SET at_offset = excluded.at_offset, state = excluded.state, taken_at = now()",
     )
-    .bind(batch.topic)
-    .bind(batch.partition)
-    .bind(batch.next_offset)
+    .bind(topic)
+    .bind(partition)
+    .bind(at)
     .bind(&cp.core)
     .execute(&mut **tx)
     .await
     .map_err(query_error("store the engine checkpoint"))?;
     if cp.full {
         sqlx::query("DELETE FROM engine_checkpoint_entries WHERE topic = $1 AND partition = $2")
-            .bind(batch.topic)
-            .bind(batch.partition)
+            .bind(topic)
+            .bind(partition)
             .execute(&mut **tx)
             .await
             .map_err(query_error("replace the checkpoint's entries"))?;
@@ -395,8 +448,8 @@ async fn store_checkpoint(
              USING UNNEST($3::text[], $4::text[]) AS f(kind, id)
              WHERE e.topic = $1 AND e.partition = $2 AND e.kind = f.kind AND e.id = f.id",
         )
-        .bind(batch.topic)
-        .bind(batch.partition)
+        .bind(topic)
+        .bind(partition)
         .bind(kinds)
         .bind(ids)
         .execute(&mut **tx)
@@ -412,8 +465,8 @@ async fn store_checkpoint(
              SELECT $1, $2, k, i, s FROM UNNEST($3::text[], $4::text[], $5::bytea[]) AS c(k, i, s)
              ON CONFLICT (topic, partition, kind, id) DO UPDATE SET state = excluded.state",
         )
-        .bind(batch.topic)
-        .bind(batch.partition)
+        .bind(topic)
+        .bind(partition)
         .bind(kinds)
         .bind(ids)
         .bind(states)

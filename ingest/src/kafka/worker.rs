@@ -72,6 +72,10 @@ pub(super) enum Restored {
     Subjects(Box<SubjectState>),
 }
 
+/// A checkpoint stored on the runtime: whether it was stored, its bytes
+/// and entries.
+type CheckpointTask = tokio::task::JoinHandle<Result<(bool, u64, u64), StorageError>>;
+
 pub(super) struct PartitionWorker<'s> {
     shared: &'s Shared,
     pub(super) topic: String,
@@ -102,6 +106,9 @@ pub(super) struct PartitionWorker<'s> {
     rewinds: u32,
     /// Offset of the last checkpoint this worker wrote.
     checkpoint_at: Option<i64>,
+    /// A checkpoint being stored behind the batches: its offset and task
+    /// (stored, bytes, entries).
+    pending_checkpoint: Option<(i64, CheckpointTask)>,
 }
 
 impl<'s> PartitionWorker<'s> {
@@ -188,6 +195,7 @@ impl<'s> PartitionWorker<'s> {
             resume_verified: false,
             rewinds: 0,
             checkpoint_at,
+            pending_checkpoint: None,
         }
     }
 
@@ -449,6 +457,9 @@ impl<'s> PartitionWorker<'s> {
     /// succeeds, the partition is fenced, or a stop is requested (then
     /// nothing is committed and the next owner re-reads the batch).
     fn commit(&mut self, final_commit: bool) {
+        // A checkpoint stored behind: its outcome first (the last commit
+        // waits for it, so it knows where the stored checkpoint stands).
+        self.settle_checkpoint(final_commit);
         let checkpoint_due = decide::checkpoint_due(
             final_commit,
             self.committed.is_none(),
@@ -487,12 +498,14 @@ impl<'s> PartitionWorker<'s> {
                 return;
             }
         }
-        let checkpoint = checkpoint_due.then(|| match &self.work {
-            Work::Gateway(g) => g.engine.checkpoint(),
-            Work::Subjects(s) => Checkpoint::whole(
-                serde_json::to_vec(s.engine.state()).expect("engine state serializes"),
-            ),
-        });
+        // A periodic checkpoint is stored after the batch, in a transaction
+        // of its own, while the worker reads on (one at a time); the first
+        // commit's and the last one's go in the batch's transaction.
+        let background = checkpoint_due && !final_commit && self.committed.is_some();
+        if checkpoint_due && !background {
+            self.settle_checkpoint(true);
+        }
+        let checkpoint = (checkpoint_due && !background).then(|| self.work.checkpoint());
         let (rollups, budgets, addresses, sources) = match &self.work {
             Work::Gateway(g) => (g.rollups.rows(), g.budget_rows(), Vec::new(), Vec::new()),
             Work::Subjects(s) => (&[][..], Vec::new(), s.address_rows(), s.source_rows()),
@@ -561,15 +574,15 @@ impl<'s> PartitionWorker<'s> {
             o.committed = next_offset;
         }
         if let Some(cp) = &checkpoint {
-            if let Work::Gateway(g) = &mut self.work {
-                g.engine.checkpoint_stored(cp);
-            }
             m.checkpoint_bytes
                 .fetch_add(cp.bytes() as u64, Ordering::Relaxed);
             m.checkpoint_entries
                 .fetch_add(cp.changed.len() as u64, Ordering::Relaxed);
             self.last_checkpoint = Instant::now();
             self.checkpoint_at = Some(next_offset);
+        }
+        if background && self.pending_checkpoint.is_none() {
+            self.store_checkpoint_behind(next_offset);
         }
         self.committed = Some(next_offset);
         self.first = None;
@@ -628,6 +641,52 @@ impl<'s> PartitionWorker<'s> {
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         true
+    }
+
+    /// Takes a checkpoint of the engine at `at` (the batch ending there has
+    /// committed) and stores it on the runtime while the worker reads on:
+    /// on top of this worker's last one (`checkpoint_at`), else not at all.
+    fn store_checkpoint_behind(&mut self, at: i64) {
+        let cp = self.work.checkpoint();
+        let store = self.shared.store.clone();
+        let (topic, partition, previous) = (self.topic.clone(), self.partition, self.checkpoint_at);
+        let task = self.shared.rt.spawn(async move {
+            let stored = store
+                .store_checkpoint(&topic, partition, at, previous, &cp)
+                .await?;
+            Ok((stored, cp.bytes() as u64, cp.changed.len() as u64))
+        });
+        self.pending_checkpoint = Some((at, task));
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Takes in the outcome of a checkpoint stored behind, if it is done
+    /// (or, with `wait`, once it is). One that was not stored makes the
+    /// next checkpoint full.
+    fn settle_checkpoint(&mut self, wait: bool) {
+        let Some((at, task)) = self.pending_checkpoint.take() else {
+            return;
+        };
+        if !wait && !task.is_finished() {
+            self.pending_checkpoint = Some((at, task));
+            return;
+        }
+        let outcome = self.shared.rt.block_on(task);
+        let m = &self.shared.metrics;
+        match outcome {
+            Ok(Ok((true, bytes, entries))) => {
+                m.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
+                m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
+                self.checkpoint_at = Some(at);
+                return;
+            }
+            Ok(Ok((false, ..))) => self.part().checkpoint_superseded(at),
+            Ok(Err(e)) => self.part().checkpoint_failed(at, &e.detail()),
+            Err(e) => self.part().checkpoint_failed(at, &e.to_string()),
+        }
+        if let Work::Gateway(g) = &mut self.work {
+            g.engine.checkpoint_lost();
+        }
     }
 
     /// Writes the batch's projection frames to the second stage's topic and
@@ -731,6 +790,19 @@ impl<'s> PartitionWorker<'s> {
 
 /// A message's records that could not be counted: bytes, array element, error.
 type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
+
+impl Work {
+    /// A checkpoint of the engine (stage one: what changed since the last;
+    /// stage two: its whole state).
+    fn checkpoint(&mut self) -> Checkpoint {
+        match self {
+            Work::Gateway(g) => g.engine.checkpoint(),
+            Work::Subjects(s) => Checkpoint::whole(
+                serde_json::to_vec(s.engine.state()).expect("engine state serializes"),
+            ),
+        }
+    }
+}
 
 impl GatewayWork {
     /// A record as the detectors take it: decoded in the topic's format,
