@@ -52,6 +52,8 @@ LATENESS = int(os.environ.get("KW_BENCH_LATENESS", "5"))
 SUBJECTS = "keywatch.by-subject"
 # pipeline.checkpoint_interval_secs for the run (KW_BENCH_CHECKPOINT_SECS; keywatch's default 60).
 CHECKPOINT_SECS = int(os.environ.get("KW_BENCH_CHECKPOINT_SECS", "60"))
+# pipeline.checkpoint_write_mb_per_sec (KW_BENCH_CHECKPOINT_MBPS; unset: keywatch's default).
+CHECKPOINT_MBPS = os.environ.get("KW_BENCH_CHECKPOINT_MBPS", "")
 
 
 def iso(ms):
@@ -113,6 +115,7 @@ topic = "{SUBJECTS}"
 [pipeline]
 batch_max_ms = 200
 checkpoint_interval_secs = {CHECKPOINT_SECS}
+{f"checkpoint_write_mb_per_sec = {CHECKPOINT_MBPS}" if CHECKPOINT_MBPS else ""}
 parquet_dir = "{os.path.join(tmp, 'lake')}"
 
 [postgres]
@@ -319,7 +322,8 @@ def budget(addr, port, db_url, seconds, rate):
     to_feed = [seen[u][0] - ms for u, ms in crossed.items() if u in seen]
     print()
     print(f"keywatch end-to-end latency: bash scripts/bench-latency {seconds} {rate}")
-    print(f"pipeline.batch_max_ms = 200, pipeline.checkpoint_interval_secs = {CHECKPOINT_SECS}")
+    print(f"pipeline.batch_max_ms = 200, pipeline.checkpoint_interval_secs = {CHECKPOINT_SECS}, "
+          f"pipeline.checkpoint_write_mb_per_sec = {CHECKPOINT_MBPS or 'default'}")
     print(f"traffic: {n:,} benign records at {rate:,}/s asked ({n / seconds:,.0f}/s produced) from "
           f"{BUDGET_ACCOUNTS:,} accounts over 6 partitions, in real time, and {len(crossed)} burners "
           f"(free tier, two $0.60 records); request_spike prior_fraction = 1.0 (see BUDGET_CONFIG)")

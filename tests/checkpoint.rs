@@ -146,11 +146,13 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
         ..batch(offset, at, &delta)
     };
     rt.block_on(store.commit_batch(&moved)).unwrap();
-    let stored = rt.block_on(store.store_checkpoint("gateway-logs", 0, at, Some(offset), &delta));
+    let stored =
+        rt.block_on(store.store_checkpoint("gateway-logs", 0, at, Some(offset), &delta, None));
     assert!(stored.unwrap(), "stored on top of the full one");
     let store_delta = took.elapsed();
     // A delta taken against another checkpoint is refused, and changes nothing.
-    let stale = rt.block_on(store.store_checkpoint("gateway-logs", 0, at + 1, Some(0), &delta));
+    let stale =
+        rt.block_on(store.store_checkpoint("gateway-logs", 0, at + 1, Some(0), &delta, None));
     assert!(!stale.unwrap());
 
     // Restore: read the core and every entry, decode, build the engine.

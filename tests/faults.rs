@@ -73,6 +73,7 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
         checkpoint_interval_secs: 1,
         parquet_dir: Some(dir.join("lake")),
         max_record_bytes: common::services::TEST_MAX_RECORD_BYTES,
+        ..PipelineConfig::default()
     };
     let p = Pipeline::start(
         kafka,

@@ -201,11 +201,17 @@ pub struct PipelineConfig {
     pub batch_max_records: usize,
     /// …or this many milliseconds after its first record, whichever comes first.
     pub batch_max_ms: u64,
-    /// The engine's full state is checkpointed at most this often (seconds),
-    /// and always on a partition's first commit, on revoke and on shutdown;
-    /// after a crash a partition resumes from its checkpoint and re-reads
-    /// (without writing) up to its committed offset.
+    /// The engine is checkpointed this often (seconds; what changed since
+    /// the last checkpoint, stored behind the batches), and always on a
+    /// partition's first commit, on revoke and on shutdown; after a crash a
+    /// partition resumes from its checkpoint and re-reads (without writing)
+    /// up to its committed offset.
     pub checkpoint_interval_secs: u64,
+    /// A periodic checkpoint is written at most this fast per partition
+    /// (megabytes a second; 0: as fast as Postgres takes it), so that a
+    /// checkpoint of many active accounts does not take Postgres from the
+    /// batches behind it.
+    pub checkpoint_write_mb_per_sec: u64,
     /// Directory of the Parquet lake (`dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet`); unset: no Parquet.
     pub parquet_dir: Option<PathBuf>,
     /// The largest record read, in bytes (a Kafka message or an NDJSON
@@ -224,6 +230,7 @@ impl Default for PipelineConfig {
             batch_max_records: 20_000,
             batch_max_ms: 500,
             checkpoint_interval_secs: 60,
+            checkpoint_write_mb_per_sec: 4,
             parquet_dir: Some(PathBuf::from("keywatch-data/lake")),
             max_record_bytes: crate::ndjson::MAX_LINE_BYTES,
         }

@@ -274,10 +274,11 @@ impl Backend {
         at: i64,
         previous: Option<i64>,
         cp: &Checkpoint,
+        bytes_per_sec: Option<u64>,
     ) -> Result<bool, StorageError> {
         let stored = match &self.postgres {
             Some(p) => {
-                p.store_checkpoint(topic, partition, at, previous, cp)
+                p.store_checkpoint(topic, partition, at, previous, cp, bytes_per_sec)
                     .await?
             }
             None => true,

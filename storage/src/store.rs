@@ -338,7 +338,15 @@ impl Store {
             upsert_sources(&mut tx, batch).await?;
         }
         if let Some(cp) = batch.checkpoint {
-            write_checkpoint(&mut tx, batch.topic, batch.partition, batch.next_offset, cp).await?;
+            write_checkpoint(
+                &mut tx,
+                batch.topic,
+                batch.partition,
+                batch.next_offset,
+                cp,
+                None,
+            )
+            .await?;
         }
         // Last: new block/throttle actions take the feed's ordering lock
         // (see migration 0003), held until the commit just below.
@@ -356,7 +364,10 @@ impl Store {
     /// is older than `at`. Returns whether it was stored (false: another
     /// writer moved on, and the caller's next checkpoint must be full).
     /// The stored row is locked first, so a batch's own checkpoint and
-    /// this one queue rather than mix.
+    /// this one queue rather than mix. With `bytes_per_sec`, its entries go
+    /// in at most that fast (a pause after each statement), so a big
+    /// checkpoint spreads over time instead of taking Postgres from the
+    /// batches.
     pub async fn store_checkpoint(
         &self,
         topic: &str,
@@ -364,6 +375,7 @@ impl Store {
         at: i64,
         previous: Option<i64>,
         cp: &Checkpoint,
+        bytes_per_sec: Option<u64>,
     ) -> Result<bool, StorageError> {
         let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
         let stored: Option<i64> = sqlx::query_scalar(
@@ -379,7 +391,7 @@ impl Store {
             let _ = tx.rollback().await;
             return Ok(false);
         }
-        write_checkpoint(&mut tx, topic, partition, at, cp).await?;
+        write_checkpoint(&mut tx, topic, partition, at, cp, bytes_per_sec).await?;
         tx.commit().await.map_err(query_error("commit"))?;
         Ok(true)
     }
@@ -411,14 +423,17 @@ const ENTRY_CHUNK: usize = 5_000;
 /// Writes an engine checkpoint valid at offset `at`: its core in
 /// `engine_checkpoints`; its entries in `engine_checkpoint_entries` (all
 /// replaced when it is full, else the forgotten deleted, then the changed
-/// written).
+/// written), paced to `bytes_per_sec` when given.
 async fn write_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     partition: i32,
     at: i64,
     cp: &Checkpoint,
+    bytes_per_sec: Option<u64>,
 ) -> Result<(), StorageError> {
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
     sqlx::query(
         "INSERT INTO engine_checkpoints (topic, partition, at_offset, state)
          VALUES ($1, $2, $3, $4)
@@ -473,6 +488,13 @@ async fn write_checkpoint(
         .execute(&mut **tx)
         .await
         .map_err(query_error("store the checkpoint's entries"))?;
+        written += chunk.iter().map(|e| e.state.len() as u64).sum::<u64>();
+        if let Some(rate) = bytes_per_sec.filter(|&r| r > 0) {
+            let due = std::time::Duration::from_secs_f64(written as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(ahead).await;
+            }
+        }
     }
     Ok(())
 }

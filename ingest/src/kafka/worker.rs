@@ -457,15 +457,17 @@ impl<'s> PartitionWorker<'s> {
     /// succeeds, the partition is fenced, or a stop is requested (then
     /// nothing is committed and the next owner re-reads the batch).
     fn commit(&mut self, final_commit: bool) {
-        // A checkpoint stored behind: its outcome first (the last commit
-        // waits for it, so it knows where the stored checkpoint stands).
-        self.settle_checkpoint(final_commit);
+        // A checkpoint stored behind: its outcome first.
+        self.settle_checkpoint(false);
+        // While one is still being written (paced), the last commit takes
+        // none of its own rather than wait: the one in flight lands or not,
+        // and the next owner restores from whichever is stored.
         let checkpoint_due = decide::checkpoint_due(
-            final_commit,
+            final_commit && self.pending_checkpoint.is_none(),
             self.committed.is_none(),
             self.last_checkpoint.elapsed(),
             Duration::from_secs(self.shared.pipeline.checkpoint_interval_secs),
-        );
+        ) && !(final_commit && self.pending_checkpoint.is_some());
         let Some(CommitRange {
             start: start_offset,
             next: next_offset,
@@ -650,9 +652,10 @@ impl<'s> PartitionWorker<'s> {
         let cp = self.work.checkpoint();
         let store = self.shared.store.clone();
         let (topic, partition, previous) = (self.topic.clone(), self.partition, self.checkpoint_at);
+        let pace = Some(self.shared.pipeline.checkpoint_write_mb_per_sec * 1_000_000);
         let task = self.shared.rt.spawn(async move {
             let stored = store
-                .store_checkpoint(&topic, partition, at, previous, &cp)
+                .store_checkpoint(&topic, partition, at, previous, &cp, pace)
                 .await?;
             Ok((stored, cp.bytes() as u64, cp.changed.len() as u64))
         });
