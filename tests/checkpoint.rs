@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use detectors::{Engine, EngineConfig, EngineState, EntryKind, Event};
-use storage::{BatchCommit, Store};
+use storage::{BatchCommit, CheckpointWrite, Store};
 
 mod common;
 
@@ -146,14 +146,24 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
         ..batch(offset, at, &delta)
     };
     rt.block_on(store.commit_batch(&moved)).unwrap();
-    let stored =
-        rt.block_on(store.store_checkpoint("gateway-logs", 0, at, Some(offset), &delta, None));
-    assert!(stored.unwrap(), "stored on top of the full one");
+    let w = CheckpointWrite {
+        topic: "gateway-logs",
+        partition: 0,
+        at,
+        previous: Some(offset),
+        checkpoint: &delta,
+        bytes_per_sec: None,
+    };
+    let stored = rt.block_on(store.store_checkpoint(&w)).unwrap();
+    assert!(stored, "stored on top of the full one");
     let store_delta = took.elapsed();
     // A delta taken against another checkpoint is refused, and changes nothing.
-    let stale =
-        rt.block_on(store.store_checkpoint("gateway-logs", 0, at + 1, Some(0), &delta, None));
-    assert!(!stale.unwrap());
+    let stale = CheckpointWrite {
+        at: at + 1,
+        previous: Some(0),
+        ..w
+    };
+    assert!(!rt.block_on(store.store_checkpoint(&stale)).unwrap());
 
     // Restore: read the core and every entry, decode, build the engine.
     let took = Instant::now();

@@ -59,7 +59,10 @@ mod store;
 pub use error::StorageError;
 pub use memory::{Backend, MemoryStore};
 pub use parquet::{existing_batch_end, write_batch, EventRow};
-pub use store::{AddressRow, BatchCommit, BudgetRow, PartitionStart, RollupRow, SourceRow, Store};
+pub use store::{
+    AddressRow, BatchCommit, BudgetRow, CheckpointWrite, PartitionStart, RollupRow, SourceRow,
+    Store,
+};
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use detectors::{Action, Alert, Checkpoint, Entry, EntryKind};
 
-use crate::{BatchCommit, PartitionStart, StorageError, Store};
+use crate::{BatchCommit, CheckpointWrite, PartitionStart, StorageError, Store};
 
 /// One partition's checkpoint entries: state by kind and id.
 type EntryStates = HashMap<(EntryKind, Box<str>), Vec<u8>>;
@@ -113,22 +113,15 @@ impl MemoryStore {
         }
     }
 
-    /// Stores a checkpoint on its own, with [`Store::store_checkpoint`]'s rules.
-    pub fn store_checkpoint(
-        &self,
-        topic: &str,
-        partition: i32,
-        at: i64,
-        previous: Option<i64>,
-        cp: &Checkpoint,
-    ) -> bool {
+    /// Stores a checkpoint on its own, with [`Store::store_checkpoint`]'s
+    /// rules (unpaced).
+    pub fn store_checkpoint(&self, w: &CheckpointWrite<'_>) -> bool {
         let mut inner = self.inner.lock().expect("memory store lock");
-        let key = (topic.to_owned(), partition);
-        let stored = inner.checkpoints.get(&key).map(|c| c.0);
-        if !crate::store::checkpoint_fits(stored, at, previous, cp.full) {
+        let key = (w.topic.to_owned(), w.partition);
+        if !w.fits(inner.checkpoints.get(&key).map(|c| c.0)) {
             return false;
         }
-        inner.write_checkpoint(key, at, cp);
+        inner.write_checkpoint(key, w.at, w.checkpoint);
         true
     }
 
@@ -267,28 +260,14 @@ impl Backend {
 
     /// Stores a checkpoint on its own ([`Store::store_checkpoint`]); the
     /// memory mirror follows Postgres' verdict.
-    pub async fn store_checkpoint(
-        &self,
-        topic: &str,
-        partition: i32,
-        at: i64,
-        previous: Option<i64>,
-        cp: &Checkpoint,
-        bytes_per_sec: Option<u64>,
-    ) -> Result<bool, StorageError> {
+    pub async fn store_checkpoint(&self, w: &CheckpointWrite<'_>) -> Result<bool, StorageError> {
         let stored = match &self.postgres {
-            Some(p) => {
-                p.store_checkpoint(topic, partition, at, previous, cp, bytes_per_sec)
-                    .await?
-            }
+            Some(p) => p.store_checkpoint(w).await?,
             None => true,
         };
         match (&self.memory, stored) {
-            (Some(m), true) => {
-                let mirrored = m.store_checkpoint(topic, partition, at, previous, cp);
-                // Without Postgres the memory store's verdict is the verdict.
-                Ok(mirrored || self.postgres.is_some())
-            }
+            // Without Postgres the memory store's verdict is the verdict.
+            (Some(m), true) => Ok(m.store_checkpoint(w) || self.postgres.is_some()),
             _ => Ok(stored),
         }
     }

@@ -125,6 +125,24 @@ pub struct BatchCommit<'a> {
     pub sources: &'a [SourceRow],
 }
 
+/// A checkpoint stored on its own, after the batch that ends at its offset
+/// committed ([`Store::store_checkpoint`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointWrite<'a> {
+    /// The Kafka topic.
+    pub topic: &'a str,
+    /// The Kafka partition.
+    pub partition: i32,
+    /// The offset it is valid at.
+    pub at: i64,
+    /// The stored checkpoint it was taken against (its writer's last).
+    pub previous: Option<i64>,
+    /// The checkpoint.
+    pub checkpoint: &'a Checkpoint,
+    /// Its entries are written at most this fast (None or 0: unpaced).
+    pub bytes_per_sec: Option<u64>,
+}
+
 /// Traffic of one address in one minute, as a second-stage batch adds it to `address_minute`.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct AddressRow {
@@ -368,30 +386,23 @@ impl Store {
     /// in at most that fast (a pause after each statement), so a big
     /// checkpoint spreads over time instead of taking Postgres from the
     /// batches.
-    pub async fn store_checkpoint(
-        &self,
-        topic: &str,
-        partition: i32,
-        at: i64,
-        previous: Option<i64>,
-        cp: &Checkpoint,
-        bytes_per_sec: Option<u64>,
-    ) -> Result<bool, StorageError> {
+    pub async fn store_checkpoint(&self, w: &CheckpointWrite<'_>) -> Result<bool, StorageError> {
         let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
         let stored: Option<i64> = sqlx::query_scalar(
             "SELECT at_offset FROM engine_checkpoints
              WHERE topic = $1 AND partition = $2 FOR UPDATE",
         )
-        .bind(topic)
-        .bind(partition)
+        .bind(w.topic)
+        .bind(w.partition)
         .fetch_optional(&mut *tx)
         .await
         .map_err(query_error("lock the engine checkpoint"))?;
-        if !checkpoint_fits(stored, at, previous, cp.full) {
+        if !w.fits(stored) {
             let _ = tx.rollback().await;
             return Ok(false);
         }
-        write_checkpoint(&mut tx, topic, partition, at, cp, bytes_per_sec).await?;
+        let (topic, partition, at) = (w.topic, w.partition, w.at);
+        write_checkpoint(&mut tx, topic, partition, at, w.checkpoint, w.bytes_per_sec).await?;
         tx.commit().await.map_err(query_error("commit"))?;
         Ok(true)
     }
@@ -402,18 +413,16 @@ impl Store {
     }
 }
 
-/// Whether a checkpoint taken at `at` against `previous` may be stored over
-/// the one stored at `stored` (see [`Store::store_checkpoint`]).
-pub(crate) fn checkpoint_fits(
-    stored: Option<i64>,
-    at: i64,
-    previous: Option<i64>,
-    full: bool,
-) -> bool {
-    if full {
-        stored.is_none_or(|s| s < at)
-    } else {
-        stored.is_some() && stored == previous && previous.is_some_and(|p| p <= at)
+impl CheckpointWrite<'_> {
+    /// Whether it may be stored over the checkpoint stored at `stored`:
+    /// a delta only on top of the one it was taken against, a full one
+    /// only over an older one.
+    pub(crate) fn fits(&self, stored: Option<i64>) -> bool {
+        if self.checkpoint.full {
+            stored.is_none_or(|s| s < self.at)
+        } else {
+            stored.is_some() && stored == self.previous && stored.is_some_and(|p| p <= self.at)
+        }
     }
 }
 

@@ -56,7 +56,9 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
-use storage::{AddressRow, Backend, BatchCommit, BudgetRow, SourceRow, StorageError};
+use storage::{
+    AddressRow, Backend, BatchCommit, BudgetRow, CheckpointWrite, SourceRow, StorageError,
+};
 
 use crate::batch::{event_row, Rollups, RowOrigin};
 use crate::config::{KafkaConfig, PipelineConfig};

@@ -654,9 +654,15 @@ impl<'s> PartitionWorker<'s> {
         let (topic, partition, previous) = (self.topic.clone(), self.partition, self.checkpoint_at);
         let pace = Some(self.shared.pipeline.checkpoint_write_mb_per_sec * 1_000_000);
         let task = self.shared.rt.spawn(async move {
-            let stored = store
-                .store_checkpoint(&topic, partition, at, previous, &cp, pace)
-                .await?;
+            let w = CheckpointWrite {
+                topic: &topic,
+                partition,
+                at,
+                previous,
+                checkpoint: &cp,
+                bytes_per_sec: pace,
+            };
+            let stored = store.store_checkpoint(&w).await?;
             Ok((stored, cp.bytes() as u64, cp.changed.len() as u64))
         });
         self.pending_checkpoint = Some((at, task));
