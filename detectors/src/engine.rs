@@ -467,52 +467,42 @@ impl Engine {
             last_idle_sweep: st.last_idle_sweep,
         })
         .expect("engine state serializes");
-        let since = self.changes.as_ref().and_then(|c| c.since);
+        // Tracked, with a checkpoint taken before: what changed since; else
+        // everything (every entry was seen at or after minute 0).
+        let c = self.changes.as_deref().filter(|c| c.since.is_some());
+        let since = c.and_then(|c| c.since).unwrap_or(0);
+        let swept: std::collections::HashSet<&str> = c
+            .into_iter()
+            .flat_map(|c| c.swept.iter().map(|id| &**id))
+            .collect();
         let entry = |kind, id: &str, state: Vec<u8>| Entry {
             kind,
             id: id.into(),
             state,
         };
         let mut changed = Vec::new();
-        let mut forgotten = Vec::new();
-        match (since, self.changes.as_deref()) {
-            (Some(since), Some(c)) => {
-                let swept: std::collections::HashSet<&str> =
-                    c.swept.iter().map(|id| &**id).collect();
-                for (id, u) in &st.users {
-                    if u.last_minute >= since || swept.contains(&**id) {
-                        changed.push(entry(EntryKind::User, id, to_json(u)));
-                    }
-                }
-                for (id, k) in &st.keys {
-                    if k.last_minute >= since {
-                        changed.push(entry(EntryKind::Key, id, to_json(k)));
-                    }
-                }
-                forgotten.extend(
-                    c.forgotten_users
-                        .iter()
-                        .map(|id| (EntryKind::User, id.clone())),
-                );
-                forgotten.extend(
-                    c.forgotten_keys
-                        .iter()
-                        .map(|id| (EntryKind::Key, id.clone())),
-                );
-            }
-            _ => {
-                changed.extend(
-                    st.users
-                        .iter()
-                        .map(|(id, u)| entry(EntryKind::User, id, to_json(u))),
-                );
-                changed.extend(
-                    st.keys
-                        .iter()
-                        .map(|(id, k)| entry(EntryKind::Key, id, to_json(k))),
-                );
+        for (id, u) in &st.users {
+            if u.last_minute >= since || swept.contains(&**id) {
+                changed.push(entry(EntryKind::User, id, to_json(u)));
             }
         }
+        for (id, k) in &st.keys {
+            if k.last_minute >= since {
+                changed.push(entry(EntryKind::Key, id, to_json(k)));
+            }
+        }
+        let forgotten = c.map_or_else(Vec::new, |c| {
+            let users = c
+                .forgotten_users
+                .iter()
+                .map(|id| (EntryKind::User, id.clone()));
+            let keys = c
+                .forgotten_keys
+                .iter()
+                .map(|id| (EntryKind::Key, id.clone()));
+            users.chain(keys).collect()
+        });
+        let full = c.is_none();
         let mark = minute_of(st.now_ms);
         if let Some(c) = self.changes.as_deref_mut() {
             *c = Changes {
@@ -522,7 +512,7 @@ impl Engine {
         }
         Checkpoint {
             core,
-            full: since.is_none(),
+            full,
             changed,
             forgotten,
             mark,

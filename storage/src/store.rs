@@ -248,7 +248,7 @@ impl Store {
 
     /// Where a partition resumes: its stored next offset (None: never
     /// committed) and the latest engine checkpoint (offset it was taken at,
-    /// bytes), read in one statement so the two are consistent.
+    /// core, entries), read in one snapshot so they are consistent.
     pub async fn load_partition(
         &self,
         topic: &str,

@@ -106,16 +106,36 @@ pub(crate) fn commit_range(
     }
 }
 
-/// Whether a commit carries the engine's checkpoint: the last one before
-/// the partition is released, the partition's first commit (so a restart
-/// never has to re-read from offset 0), and otherwise every `interval`.
-pub(crate) fn checkpoint_due(
+/// Where a commit's checkpoint of the engine goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CheckpointPlace {
+    /// In the batch's own transaction.
+    InBatch,
+    /// After the batch commits, in a transaction of its own, while the
+    /// worker reads on.
+    Behind,
+}
+
+/// Whether a commit checkpoints the engine, and where: in the batch's
+/// transaction on the partition's first commit (so a restart never has to
+/// re-read from offset 0) and on the last before it is released; behind the
+/// batch every `interval`. While one is still being written behind
+/// (`writing`), none: the last commit does not wait for it (the next owner
+/// restores from whichever is stored), and a periodic one comes later.
+pub(crate) fn checkpoint_place(
     final_commit: bool,
     first_commit: bool,
+    writing: bool,
     since_last: Duration,
     interval: Duration,
-) -> bool {
-    final_commit || first_commit || since_last >= interval
+) -> Option<CheckpointPlace> {
+    if writing {
+        None
+    } else if final_commit || first_commit {
+        Some(CheckpointPlace::InBatch)
+    } else {
+        (since_last >= interval).then_some(CheckpointPlace::Behind)
+    }
 }
 
 #[cfg(test)]
@@ -219,9 +239,22 @@ mod tests {
     fn checkpoints_go_with_the_first_and_last_commit_and_every_interval() {
         let every = Duration::from_secs(300);
         let soon = Duration::from_secs(10);
-        assert!(!checkpoint_due(false, false, soon, every));
-        assert!(checkpoint_due(false, false, every, every));
-        assert!(checkpoint_due(true, false, soon, every));
-        assert!(checkpoint_due(false, true, soon, every));
+        use CheckpointPlace::*;
+        assert_eq!(checkpoint_place(false, false, false, soon, every), None);
+        assert_eq!(
+            checkpoint_place(false, false, false, every, every),
+            Some(Behind)
+        );
+        assert_eq!(
+            checkpoint_place(true, false, false, soon, every),
+            Some(InBatch)
+        );
+        assert_eq!(
+            checkpoint_place(false, true, false, soon, every),
+            Some(InBatch)
+        );
+        // One still being written behind: none, not even on the last commit.
+        assert_eq!(checkpoint_place(true, false, true, soon, every), None);
+        assert_eq!(checkpoint_place(false, false, true, every, every), None);
     }
 }

@@ -71,7 +71,7 @@ mod rebalance;
 mod redact;
 mod worker;
 
-use decide::{CommitRange, Seek};
+use decide::{CheckpointPlace, CommitRange, Seek};
 use rebalance::*;
 use redact::OVERSIZE_KEPT;
 pub use redact::{fuzz_redact, redact};

@@ -53,7 +53,6 @@ pub(super) enum Work {
     Subjects(Box<SubjectWork>),
 }
 
-/// The state of one partition's worker.
 /// Where a partition resumes, its checkpoint decoded (`Shared::load_start`).
 pub(super) struct Start {
     /// The first offset not yet committed (None: never committed).
@@ -76,6 +75,7 @@ pub(super) enum Restored {
 /// and entries.
 type CheckpointTask = tokio::task::JoinHandle<Result<(bool, u64, u64), StorageError>>;
 
+/// The state of one partition's worker.
 pub(super) struct PartitionWorker<'s> {
     shared: &'s Shared,
     pub(super) topic: String,
@@ -458,16 +458,14 @@ impl<'s> PartitionWorker<'s> {
     /// nothing is committed and the next owner re-reads the batch).
     fn commit(&mut self, final_commit: bool) {
         // A checkpoint stored behind: its outcome first.
-        self.settle_checkpoint(false);
-        // While one is still being written (paced), the last commit takes
-        // none of its own rather than wait: the one in flight lands or not,
-        // and the next owner restores from whichever is stored.
-        let checkpoint_due = decide::checkpoint_due(
-            final_commit && self.pending_checkpoint.is_none(),
+        self.settle_checkpoint();
+        let place = decide::checkpoint_place(
+            final_commit,
             self.committed.is_none(),
+            self.pending_checkpoint.is_some(),
             self.last_checkpoint.elapsed(),
             Duration::from_secs(self.shared.pipeline.checkpoint_interval_secs),
-        ) && !(final_commit && self.pending_checkpoint.is_some());
+        );
         let Some(CommitRange {
             start: start_offset,
             next: next_offset,
@@ -500,14 +498,7 @@ impl<'s> PartitionWorker<'s> {
                 return;
             }
         }
-        // A periodic checkpoint is stored after the batch, in a transaction
-        // of its own, while the worker reads on (one at a time); the first
-        // commit's and the last one's go in the batch's transaction.
-        let background = checkpoint_due && !final_commit && self.committed.is_some();
-        if checkpoint_due && !background {
-            self.settle_checkpoint(true);
-        }
-        let checkpoint = (checkpoint_due && !background).then(|| self.work.checkpoint());
+        let checkpoint = (place == Some(CheckpointPlace::InBatch)).then(|| self.work.checkpoint());
         let (rollups, budgets, addresses, sources) = match &self.work {
             Work::Gateway(g) => (g.rollups.rows(), g.budget_rows(), Vec::new(), Vec::new()),
             Work::Subjects(s) => (&[][..], Vec::new(), s.address_rows(), s.source_rows()),
@@ -576,14 +567,10 @@ impl<'s> PartitionWorker<'s> {
             o.committed = next_offset;
         }
         if let Some(cp) = &checkpoint {
-            m.checkpoint_bytes
-                .fetch_add(cp.bytes() as u64, Ordering::Relaxed);
-            m.checkpoint_entries
-                .fetch_add(cp.changed.len() as u64, Ordering::Relaxed);
             self.last_checkpoint = Instant::now();
-            self.checkpoint_at = Some(next_offset);
+            self.checkpoint_stored(next_offset, cp.bytes() as u64, cp.changed.len() as u64);
         }
-        if background && self.pending_checkpoint.is_none() {
+        if place == Some(CheckpointPlace::Behind) {
             self.store_checkpoint_behind(next_offset);
         }
         self.committed = Some(next_offset);
@@ -669,26 +656,14 @@ impl<'s> PartitionWorker<'s> {
         self.last_checkpoint = Instant::now();
     }
 
-    /// Takes in the outcome of a checkpoint stored behind, if it is done
-    /// (or, with `wait`, once it is). One that was not stored makes the
-    /// next checkpoint full.
-    fn settle_checkpoint(&mut self, wait: bool) {
-        let Some((at, task)) = self.pending_checkpoint.take() else {
+    /// Takes in the outcome of a checkpoint stored behind, if it is done.
+    /// One that was not stored makes the next checkpoint full.
+    fn settle_checkpoint(&mut self) {
+        let Some((at, task)) = self.pending_checkpoint.take_if(|(_, t)| t.is_finished()) else {
             return;
         };
-        if !wait && !task.is_finished() {
-            self.pending_checkpoint = Some((at, task));
-            return;
-        }
-        let outcome = self.shared.rt.block_on(task);
-        let m = &self.shared.metrics;
-        match outcome {
-            Ok(Ok((true, bytes, entries))) => {
-                m.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
-                m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
-                self.checkpoint_at = Some(at);
-                return;
-            }
+        match self.shared.rt.block_on(task) {
+            Ok(Ok((true, bytes, entries))) => return self.checkpoint_stored(at, bytes, entries),
             Ok(Ok((false, ..))) => self.part().checkpoint_superseded(at),
             Ok(Err(e)) => self.part().checkpoint_failed(at, &e.detail()),
             Err(e) => self.part().checkpoint_failed(at, &e.to_string()),
@@ -696,6 +671,14 @@ impl<'s> PartitionWorker<'s> {
         if let Work::Gateway(g) = &mut self.work {
             g.engine.checkpoint_lost();
         }
+    }
+
+    /// A checkpoint valid at `at` is stored (`bytes` and `entries` written).
+    fn checkpoint_stored(&mut self, at: i64, bytes: u64, entries: u64) {
+        let m = &self.shared.metrics;
+        m.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
+        m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
+        self.checkpoint_at = Some(at);
     }
 
     /// Writes the batch's projection frames to the second stage's topic and
