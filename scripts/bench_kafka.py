@@ -44,7 +44,9 @@ except ImportError:
     sys.exit("bench-kafka: confluent-kafka is missing: python3 -m pip install confluent-kafka")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "keywatch")
+# KW_BENCH_KEYWATCH runs another build (an A/B against an older commit's
+# binary, say); the default is this checkout's release build.
+BIN = os.environ.get("KW_BENCH_KEYWATCH") or os.path.join(ROOT, "target", "release", "keywatch")
 TOPIC = "gw"
 DLQ = "gw-dlq"
 # keywatch's fetch.wait.max.ms is 100; KW_BENCH_FETCH_WAIT_MS changes it for

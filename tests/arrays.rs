@@ -358,8 +358,11 @@ fn sigkill_mid_array_loses_and_doubles_no_element() {
     );
     let cfg = run_config_with(&dir, &broker, TOPIC, &db, &extra, &settings(86_400_000));
     let mut run = start_run(&cfg, &log);
+    // Read to the end, and each partition's first batch landed (the
+    // committer writes it while the worker reads on).
     wait_until("the first run did not read every element", || {
         metric(port, "keywatch_array_records_total") >= first_pieces as f64
+            && committed(&db).len() == PARTITIONS as usize
     });
     run.kill9();
     let at_kill = committed(&db);

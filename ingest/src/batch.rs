@@ -1,5 +1,5 @@
-//! What one batch accumulates before its commit: per-minute rollups, the
-//! lake rows, and the alerts. Pure bookkeeping, shared by the Kafka
+//! What one batch accumulates before its commit: per-minute rollups (the
+//! lake's rows are built by [`storage::LakeRows`]). Pure bookkeeping, shared by the Kafka
 //! pipeline and by anything that must compute the same rollups offline
 //! (tests compare the two).
 
@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use detectors::hash::{combine, stable_hash};
 use detectors::time::MINUTE_MS;
 use detectors::{Event, StableBuild};
-use storage::parquet::EventRow;
 use storage::RollupRow;
 
 /// Per-(user, key, minute) sums. Rows are allocated once per group, not per
@@ -112,51 +111,6 @@ impl Rollups {
             e.latency_sum_ms += r.latency_sum_ms;
             e.latency_max_ms = e.latency_max_ms.max(r.latency_max_ms);
         }
-    }
-}
-
-/// Where a record came from, as its lake row names it: its message's
-/// offset, its index in the message's array, the format it was read as.
-#[derive(Clone, Copy, Debug)]
-pub struct RowOrigin {
-    /// The message's Kafka offset.
-    pub offset: i64,
-    /// The record's index in the message's JSON array, if it held one.
-    pub element: Option<u32>,
-    /// The format the record was read as.
-    pub format: detectors::decode::Format,
-}
-
-/// The lake's row for a decoded record (no prompt text or raw key ever
-/// reaches here: the decoder dropped them).
-pub fn event_row(ev: &Event<'_>, at: RowOrigin, duplicate: bool) -> EventRow {
-    let offset = at.offset;
-    EventRow {
-        element: at.element,
-        format: at.format.as_str(),
-        ts_ms: ev.ts_ms,
-        request_id: ev.request_id.to_string(),
-        phase: ev.phase.as_str(),
-        user_id: ev.user_id.to_string(),
-        key_id: ev.key_id.to_string(),
-        tier: ev.tier.as_deref().map(str::to_string),
-        ip: ev.ip.map(|ip| ip.to_string()),
-        asn: ev.asn,
-        endpoint: ev.endpoint.as_deref().map(str::to_string),
-        model: ev.model.as_deref().map(str::to_string),
-        status: ev.status,
-        prompt_tokens: ev.prompt_tokens,
-        completion_tokens: ev.completion_tokens,
-        cost_usd: ev.cost_usd,
-        latency_ms: ev.latency_ms,
-        prompt_fingerprint: ev.prompt_fingerprint.as_deref().map(str::to_string),
-        offset,
-        duplicate,
-        repaired: (ev.repaired != 0).then(|| {
-            detectors::decode::repaired_fields(ev.repaired)
-                .collect::<Vec<_>>()
-                .join(",")
-        }),
     }
 }
 

@@ -58,7 +58,7 @@ mod store;
 
 pub use error::StorageError;
 pub use memory::{Backend, MemoryStore};
-pub use parquet::{existing_batch_end, write_batch, EventRow};
+pub use parquet::{existing_batch_end, write_batch, LakeRows, RowOrigin};
 pub use store::{
     AddressRow, BatchCommit, BudgetRow, CheckpointWrite, PartitionStart, RollupRow, SourceRow,
     Store,

@@ -45,6 +45,7 @@
 //! Token counts are `u64` in memory and Int64 in the file (every lake engine
 //! reads signed 64-bit integers; no token count comes near 2^63).
 
+use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -54,59 +55,171 @@ use std::sync::{Arc, OnceLock};
 use ::parquet::arrow::ArrowWriter;
 use ::parquet::basic::{Compression, ZstdLevel};
 use ::parquet::file::properties::WriterProperties;
-use arrow_array::{
-    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMillisecondArray, UInt16Array, UInt32Array,
+use arrow_array::builder::{
+    ArrayBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder, UInt16Builder, UInt32Builder,
 };
+use arrow_array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use detectors::decode::Format;
+use detectors::Event;
 
 use crate::error::StorageError;
 
-/// One event as the lake stores it (no prompt text, no raw keys: the decoder never keeps them).
-#[derive(Clone, Debug, PartialEq)]
-pub struct EventRow {
-    /// Event time, Unix milliseconds.
-    pub ts_ms: i64,
-    /// The gateway's request id.
-    pub request_id: String,
-    /// `exchange`, `request` or `response`.
-    pub phase: &'static str,
-    /// The account.
-    pub user_id: String,
-    /// The key id.
-    pub key_id: String,
-    /// The tier the record named.
-    pub tier: Option<String>,
-    /// Client address.
-    pub ip: Option<String>,
-    /// Client network.
-    pub asn: Option<u32>,
-    /// API endpoint.
-    pub endpoint: Option<String>,
-    /// Model name.
-    pub model: Option<String>,
-    /// HTTP status.
-    pub status: Option<u16>,
-    /// Input tokens counted by this record.
-    pub prompt_tokens: u64,
-    /// Output tokens counted by this record.
-    pub completion_tokens: u64,
-    /// Cost in US dollars.
-    pub cost_usd: Option<f64>,
-    /// Response latency, milliseconds.
-    pub latency_ms: Option<u64>,
-    /// Keyed hash of the prompt.
-    pub prompt_fingerprint: Option<String>,
-    /// The record's Kafka offset.
+/// Where a lake row's record came from: its message's offset, its index in
+/// the message's JSON array, the format it was read as.
+#[derive(Clone, Copy, Debug)]
+pub struct RowOrigin {
+    /// The message's Kafka offset.
     pub offset: i64,
-    /// A repeat that the detectors ignored.
-    pub duplicate: bool,
-    /// Descriptive fields cut or dropped by the decoder, comma-separated.
-    pub repaired: Option<String>,
-    /// The record's index in its message's JSON array, if the message held one.
+    /// The record's index in the message's JSON array, if it held one.
     pub element: Option<u32>,
-    /// The log format the record was read as.
-    pub format: &'static str,
+    /// The format the record was read as.
+    pub format: Format,
+}
+
+/// A batch's lake rows, built column by column as its events are counted:
+/// each value goes straight from the decoded event into its Arrow column
+/// (no row structs, no owned strings per record), and [`LakeRows::finish`]
+/// hands the columns over as one record batch, leaving the builder empty
+/// for the next batch. No prompt text and no raw keys: the decoder never
+/// keeps them.
+pub struct LakeRows {
+    ts: TimestampMillisecondBuilder,
+    request_id: StringBuilder,
+    phase: StringBuilder,
+    user_id: StringBuilder,
+    key_id: StringBuilder,
+    tier: StringBuilder,
+    ip: StringBuilder,
+    asn: UInt32Builder,
+    endpoint: StringBuilder,
+    model: StringBuilder,
+    status: UInt16Builder,
+    prompt_tokens: Int64Builder,
+    completion_tokens: Int64Builder,
+    cost_usd: Float64Builder,
+    latency_ms: Int64Builder,
+    prompt_fingerprint: StringBuilder,
+    offset: Int64Builder,
+    duplicate: BooleanBuilder,
+    repaired: StringBuilder,
+    element: UInt32Builder,
+    format: StringBuilder,
+}
+
+impl Default for LakeRows {
+    fn default() -> Self {
+        LakeRows {
+            ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            request_id: StringBuilder::new(),
+            phase: StringBuilder::new(),
+            user_id: StringBuilder::new(),
+            key_id: StringBuilder::new(),
+            tier: StringBuilder::new(),
+            ip: StringBuilder::new(),
+            asn: UInt32Builder::new(),
+            endpoint: StringBuilder::new(),
+            model: StringBuilder::new(),
+            status: UInt16Builder::new(),
+            prompt_tokens: Int64Builder::new(),
+            completion_tokens: Int64Builder::new(),
+            cost_usd: Float64Builder::new(),
+            latency_ms: Int64Builder::new(),
+            prompt_fingerprint: StringBuilder::new(),
+            offset: Int64Builder::new(),
+            duplicate: BooleanBuilder::new(),
+            repaired: StringBuilder::new(),
+            element: UInt32Builder::new(),
+            format: StringBuilder::new(),
+        }
+    }
+}
+
+impl LakeRows {
+    /// Adds a decoded record's row.
+    pub fn push(&mut self, ev: &Event<'_>, at: RowOrigin, duplicate: bool) {
+        // Saturate rather than wrap; see the module docs.
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.ts.append_value(ev.ts_ms);
+        self.request_id.append_value(&ev.request_id);
+        self.phase.append_value(ev.phase.as_str());
+        self.user_id.append_value(&ev.user_id);
+        self.key_id.append_value(&ev.key_id);
+        self.tier.append_option(ev.tier.as_deref());
+        match ev.ip {
+            Some(ip) => {
+                // Written in place: an address's text is never its own String.
+                let _ = write!(self.ip, "{ip}");
+                self.ip.append_value("");
+            }
+            None => self.ip.append_null(),
+        }
+        self.asn.append_option(ev.asn);
+        self.endpoint.append_option(ev.endpoint.as_deref());
+        self.model.append_option(ev.model.as_deref());
+        self.status.append_option(ev.status);
+        self.prompt_tokens.append_value(signed(ev.prompt_tokens));
+        self.completion_tokens
+            .append_value(signed(ev.completion_tokens));
+        self.cost_usd.append_option(ev.cost_usd);
+        self.latency_ms.append_option(ev.latency_ms.map(signed));
+        self.prompt_fingerprint
+            .append_option(ev.prompt_fingerprint.as_deref());
+        self.offset.append_value(at.offset);
+        self.duplicate.append_value(duplicate);
+        if ev.repaired == 0 {
+            self.repaired.append_null();
+        } else {
+            for (i, field) in detectors::decode::repaired_fields(ev.repaired).enumerate() {
+                let _ = write!(self.repaired, "{}{field}", if i == 0 { "" } else { "," });
+            }
+            self.repaired.append_value("");
+        }
+        self.element.append_option(at.element);
+        self.format.append_value(at.format.as_str());
+    }
+
+    /// How many rows were added since the last [`LakeRows::finish`].
+    pub fn len(&self) -> usize {
+        self.ts.len()
+    }
+
+    /// Whether no row was added since the last [`LakeRows::finish`].
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows so far as one record batch of [`event_schema`], in the
+    /// order they were added; the builder is empty after.
+    pub fn finish(&mut self) -> RecordBatch {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.ts.finish()),
+            Arc::new(self.request_id.finish()),
+            Arc::new(self.phase.finish()),
+            Arc::new(self.user_id.finish()),
+            Arc::new(self.key_id.finish()),
+            Arc::new(self.tier.finish()),
+            Arc::new(self.ip.finish()),
+            Arc::new(self.asn.finish()),
+            Arc::new(self.endpoint.finish()),
+            Arc::new(self.model.finish()),
+            Arc::new(self.status.finish()),
+            Arc::new(self.prompt_tokens.finish()),
+            Arc::new(self.completion_tokens.finish()),
+            Arc::new(self.cost_usd.finish()),
+            Arc::new(self.latency_ms.finish()),
+            Arc::new(self.prompt_fingerprint.finish()),
+            Arc::new(self.offset.finish()),
+            Arc::new(self.duplicate.finish()),
+            Arc::new(self.repaired.finish()),
+            Arc::new(self.element.finish()),
+            Arc::new(self.format.finish()),
+        ];
+        RecordBatch::try_new(event_schema(), columns)
+            .expect("the builders make the schema's columns, of equal length")
+    }
 }
 
 /// The Arrow schema of a lake file (see the module docs for the table).
@@ -145,7 +258,8 @@ pub fn event_schema() -> SchemaRef {
         .clone()
 }
 
-/// Writes the batch's events as a zstd Parquet file
+/// Writes the batch's events (a record batch of [`event_schema`], as
+/// [`LakeRows::finish`] makes) as a zstd Parquet file
 /// `<dir>/dt=YYYY-MM-DD/<topic>-<partition>-<first_offset>-<last_offset>.parquet`
 /// (dt = UTC date of the first event, or of `fallback_day_ms` when `rows` is
 /// empty), atomically (temp file + fsync + rename), so writing the same range
@@ -160,11 +274,16 @@ pub fn write_batch(
     partition: i32,
     first_offset: i64,
     last_offset: i64,
-    rows: &[EventRow],
+    rows: &RecordBatch,
     fallback_day_ms: i64,
 ) -> Result<PathBuf, StorageError> {
     check_topic(dir, topic)?;
-    let day_ms = rows.first().map_or(fallback_day_ms, |r| r.ts_ms);
+    let day_ms = rows
+        .column(0)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .filter(|ts| !ts.is_empty())
+        .map_or(fallback_day_ms, |ts| ts.value(0));
     let day_dir = dir.join(day_dir_name(day_ms));
     if !day_dir.is_dir() {
         fs::create_dir_all(&day_dir).map_err(io_error(&day_dir))?;
@@ -306,12 +425,11 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 }
 
 /// Encodes `rows` into `path` and syncs it.
-fn write_file(path: &Path, rows: &[EventRow]) -> Result<(), StorageError> {
+fn write_file(path: &Path, batch: &RecordBatch) -> Result<(), StorageError> {
     let parquet_error = |source| StorageError::Parquet {
         path: path.to_path_buf(),
         source,
     };
-    let batch = record_batch(rows).map_err(|e| parquet_error(e.into()))?;
     let file = File::create(path).map_err(io_error(path))?;
     // zstd level 1: most of level 3's ratio on this data for a fraction of
     // the CPU, which the hot path shares with decoding and detection. Columns
@@ -337,8 +455,8 @@ fn write_file(path: &Path, rows: &[EventRow]) -> Result<(), StorageError> {
         .map_err(parquet_error)?;
     // An empty batch still gets a file: it carries the schema, and its name
     // records the offset range.
-    if !rows.is_empty() {
-        writer.write(&batch).map_err(parquet_error)?;
+    if batch.num_rows() > 0 {
+        writer.write(batch).map_err(parquet_error)?;
     }
     let mut out = writer.into_inner().map_err(parquet_error)?;
     out.flush().map_err(io_error(path))?;
@@ -348,66 +466,15 @@ fn write_file(path: &Path, rows: &[EventRow]) -> Result<(), StorageError> {
     file.sync_all().map_err(io_error(path))
 }
 
-/// The events as one Arrow record batch of [`event_schema`].
-fn record_batch(rows: &[EventRow]) -> Result<RecordBatch, arrow_schema::ArrowError> {
-    fn strings<'a>(rows: &'a [EventRow], f: impl Fn(&'a EventRow) -> &'a str) -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-    }
-    fn opt_strings<'a>(
-        rows: &'a [EventRow],
-        f: impl Fn(&'a EventRow) -> Option<&'a str>,
-    ) -> ArrayRef {
-        Arc::new(rows.iter().map(f).collect::<StringArray>())
-    }
-    // Saturate rather than wrap; see the module docs.
-    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(
-            TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.ts_ms))
-                .with_timezone("UTC"),
-        ),
-        strings(rows, |r| &r.request_id),
-        strings(rows, |r| r.phase),
-        strings(rows, |r| &r.user_id),
-        strings(rows, |r| &r.key_id),
-        opt_strings(rows, |r| r.tier.as_deref()),
-        opt_strings(rows, |r| r.ip.as_deref()),
-        Arc::new(rows.iter().map(|r| r.asn).collect::<UInt32Array>()),
-        opt_strings(rows, |r| r.endpoint.as_deref()),
-        opt_strings(rows, |r| r.model.as_deref()),
-        Arc::new(rows.iter().map(|r| r.status).collect::<UInt16Array>()),
-        Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| signed(r.prompt_tokens)),
-        )),
-        Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| signed(r.completion_tokens)),
-        )),
-        Arc::new(rows.iter().map(|r| r.cost_usd).collect::<Float64Array>()),
-        Arc::new(
-            rows.iter()
-                .map(|r| r.latency_ms.map(signed))
-                .collect::<Int64Array>(),
-        ),
-        opt_strings(rows, |r| r.prompt_fingerprint.as_deref()),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
-        Arc::new(
-            rows.iter()
-                .map(|r| Some(r.duplicate))
-                .collect::<BooleanArray>(),
-        ),
-        opt_strings(rows, |r| r.repaired.as_deref()),
-        Arc::new(rows.iter().map(|r| r.element).collect::<UInt32Array>()),
-        strings(rows, |r| r.format),
-    ];
-    RecordBatch::try_new(event_schema(), columns)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use ::parquet::file::reader::{FileReader, SerializedFileReader};
-    use arrow_array::Array;
+    use arrow_array::{
+        BooleanArray, Float64Array, Int64Array, StringArray, UInt16Array, UInt32Array,
+    };
+    use detectors::Phase;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -435,30 +502,44 @@ mod tests {
     /// 2026-11-23T14:02:11.120Z
     const TS: i64 = 1_795_442_531_120;
 
-    fn row(offset: i64) -> EventRow {
-        EventRow {
-            ts_ms: TS + offset * 1000,
-            request_id: format!("req-{offset}"),
-            phase: "exchange",
-            user_id: "acct_42".into(),
-            key_id: "kh_abc".into(),
-            tier: Some("pro".into()),
-            ip: Some("203.0.113.7".into()),
-            asn: Some(64_500),
-            endpoint: Some("/v1/chat/completions".into()),
-            model: Some("gpt-4o".into()),
-            status: Some(200),
-            prompt_tokens: 120,
-            completion_tokens: 80 + offset as u64,
-            cost_usd: Some(0.0015),
-            latency_ms: Some(900),
-            prompt_fingerprint: Some("pf_1".into()),
-            offset,
-            duplicate: false,
-            repaired: None,
-            element: None,
-            format: "canonical",
+    /// The lake rows of offsets `offsets`: one exchange each of account
+    /// `acct_42`, every field set, then changed by `edit` (the row's index,
+    /// its event, whether it is a duplicate).
+    fn rows(
+        offsets: std::ops::RangeInclusive<i64>,
+        edit: impl Fn(usize, &mut Event<'static>, &mut bool),
+    ) -> RecordBatch {
+        let mut lake = LakeRows::default();
+        for (i, offset) in offsets.enumerate() {
+            let mut ev = Event::new(TS + offset * 1000, "", "acct_42", "kh_abc");
+            ev.request_id = format!("req-{offset}").into();
+            ev.tier = Some("pro".into());
+            ev.ip = Some("203.0.113.7".parse().unwrap());
+            ev.asn = Some(64_500);
+            ev.endpoint = Some("/v1/chat/completions".into());
+            ev.model = Some("gpt-4o".into());
+            ev.status = Some(200);
+            ev.prompt_tokens = 120;
+            ev.completion_tokens = 80 + offset as u64;
+            ev.cost_usd = Some(0.0015);
+            ev.latency_ms = Some(900);
+            ev.prompt_fingerprint = Some("pf_1".into());
+            let mut duplicate = false;
+            edit(i, &mut ev, &mut duplicate);
+            let at = RowOrigin {
+                offset,
+                element: None,
+                format: Format::Canonical,
+            };
+            lake.push(&ev, at, duplicate);
         }
+        lake.finish()
+    }
+
+    fn as_is(_: usize, _: &mut Event<'static>, _: &mut bool) {}
+
+    fn empty() -> RecordBatch {
+        LakeRows::default().finish()
     }
 
     fn read(path: &Path) -> Vec<RecordBatch> {
@@ -481,16 +562,24 @@ mod tests {
     #[test]
     fn a_batch_reads_back_with_the_arrow_reader() {
         let dir = TempDir::new("read");
-        let mut rows: Vec<EventRow> = (100..=102).map(row).collect();
-        rows[1].phase = "request";
-        rows[1].asn = None;
-        rows[1].status = None;
-        rows[1].cost_usd = None;
-        rows[1].latency_ms = None;
-        rows[1].tier = None;
-        rows[2].duplicate = true;
-        rows[1].repaired = Some("user_agent,model".into());
-        rows[2].prompt_tokens = u64::MAX;
+        let rows = rows(100..=102, |i, ev, duplicate| match i {
+            1 => {
+                ev.phase = Phase::Request;
+                ev.asn = None;
+                ev.status = None;
+                ev.cost_usd = None;
+                ev.latency_ms = None;
+                ev.tier = None;
+                ev.ip = Some("2001:db8::7".parse().unwrap());
+                // user_agent and model (bits 10 and 12) were repaired.
+                ev.repaired = (1 << 10) | (1 << 12);
+            }
+            2 => {
+                *duplicate = true;
+                ev.prompt_tokens = u64::MAX;
+            }
+            _ => {}
+        });
 
         let path = write_batch(&dir.0, "gateway-logs", 3, 100, 102, &rows, 0).unwrap();
         assert_eq!(
@@ -537,6 +626,12 @@ mod tests {
         let dup = col("duplicate");
         let dup = dup.as_any().downcast_ref::<BooleanArray>().unwrap();
         assert_eq!((dup.value(0), dup.value(2)), (false, true));
+        let ip = col("ip");
+        let ip = ip.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!((ip.value(0), ip.value(1)), ("203.0.113.7", "2001:db8::7"));
+        let format = col("format");
+        let format = format.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(format.value(2), "canonical");
         let repaired = col("repaired");
         let repaired = repaired.as_any().downcast_ref::<StringArray>().unwrap();
         assert_eq!(
@@ -556,10 +651,13 @@ mod tests {
     #[test]
     fn rewriting_a_range_replaces_its_file() {
         let dir = TempDir::new("rewrite");
-        let first: Vec<EventRow> = (0..10).map(row).collect();
+        let first = rows(0..=9, as_is);
         let p1 = write_batch(&dir.0, "t", 0, 0, 9, &first, 0).unwrap();
-        let mut second = first.clone();
-        second[0].user_id = "acct_7".into();
+        let second = rows(0..=9, |i, ev, _| {
+            if i == 0 {
+                ev.user_id = "acct_7".into();
+            }
+        });
         let p2 = write_batch(&dir.0, "t", 0, 0, 9, &second, 0).unwrap();
         assert_eq!(p1, p2);
         assert_eq!(files(&dir.0), vec![p1.clone()], "one file, no temporaries");
@@ -577,7 +675,7 @@ mod tests {
     #[test]
     fn an_empty_batch_is_filed_under_the_fallback_day() {
         let dir = TempDir::new("empty");
-        let path = write_batch(&dir.0, "t", 1, 5, 9, &[], 86_400_000 * 2 + 1).unwrap();
+        let path = write_batch(&dir.0, "t", 1, 5, 9, &empty(), 86_400_000 * 2 + 1).unwrap();
         assert_eq!(path, dir.0.join("dt=1970-01-03").join("t-1-5-9.parquet"));
         assert_eq!(read(&path).iter().map(|b| b.num_rows()).sum::<usize>(), 0);
     }
@@ -591,15 +689,18 @@ mod tests {
         );
         assert_eq!(existing_batch_end(&dir.0, "t", 0, 0).unwrap(), None);
 
-        let day1: Vec<EventRow> = (100..=200).map(row).collect();
-        let mut day2: Vec<EventRow> = (201..=300).map(row).collect();
-        day2[0].ts_ms += 86_400_000;
+        let day1 = rows(100..=200, as_is);
+        let day2 = rows(201..=300, |i, ev, _| {
+            if i == 0 {
+                ev.ts_ms += 86_400_000;
+            }
+        });
         write_batch(&dir.0, "t", 0, 100, 200, &day1, 0).unwrap();
         write_batch(&dir.0, "t", 0, 201, 300, &day2, 0).unwrap();
         // Look-alikes that must not match: another partition, a topic whose
         // name extends ours, and stray files.
-        write_batch(&dir.0, "t", 1, 100, 150, &day1[..51], 0).unwrap();
-        write_batch(&dir.0, "t-0-100", 7, 8, 9, &[], TS).unwrap();
+        write_batch(&dir.0, "t", 1, 100, 150, &day1.slice(0, 51), 0).unwrap();
+        write_batch(&dir.0, "t-0-100", 7, 8, 9, &empty(), TS).unwrap();
         fs::write(dir.0.join("dt=2026-11-23").join("t-0-100-.parquet"), b"").unwrap();
         fs::write(dir.0.join("README"), b"").unwrap();
 
@@ -623,7 +724,7 @@ mod tests {
     fn illegal_topic_names_are_refused() {
         let dir = TempDir::new("topic");
         for topic in ["", "..", "a/b", "../x", "a b"] {
-            let err = write_batch(&dir.0, topic, 0, 0, 0, &[], 0).unwrap_err();
+            let err = write_batch(&dir.0, topic, 0, 0, 0, &empty(), 0).unwrap_err();
             assert!(matches!(err, StorageError::Io { .. }), "{topic:?}: {err}");
             assert!(existing_batch_end(&dir.0, topic, 0, 0).is_err());
         }

@@ -42,6 +42,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "checkpoint entries",
         include_str!("../migrations/0005_checkpoint_entries.sql"),
     ),
+    (
+        6,
+        "rollup fillfactor",
+        include_str!("../migrations/0006_rollup_fillfactor.sql"),
+    ),
 ];
 
 /// The compiled-in migrations as a sqlx migration source.

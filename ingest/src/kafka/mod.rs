@@ -34,8 +34,11 @@
 //! is simplest and safest from plain threads driving a tokio runtime by
 //! handle. Each worker reads its own partition queue
 //! (`split_partition_queue`, split off before the partition is assigned so
-//! no record ever reaches the main queue), holds one batch, and does not
-//! read on while that batch commits: that is the backpressure.
+//! no record ever reaches the main queue) and holds one batch; a closed
+//! batch goes to the partition's committer thread, which writes it while
+//! the worker reads the next. One batch in flight at most: a worker waits
+//! for it to land before it hands over the next, and that is the
+//! backpressure.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,20 +60,23 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use storage::{
-    AddressRow, Backend, BatchCommit, BudgetRow, CheckpointWrite, SourceRow, StorageError,
+    AddressRow, Backend, BatchCommit, BudgetRow, CheckpointWrite, LakeRows, RowOrigin, SourceRow,
+    StorageError,
 };
 
-use crate::batch::{event_row, Rollups, RowOrigin};
+use crate::batch::Rollups;
 use crate::config::{KafkaConfig, PipelineConfig};
 pub use crate::telemetry::PipelineMetrics;
 
 use crate::telemetry::{self, Part, PartitionOffsets};
 
+mod committer;
 mod decide;
 mod rebalance;
 mod redact;
 mod worker;
 
+use committer::{Closed, Committer, Landing};
 use decide::{CheckpointPlace, CommitRange, Seek};
 use rebalance::*;
 use redact::OVERSIZE_KEPT;

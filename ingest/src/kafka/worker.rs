@@ -1,7 +1,8 @@
 //! One partition's worker: reads its partition queue, runs each record
-//! through its stage's engine, holds one batch, and commits it (dead
-//! letters and projections acknowledged, the Parquet file, one Postgres
-//! transaction) before it reads on.
+//! through its stage's engine, holds one batch, and hands it, closed, to
+//! its committer ([`super::committer`]: dead letters and projections
+//! acknowledged, the Parquet file, one Postgres transaction), reading on
+//! while it is written; the next batch waits for that one to land.
 //!
 //! The bookkeeping (where the partition resumes, what a batch covers, the
 //! fence, retries) is the same for both stages; what a record *is* differs
@@ -12,12 +13,12 @@ use super::*;
 
 /// One dead-letter record waiting for its acknowledgement.
 pub(super) struct DeadLetter {
-    payload: Vec<u8>,
-    key: Option<Vec<u8>>,
-    offset: i64,
+    pub(super) payload: Vec<u8>,
+    pub(super) key: Option<Vec<u8>>,
+    pub(super) offset: i64,
     /// Its index in its message's JSON array.
-    element: Option<u32>,
-    error: String,
+    pub(super) element: Option<u32>,
+    pub(super) error: String,
 }
 
 /// Stage one's work on a partition of gateway records.
@@ -27,7 +28,9 @@ pub(super) struct GatewayWork {
     /// The format of this topic's records.
     format: Format,
     rollups: Rollups,
-    lake: Vec<storage::parquet::EventRow>,
+    /// The rollups of the batch last landed, emptied, for the next batch.
+    spare_rollups: Option<Rollups>,
+    lake: LakeRows,
     /// Whether there is a lake (`pipeline.parquet_dir`).
     lake_on: bool,
     /// The batch's projections for the second stage (None: it is off).
@@ -75,6 +78,14 @@ pub(super) enum Restored {
 /// and entries.
 type CheckpointTask = tokio::task::JoinHandle<Result<(bool, u64, u64), StorageError>>;
 
+/// The worker's line to its committer.
+struct Link {
+    batches: std::sync::mpsc::SyncSender<Box<Closed>>,
+    landings: std::sync::mpsc::Receiver<Landing>,
+    /// A batch was handed over and has not landed yet.
+    in_flight: bool,
+}
+
 /// The state of one partition's worker.
 pub(super) struct PartitionWorker<'s> {
     shared: &'s Shared,
@@ -97,7 +108,11 @@ pub(super) struct PartitionWorker<'s> {
     alerts: Vec<Alert>,
     scratch: Vec<Alert>,
     dead: Vec<DeadLetter>,
+    /// The partition reads no further: a batch was fenced, stalled, or
+    /// left unwritten at a stop.
     fenced: bool,
+    /// The committer, while [`PartitionWorker::run`] runs.
+    link: Option<Link>,
     /// The first batch after assignment has been opened.
     resumed: bool,
     /// The first record after assignment was the one asked for.
@@ -150,7 +165,8 @@ impl<'s> PartitionWorker<'s> {
                     decoder: shared.decoder.clone(),
                     format: shared.kafka.format_of(&topic),
                     rollups: Rollups::default(),
-                    lake: Vec::new(),
+                    spare_rollups: None,
+                    lake: LakeRows::default(),
                     lake_on: shared.pipeline.parquet_dir.is_some(),
                     frames,
                     topic_partitions: shared.partitions_of(&topic).max(partition as u32 + 1),
@@ -191,6 +207,7 @@ impl<'s> PartitionWorker<'s> {
             scratch: Vec::new(),
             dead: Vec::new(),
             fenced: false,
+            link: None,
             resumed: false,
             resume_verified: false,
             rewinds: 0,
@@ -199,7 +216,40 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
+    /// Reads the partition until it is stopped or fenced, its batches
+    /// written by a committer thread of its own.
     pub(super) fn run(
+        &mut self,
+        queue: rdkafka::consumer::base_consumer::PartitionQueue<PipelineContext>,
+    ) {
+        // One batch waits in the channel at most, and the worker sends one
+        // only after the one before landed.
+        let (batches, inbox) = std::sync::mpsc::sync_channel(1);
+        let (outbox, landings) = std::sync::mpsc::channel();
+        let committer = Committer {
+            shared: self.shared,
+            topic: self.topic.clone(),
+            partition: self.partition,
+            stop: Arc::clone(&self.stop),
+        };
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name(format!("kw-{}-{}-c", self.topic, self.partition))
+                .spawn_scoped(s, move || committer.serve(inbox, outbox))
+                .expect("spawning a partition's committer");
+            self.link = Some(Link {
+                batches,
+                landings,
+                in_flight: false,
+            });
+            self.consume(queue);
+            // Hanging up ends the committer's loop; nothing is in flight.
+            self.link = None;
+        });
+    }
+
+    /// The read loop: records into batches, batches to the committer.
+    fn consume(
         &mut self,
         queue: rdkafka::consumer::base_consumer::PartitionQueue<PipelineContext>,
     ) {
@@ -222,6 +272,7 @@ impl<'s> PartitionWorker<'s> {
                 Some(Err(e)) => self.part().consume_error(&e),
                 None => {}
             }
+            self.settle(false);
             if self.fenced {
                 return;
             }
@@ -236,7 +287,7 @@ impl<'s> PartitionWorker<'s> {
                 if self.fenced {
                     return;
                 }
-            } else if self.first.is_none() {
+            } else if self.first.is_none() && !self.in_flight() {
                 self.heartbeat();
             }
         }
@@ -452,11 +503,20 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
-    /// Writes the batch: dead letters and projections (acknowledged), the
-    /// Parquet file, then one Postgres transaction. Retries until it
-    /// succeeds, the partition is fenced, or a stop is requested (then
-    /// nothing is committed and the next owner re-reads the batch).
+    /// Whether a batch was handed to the committer and has not landed.
+    fn in_flight(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.in_flight)
+    }
+
+    /// Closes the open batch and hands it to the committer, after the one
+    /// before has landed (if that one did not, the worker stops: see
+    /// [`Landing::Abandoned`]). The last commit (`final_commit`) also waits
+    /// for its own.
     fn commit(&mut self, final_commit: bool) {
+        self.settle(true);
+        if self.fenced {
+            return;
+        }
         // A checkpoint stored behind: its outcome first.
         self.settle_checkpoint();
         let place = decide::checkpoint_place(
@@ -466,18 +526,14 @@ impl<'s> PartitionWorker<'s> {
             self.last_checkpoint.elapsed(),
             Duration::from_secs(self.shared.pipeline.checkpoint_interval_secs),
         );
-        let Some(CommitRange {
-            start: start_offset,
-            next: next_offset,
-        }) = decide::commit_range(
+        let Some(range) = decide::commit_range(
             self.first,
             self.last,
             self.committed,
             final_commit,
             self.checkpoint_at,
             self.next_expected,
-        )
-        else {
+        ) else {
             return;
         };
         if final_commit && self.rewrite() == Some(false) {
@@ -486,157 +542,103 @@ impl<'s> PartitionWorker<'s> {
             // re-reads the batch instead.
             return;
         }
-        let started = Instant::now();
-        if !self.send_dead_letters() {
+        let closed = self.close(range, place);
+        let link = self.link.as_mut().expect("commit runs inside run");
+        if link.batches.send(closed).is_err() {
+            // The committer is gone (it panicked): nothing more can land.
+            self.fenced = true;
             return;
         }
-        if !self.send_projections() {
-            return;
+        link.in_flight = true;
+        if final_commit {
+            self.settle(true);
         }
-        if let (Work::Gateway(g), Some(first)) = (&self.work, self.first) {
-            if !self.write_lake(g, first) {
-                return;
-            }
-        }
+    }
+
+    /// Takes the open batch out of the worker, owned, and opens the next.
+    fn close(&mut self, range: CommitRange, place: Option<CheckpointPlace>) -> Box<Closed> {
+        let offsets = self.first.map(|first| (first, self.last));
         let checkpoint = (place == Some(CheckpointPlace::InBatch)).then(|| self.work.checkpoint());
-        let (rollups, budgets, addresses, sources) = match &self.work {
-            Work::Gateway(g) => (g.rollups.rows(), g.budget_rows(), Vec::new(), Vec::new()),
-            Work::Subjects(s) => (&[][..], Vec::new(), s.address_rows(), s.source_rows()),
+        let behind = (place == Some(CheckpointPlace::Behind)).then(|| self.work.checkpoint());
+        let mut c = Closed {
+            range,
+            offsets,
+            dead: std::mem::take(&mut self.dead),
+            frames: None,
+            lake: None,
+            rollups: Rollups::default(),
+            budgets: Vec::new(),
+            addresses: Vec::new(),
+            sources: Vec::new(),
+            alerts: std::mem::take(&mut self.alerts),
+            checkpoint,
+            behind,
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let batch = BatchCommit {
-                topic: &self.topic,
-                partition: self.partition,
-                start_offset,
-                next_offset,
-                rollups,
-                alerts: &self.alerts,
-                checkpoint: checkpoint.as_ref(),
-                budgets: &budgets,
-                addresses: &addresses,
-                sources: &sources,
-            };
-            match self
-                .shared
-                .rt
-                .block_on(self.shared.store.commit_batch(&batch))
-            {
-                Ok(()) => break,
-                Err(StorageError::Fenced { stored, .. }) => {
-                    self.part()
-                        .fenced(&self.shared.metrics, stored, start_offset);
-                    self.fenced = true;
-                    return;
+        match &mut self.work {
+            Work::Gateway(g) => {
+                if g.frames.is_some() {
+                    let entries = g.frames.as_ref().map_or(0, FrameWriter::entries);
+                    c.frames = Some((g.finish_frames(&self.topic, self.partition, false), entries));
+                    g.last_frame = Instant::now();
+                    g.idle_sent = false;
                 }
-                Err(e) if e.is_transient() => {
-                    self.part().commit_retry(&e.detail());
-                    if !self.backoff(&mut backoff) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // Retrying the same batch would fail the same way, and skipping
-                    // it would lose data: the partition stops advancing, loudly.
-                    self.part()
-                        .stalled(&self.shared.metrics, start_offset, &e.detail());
-                    self.fenced = true;
-                    return;
-                }
+                c.lake = (!g.lake.is_empty()).then(|| g.lake.finish());
+                c.budgets = g.budget_rows();
+                let next = g.spare_rollups.take().unwrap_or_default();
+                c.rollups = std::mem::replace(&mut g.rollups, next);
+            }
+            Work::Subjects(s) => {
+                c.addresses = s.address_rows();
+                c.sources = s.source_rows();
+                s.rollups.clear();
             }
         }
-        let m = &self.shared.metrics;
-        m.batches.fetch_add(1, Ordering::Relaxed);
-        m.alerts
-            .fetch_add(self.alerts.len() as u64, Ordering::Relaxed);
-        m.last_commit_ms
-            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        m.commit_seconds.observe(started.elapsed());
-        if !self.alerts.is_empty() {
-            let mut by_kind = m.alerts_by_kind.lock().expect("metrics lock");
-            for a in &self.alerts {
-                *by_kind.entry(a.kind.as_str()).or_default() += 1;
-            }
-        }
-        if let Some(o) = m
-            .offsets
-            .lock()
-            .expect("metrics lock")
-            .get_mut(&(self.topic.clone(), self.partition))
-        {
-            o.committed = next_offset;
-        }
-        if let Some(cp) = &checkpoint {
-            self.last_checkpoint = Instant::now();
-            self.checkpoint_stored(next_offset, cp.bytes() as u64, cp.changed.len() as u64);
-        }
-        if place == Some(CheckpointPlace::Behind) {
-            self.store_checkpoint_behind(next_offset);
-        }
-        self.committed = Some(next_offset);
         self.first = None;
         self.forced_end = None;
         self.counted = 0;
-        self.alerts.clear();
-        match &mut self.work {
-            Work::Gateway(g) => {
-                g.rollups.clear();
-                g.lake.clear();
-            }
-            Work::Subjects(s) => s.rollups.clear(),
-        }
+        Box::new(c)
     }
 
-    /// Writes the batch's Parquet file (none for a batch of nothing but dead
-    /// letters); false when a stop came while it kept failing.
-    fn write_lake(&self, g: &GatewayWork, first: i64) -> bool {
-        let Some(dir) = self
-            .shared
-            .pipeline
-            .parquet_dir
-            .as_ref()
-            .filter(|_| !g.lake.is_empty())
-        else {
-            return true;
+    /// Takes in the landing of the batch in flight: waits for it (`wait`)
+    /// or only looks. A committed batch moves the partition's offset (and
+    /// its checkpoint); one that did not land stops the worker.
+    fn settle(&mut self, wait: bool) {
+        let Some(link) = self.link.as_mut().filter(|l| l.in_flight) else {
+            return;
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match storage::parquet::write_batch(
-                dir,
-                &self.topic,
-                self.partition,
-                first,
-                self.last,
-                &g.lake,
-                0,
-            ) {
-                Ok(_) => return true,
-                Err(e) => {
-                    self.part().parquet_retry(&e.detail());
-                    if !self.backoff(&mut backoff) {
-                        return false;
-                    }
-                }
+        let landing = if wait {
+            link.landings.recv().ok()
+        } else {
+            match link.landings.try_recv() {
+                Ok(landing) => Some(landing),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
             }
+        };
+        link.in_flight = false;
+        let Some(Landing::Committed(mut c)) = landing else {
+            self.fenced = true;
+            return;
+        };
+        let at = c.range.next;
+        if let Some(cp) = &c.checkpoint {
+            self.last_checkpoint = Instant::now();
+            self.checkpoint_stored(at, cp.bytes() as u64, cp.changed.len() as u64);
+        }
+        if let Some(cp) = c.behind.take() {
+            self.store_checkpoint_behind(at, cp);
+        }
+        self.committed = Some(at);
+        if let Work::Gateway(g) = &mut self.work {
+            c.rollups.clear();
+            g.spare_rollups = Some(c.rollups);
         }
     }
 
-    /// Sleeps before a retry; false when a stop was requested instead.
-    fn backoff(&self, backoff: &mut Duration) -> bool {
-        self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
-        if self.stop.load(Ordering::Acquire) {
-            return false;
-        }
-        std::thread::sleep(*backoff);
-        *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        true
-    }
-
-    /// Takes a checkpoint of the engine at `at` (the batch ending there has
-    /// committed) and stores it on the runtime while the worker reads on:
-    /// on top of this worker's last one (`checkpoint_at`), else not at all.
-    fn store_checkpoint_behind(&mut self, at: i64) {
-        let cp = self.work.checkpoint();
+    /// Stores `cp`, the engine's checkpoint at `at` (the batch ending there
+    /// has committed), on the runtime while the worker reads on: on top of
+    /// this worker's last one (`checkpoint_at`), else not at all.
+    fn store_checkpoint_behind(&mut self, at: i64, cp: Checkpoint) {
         let store = self.shared.store.clone();
         let (topic, partition, previous) = (self.topic.clone(), self.partition, self.checkpoint_at);
         let pace = Some(self.shared.pipeline.checkpoint_write_mb_per_sec * 1_000_000);
@@ -679,104 +681,6 @@ impl<'s> PartitionWorker<'s> {
         m.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
         m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
         self.checkpoint_at = Some(at);
-    }
-
-    /// Writes the batch's projection frames to the second stage's topic and
-    /// waits for every acknowledgement (as dead letters): the batch commits
-    /// only once the second stage can see what it counted. Every stage-two
-    /// partition gets a frame, empty or not: it carries this source's event
-    /// time.
-    fn send_projections(&mut self) -> bool {
-        let Work::Gateway(g) = &mut self.work else {
-            return true;
-        };
-        if g.frames.is_none() {
-            return true;
-        }
-        let entries = g.frames.as_ref().map_or(0, FrameWriter::entries);
-        let frames = g.finish_frames(&self.topic, self.partition, false);
-        g.last_frame = Instant::now();
-        g.idle_sent = false;
-        let mut backoff = Duration::from_millis(50);
-        while !self.shared.send_frames(&frames) {
-            self.part().projections_unacked(frames.len());
-            if !self.backoff(&mut backoff) {
-                return false;
-            }
-        }
-        self.shared
-            .metrics
-            .projections
-            .fetch_add(entries, Ordering::Relaxed);
-        true
-    }
-
-    /// Produces the batch's dead letters and waits for every acknowledgement.
-    fn send_dead_letters(&mut self) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        while !self.dead.is_empty() {
-            let partition = self.partition.to_string();
-            let mut pending = Vec::with_capacity(self.dead.len());
-            for d in &self.dead {
-                let offset = d.offset.to_string();
-                let element = d.element.map(|e| e.to_string());
-                let mut headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "keywatch.origin.topic",
-                        value: Some(self.topic.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "keywatch.origin.partition",
-                        value: Some(partition.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "keywatch.origin.offset",
-                        value: Some(offset.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "keywatch.error",
-                        value: Some(d.error.as_bytes()),
-                    });
-                if let Some(e) = &element {
-                    headers = headers.insert(Header {
-                        key: "keywatch.origin.element",
-                        value: Some(e.as_bytes()),
-                    });
-                }
-                let mut rec = FutureRecord::to(&self.shared.kafka.dead_letter_topic)
-                    .payload(&d.payload)
-                    .headers(headers);
-                if let Some(k) = &d.key {
-                    rec = rec.key(k);
-                }
-                pending.push(self.shared.producer.send_result(rec).map_err(|(e, _)| e));
-            }
-            let mut failed = Vec::new();
-            for (i, p) in pending.into_iter().enumerate() {
-                let ok = match p {
-                    Ok(fut) => matches!(self.shared.rt.block_on(fut), Ok(Ok(_))),
-                    Err(_) => false,
-                };
-                if !ok {
-                    failed.push(i);
-                }
-            }
-            if failed.is_empty() {
-                self.shared
-                    .metrics
-                    .dead_lettered
-                    .fetch_add(self.dead.len() as u64, Ordering::Relaxed);
-                self.dead.clear();
-                return true;
-            }
-            self.part()
-                .dead_letters_unacked(failed.len(), self.dead.len());
-            // Retry the whole set: a dead letter written twice is harmless, one lost is not.
-            if !self.backoff(&mut backoff) {
-                return false;
-            }
-        }
-        true
     }
 }
 
@@ -929,7 +833,7 @@ impl GatewayWork {
                 element,
                 format: read_as,
             };
-            self.lake.push(event_row(ev, at, duplicate));
+            self.lake.push(ev, at, duplicate);
         }
     }
 
