@@ -136,12 +136,7 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
     let run = start_pipeline(&rt, &bootstrap, &db, "kw-faults", pipeline);
     let metrics = Arc::clone(&run.metrics);
     // Let it get going, then take the broker away for a while.
-    let started = std::time::Instant::now();
-    while metrics.batches.load(Ordering::Relaxed) == 0
-        && started.elapsed() < Duration::from_secs(60)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    moved(&metrics.batches, Duration::from_secs(60));
     let read_before = metrics.records.load(Ordering::Relaxed);
     mock.broker_down(1).unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -155,6 +150,14 @@ fn broker_down_mid_stream_loses_and_doubles_nothing() {
     verify(&db, &exp, &dir, &bootstrap, "gw");
     assert_eq!(metrics.gaps.load(Ordering::Relaxed), 0);
     assert_eq!(metrics.unexpected.load(Ordering::Relaxed), 0);
+}
+
+/// Waits until `counter` is above zero, at most `limit`.
+fn moved(counter: &std::sync::atomic::AtomicU64, limit: Duration) {
+    let started = std::time::Instant::now();
+    while counter.load(Ordering::Relaxed) == 0 && started.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Reads `counter` until it has not moved for `quiet`, at most `limit`.
@@ -215,12 +218,7 @@ fn a_worker_reads_the_next_batch_while_one_commits_and_no_further() {
         .unwrap();
     let run = start_pipeline(&rt, &bootstrap, &db, "kw-cwr", pipeline);
     let metrics = Arc::clone(&run.metrics);
-    let started = std::time::Instant::now();
-    while metrics.records.load(Ordering::Relaxed) == 0
-        && started.elapsed() < Duration::from_secs(60)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    moved(&metrics.records, Duration::from_secs(60));
     let read = settled(
         &metrics.records,
         Duration::from_secs(2),
