@@ -190,10 +190,11 @@ impl Default for KafkaConfig {
     }
 }
 
-/// How partitions are worked. Each partition's worker holds one batch at a
-/// time and does not read on while that batch commits: memory per partition
-/// is bounded by `batch_max_records`, and a slow Postgres slows the read
-/// rather than growing a queue.
+/// How partitions are worked. Each partition's worker holds one open batch
+/// and hands it, closed, to its committer, reading on while that batch
+/// commits; it waits for that commit before it hands over the next, so
+/// memory per partition is bounded by two batches (`batch_max_records`
+/// each), and a slow Postgres slows the read rather than growing a queue.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {

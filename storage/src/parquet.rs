@@ -278,6 +278,15 @@ pub fn write_batch(
     fallback_day_ms: i64,
 ) -> Result<PathBuf, StorageError> {
     check_topic(dir, topic)?;
+    if rows.schema_ref() != &event_schema() {
+        return Err(StorageError::Parquet {
+            path: dir.to_path_buf(),
+            source: ::parquet::errors::ParquetError::General(format!(
+                "a lake batch must have the lake's schema (storage::parquet::event_schema), not {}",
+                rows.schema_ref()
+            )),
+        });
+    }
     let day_ms = rows
         .column(0)
         .as_any()
@@ -718,6 +727,23 @@ mod tests {
         assert_eq!(day_dir_name(-1), "dt=1969-12-31");
         assert_eq!(day_dir_name(TS), "dt=2026-11-23");
         assert_eq!(day_dir_name(1_709_164_800_000), "dt=2024-02-29");
+    }
+
+    #[test]
+    fn a_batch_of_another_schema_is_refused() {
+        let dir = TempDir::new("schema");
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("ts", DataType::Int64, false)])),
+            vec![Arc::new(Int64Array::from(vec![1]))],
+        )
+        .unwrap();
+        let err = write_batch(&dir.0, "t", 0, 0, 0, &other, 0).unwrap_err();
+        assert!(format!("{err:?}").contains("the lake's schema"), "{err:?}");
+        assert_eq!(
+            existing_batch_end(&dir.0, "t", 0, 0).unwrap(),
+            None,
+            "no file written"
+        );
     }
 
     #[test]

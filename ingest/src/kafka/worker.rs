@@ -232,7 +232,7 @@ impl<'s> PartitionWorker<'s> {
             partition: self.partition,
             stop: Arc::clone(&self.stop),
         };
-        std::thread::scope(|s| {
+        let read = std::thread::scope(|s| {
             std::thread::Builder::new()
                 .name(format!("kw-{}-{}-c", self.topic, self.partition))
                 .spawn_scoped(s, move || committer.serve(inbox, outbox))
@@ -242,10 +242,18 @@ impl<'s> PartitionWorker<'s> {
                 landings,
                 in_flight: false,
             });
-            self.consume(queue);
-            // Hanging up ends the committer's loop; nothing is in flight.
+            // A panic on the read path must still hang up: the scope waits
+            // for the committer, whose loop ends only when the worker does.
+            let read =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.consume(queue)));
+            // Hanging up ends the committer's loop (nothing is in flight
+            // after a normal return; after a panic, what is lands or not).
             self.link = None;
+            read
         });
+        if let Err(panic) = read {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     /// The read loop: records into batches, batches to the committer.
