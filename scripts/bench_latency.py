@@ -6,7 +6,7 @@ keywatch and installs what is missing:
 
 * `bash scripts/bench-latency [SECONDS] [RATE]` (mode `budget`, stage one):
   benign canonical records in real time at RATE records/s (default 50,000)
-  from 30,000 accounts over 6 partitions, and every second a new "burner"
+  from 100,000 accounts over 6 partitions, and every second a new "burner"
   account on the free tier ($1 a day) sending two records of $0.60: the
   second crosses 100% of its budget, which is one `budget_threshold` alert
   and one block in the feed. Measured per burner, from the produce time of
@@ -27,7 +27,10 @@ keywatch and installs what is missing:
 Both start tansu (in-memory) on a free loopback port with `gw` (6
 partitions), `gw-dlq` and the second stage's topic (6 partitions), and
 `keywatch run` (both stages, its feed on a free port with a gateway token)
-on a fresh database; everything shares the machine's cores.
+on a fresh database; everything shares the machine's cores. Knobs:
+KW_BENCH_CHECKPOINT_SECS, KW_BENCH_CHECKPOINT_MBPS and
+KW_BENCH_ROLLUP_FLUSH_SECS set `pipeline.checkpoint_interval_secs`,
+`checkpoint_write_mb_per_sec` and `rollup_flush_secs`.
 """
 
 import json
@@ -54,6 +57,7 @@ SUBJECTS = "keywatch.by-subject"
 CHECKPOINT_SECS = int(os.environ.get("KW_BENCH_CHECKPOINT_SECS", "60"))
 # pipeline.checkpoint_write_mb_per_sec (KW_BENCH_CHECKPOINT_MBPS; unset: keywatch's default).
 CHECKPOINT_MBPS = os.environ.get("KW_BENCH_CHECKPOINT_MBPS", "")
+ROLLUP_FLUSH = bk.ROLLUP_FLUSH  # KW_BENCH_ROLLUP_FLUSH_SECS
 
 
 def iso(ms):
@@ -116,6 +120,7 @@ topic = "{SUBJECTS}"
 batch_max_ms = 200
 checkpoint_interval_secs = {CHECKPOINT_SECS}
 {f"checkpoint_write_mb_per_sec = {CHECKPOINT_MBPS}" if CHECKPOINT_MBPS else ""}
+{f"rollup_flush_secs = {ROLLUP_FLUSH}" if ROLLUP_FLUSH else ""}
 parquet_dir = "{os.path.join(tmp, 'lake')}"
 
 [postgres]
@@ -323,7 +328,8 @@ def budget(addr, port, db_url, seconds, rate):
     print()
     print(f"keywatch end-to-end latency: bash scripts/bench-latency {seconds} {rate}")
     print(f"pipeline.batch_max_ms = 200, pipeline.checkpoint_interval_secs = {CHECKPOINT_SECS}, "
-          f"pipeline.checkpoint_write_mb_per_sec = {CHECKPOINT_MBPS or 'default'}")
+          f"pipeline.checkpoint_write_mb_per_sec = {CHECKPOINT_MBPS or 'default'}, "
+          f"pipeline.rollup_flush_secs = {ROLLUP_FLUSH or 'default'}")
     print(f"traffic: {n:,} benign records at {rate:,}/s asked ({n / seconds:,.0f}/s produced) from "
           f"{BUDGET_ACCOUNTS:,} accounts over 6 partitions, in real time, and {len(crossed)} burners "
           f"(free tier, two $0.60 records); request_spike prior_fraction = 1.0 (see BUDGET_CONFIG)")

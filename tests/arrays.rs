@@ -339,6 +339,7 @@ fn sigkill_mid_array_loses_and_doubles_no_element() {
         batch_max_records: BATCH,
         batch_max_ms,
         max_record_bytes: 1 << 20,
+        ..RunSettings::default()
     };
     let session = "[kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n";
     let log = dir.join("run.log");
@@ -380,7 +381,7 @@ fn sigkill_mid_array_loses_and_doubles_no_element() {
     expect(&second, &mut exp, &[FIRST, FIRST]);
     let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n{session}");
     let cfg = run_config_with(&dir, &broker, TOPIC, &db, &extra, &settings(200));
-    let lock = TableLock::take(&db, "rollup_minute");
+    let lock = TableLock::take(&db, "consumer_offsets");
     let mut run = start_run(&cfg, &log);
     wait_until("no batch reached its Postgres commit", || {
         lake_files(&dir)

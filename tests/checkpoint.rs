@@ -47,6 +47,7 @@ fn batch(start: i64, next: i64, cp: &detectors::Checkpoint) -> BatchCommit<'_> {
         start_offset: start,
         next_offset: next,
         rollups: &[],
+        flush: true,
         alerts: &[],
         checkpoint: Some(cp),
         budgets: &[],

@@ -48,6 +48,7 @@ impl Writer {
             start_offset: self.next,
             next_offset: self.next + 1,
             rollups: &[],
+            flush: true,
             alerts,
             checkpoint: None,
             budgets: &[],

@@ -800,6 +800,7 @@ fn an_address_block_reaches_the_feed_with_its_address_and_no_account() {
         start_offset: 0,
         next_offset: 1,
         rollups: &[],
+        flush: true,
         alerts: &alerts,
         checkpoint: None,
         budgets: &[],

@@ -67,6 +67,16 @@ fn committed(db: &Database) -> i64 {
     .unwrap_or(0)
 }
 
+/// Partitions of `gw` whose committed offset is past their stored rollups.
+fn held_rollups(db: &Database) -> i64 {
+    db.try_query(
+        "SELECT count(*)::text FROM consumer_offsets WHERE topic = 'gw' AND rollups_offset < next_offset",
+    )
+    .ok()
+    .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
+    .unwrap_or(0)
+}
+
 /// Waits until at least `n` offsets are committed.
 fn wait_progress(db: &Database, n: i64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -90,8 +100,53 @@ fn end_to_end_matches_the_detectors_and_dead_letters_poison() {
     let (broker, db, dir, cfg) = setup("e2e", 2, &lines);
     let mut run = start_run(&cfg, &dir.join("run.log"));
     wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
-    stop_run(&mut run);
+    // Rollups held between flushes are written once a partition has
+    // nothing to read, without waiting for a stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held_rollups(&db) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "rollups still held by an idle partition"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     verify(&db, &exp, &dir, &broker.addr, "gw");
+    stop_run(&mut run);
+}
+
+/// Rollups held across batches (no timed flush, no checkpoint within the
+/// run) are written once the partitions have nothing left to read, while
+/// the service keeps running, and add up exactly.
+#[test]
+fn held_rollups_are_written_when_a_partition_goes_quiet() {
+    let lines = trace(300, 6.0, 22, 0);
+    let exp = expected(&lines, 2);
+    let dir = scratch("quiet");
+    let broker = Broker::start(&dir.join("tansu.log"));
+    let db = Database::create("quiet");
+    broker.create_topic("gw", 2);
+    broker.create_topic("gw-dlq", 1);
+    broker.produce("gw", 2, &lines);
+    let settings = RunSettings {
+        batch_max_records: 200,
+        checkpoint_interval_secs: 3600,
+        rollup_flush_secs: Some(3600),
+        ..RunSettings::default()
+    };
+    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
+    let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, &settings);
+    let mut run = start_run(&cfg, &dir.join("run.log"));
+    wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held_rollups(&db) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a quiet partition still holds its rollups"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    verify(&db, &exp, &dir, &broker.addr, "gw");
+    stop_run(&mut run);
 }
 
 #[test]
@@ -102,14 +157,24 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let (broker, db, dir, cfg) = setup("crash", 2, &lines);
     let log = dir.join("run.log");
     // Deterministic "random" moments: 0.3-2.0 s of running between kills.
+    // Every other kill waits for a partition holding unwritten rollups
+    // (committed past its rollups_offset), so that the rebuild of the
+    // rollups held between flushes is what the restart must get right.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..5 {
+    for i in 0..5 {
         let mut run = start_run(&cfg, &log);
         eprintln!("started run {}", run.id());
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         std::thread::sleep(Duration::from_millis(300 + x % 1700));
+        if i % 2 == 1 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while held_rollups(&db) == 0 {
+                assert!(Instant::now() < deadline, "no partition held rollups");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         run.kill9();
     }
     let mut run = start_run(&cfg, &log);

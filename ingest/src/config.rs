@@ -213,6 +213,17 @@ pub struct PipelineConfig {
     /// checkpoint of many active accounts does not take Postgres from the
     /// batches behind it.
     pub checkpoint_write_mb_per_sec: u64,
+    /// The rollups (`rollup_minute`, `address_minute`), budget ledger rows
+    /// and second-stage marks are held in memory across batches and
+    /// written with the batch that closes this many seconds after the last
+    /// write (0: with every batch), and always with a checkpoint (so at
+    /// least every `checkpoint_interval_secs`) and on a partition's first
+    /// and last commit; alerts, actions and the offset
+    /// still commit with every batch. An account active every few seconds
+    /// then costs one row update a flush instead of one a record. After a
+    /// crash the records since the last flush are re-read and their
+    /// rollups rebuilt (`consumer_offsets.rollups_offset`).
+    pub rollup_flush_secs: u64,
     /// Directory of the Parquet lake (`dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet`); unset: no Parquet.
     pub parquet_dir: Option<PathBuf>,
     /// The largest record read, in bytes (a Kafka message or an NDJSON
@@ -232,6 +243,7 @@ impl Default for PipelineConfig {
             batch_max_ms: 500,
             checkpoint_interval_secs: 60,
             checkpoint_write_mb_per_sec: 4,
+            rollup_flush_secs: 10,
             parquet_dir: Some(PathBuf::from("keywatch-data/lake")),
             max_record_bytes: crate::ndjson::MAX_LINE_BYTES,
         }

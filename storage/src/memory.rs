@@ -25,7 +25,8 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    offsets: HashMap<(String, i32), i64>,
+    /// Each partition's next offset and rollups offset.
+    offsets: HashMap<(String, i32), (i64, i64)>,
     checkpoints: HashMap<(String, i32), (i64, Vec<u8>)>,
     /// Each partition's checkpoint entries.
     entries: HashMap<(String, i32), EntryStates>,
@@ -97,7 +98,8 @@ impl MemoryStore {
         let inner = self.inner.lock().expect("memory store lock");
         let key = (topic.to_owned(), partition);
         PartitionStart {
-            next_offset: inner.offsets.get(&key).copied(),
+            next_offset: inner.offsets.get(&key).map(|o| o.0),
+            rollups_offset: inner.offsets.get(&key).map(|o| o.1),
             checkpoint: inner.checkpoints.get(&key).cloned(),
             entries: inner
                 .entries
@@ -132,7 +134,7 @@ impl MemoryStore {
         let mut inner = self.inner.lock().expect("memory store lock");
         let key = (batch.topic.to_owned(), batch.partition);
         if fence {
-            if let Some(&stored) = inner.offsets.get(&key) {
+            if let Some(&(stored, _)) = inner.offsets.get(&key) {
                 if stored != batch.start_offset {
                     return Err(StorageError::Fenced {
                         topic: batch.topic.to_owned(),
@@ -143,7 +145,14 @@ impl MemoryStore {
                 }
             }
         }
-        inner.offsets.insert(key.clone(), batch.next_offset);
+        let rollups_at = match (batch.flush, inner.offsets.get(&key)) {
+            (true, _) => batch.next_offset,
+            (false, Some(&(_, at))) => at,
+            (false, None) => batch.start_offset,
+        };
+        inner
+            .offsets
+            .insert(key.clone(), (batch.next_offset, rollups_at));
         if let Some(cp) = batch.checkpoint {
             inner.write_checkpoint(key, batch.next_offset, cp);
         }
@@ -297,6 +306,7 @@ mod tests {
             start_offset: start,
             next_offset: start + 10,
             rollups,
+            flush: true,
             alerts,
             checkpoint: None,
             budgets: &[],

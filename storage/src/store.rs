@@ -47,6 +47,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rollup fillfactor",
         include_str!("../migrations/0006_rollup_fillfactor.sql"),
     ),
+    (
+        7,
+        "rollups offset",
+        include_str!("../migrations/0007_rollups_offset.sql"),
+    ),
 ];
 
 /// The compiled-in migrations as a sqlx migration source.
@@ -83,16 +88,20 @@ pub struct Store {
 
 /// Where a partition resumes, as [`Store::load_partition`] finds it.
 ///
-/// The checkpoint, when present, is never ahead of the offset (both are
-/// written by the same transactions): `checkpoint.0 <= next_offset`. To
-/// resume, restore the engine from the checkpoint, feed it the records from
-/// `checkpoint.0` up to `next_offset` *for state only* (their rollups,
-/// alerts and files are already stored), then process from `next_offset` on.
+/// The checkpoint, when present, is never ahead of the stored rollups,
+/// nor they of the offset: `checkpoint.0 <= rollups_offset <= next_offset`.
+/// To resume, restore the engine from the checkpoint, feed it the records
+/// from `checkpoint.0` up to `next_offset` *for state only* (their alerts
+/// and files are already stored), adding those from `rollups_offset` on to
+/// the rollups held for the next flush, then process from `next_offset` on.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PartitionStart {
     /// The first offset not yet committed; `None`: the partition was never
     /// committed (start where the consumer's reset policy says).
     pub next_offset: Option<i64>,
+    /// The first offset whose rollups are not stored (`None` when
+    /// `next_offset` is; rows from before migration 7: `next_offset`).
+    pub rollups_offset: Option<i64>,
     /// The latest engine checkpoint: the offset it is valid at (the next record
     /// it has not seen) and its core's bytes.
     pub checkpoint: Option<(i64, Vec<u8>)>,
@@ -114,15 +123,21 @@ pub struct BatchCommit<'a> {
     /// The offset after the batch's last record: where the partition resumes
     /// once this batch is committed.
     pub next_offset: i64,
-    /// The batch's rollups, at most one row per (user, key, minute); they are
-    /// added to what is stored.
+    /// The rollups held since the last flush, at most one row per (user,
+    /// key, minute); they are added to what is stored.
     pub rollups: &'a [RollupRow],
+    /// Whether this commit flushes the rollups: `rollups`, `budgets`,
+    /// `addresses` and `sources` hold everything counted since the last
+    /// flush, and the stored rollups then go up to `next_offset`
+    /// (`consumer_offsets.rollups_offset`). Without it they must be empty:
+    /// what was counted is held for a later commit.
+    pub flush: bool,
     /// The batch's alerts; ones already stored (same id) are skipped.
     pub alerts: &'a [Alert],
     /// Engine snapshot valid at `next_offset` (taken every few minutes, not
     /// every batch): its core, and its entries that changed.
     pub checkpoint: Option<&'a Checkpoint>,
-    /// The budget ledger of the users the batch touched (absolute values).
+    /// The budget ledger of the users counted since the last flush (absolute values).
     pub budgets: &'a [BudgetRow],
     /// Traffic per address and minute (the second stage's); added to what is stored.
     pub addresses: &'a [AddressRow],
@@ -267,7 +282,7 @@ impl Store {
             .await
             .map_err(query_error("begin a snapshot"))?;
         let row = sqlx::query(
-            "SELECT o.next_offset, c.at_offset, c.state
+            "SELECT o.next_offset, coalesce(o.rollups_offset, o.next_offset), c.at_offset, c.state
              FROM (SELECT $1::text AS topic, $2::int AS partition) p
              LEFT JOIN consumer_offsets o USING (topic, partition)
              LEFT JOIN engine_checkpoints c USING (topic, partition)",
@@ -282,8 +297,9 @@ impl Store {
             source: e,
         };
         let next_offset: Option<i64> = row.try_get(0).map_err(get)?;
-        let at_offset: Option<i64> = row.try_get(1).map_err(get)?;
-        let state: Option<Vec<u8>> = row.try_get(2).map_err(get)?;
+        let rollups_offset: Option<i64> = row.try_get(1).map_err(get)?;
+        let at_offset: Option<i64> = row.try_get(2).map_err(get)?;
+        let state: Option<Vec<u8>> = row.try_get(3).map_err(get)?;
         let mut entries = Vec::new();
         if at_offset.is_some() {
             let rows = sqlx::query_as::<_, (String, String, Vec<u8>)>(
@@ -313,12 +329,15 @@ impl Store {
         tx.commit().await.map_err(query_error("commit"))?;
         Ok(PartitionStart {
             next_offset,
+            rollups_offset,
             checkpoint: at_offset.zip(state),
             entries,
         })
     }
 
-    /// One transaction: rollups (additive upsert), alerts (ON CONFLICT (id) DO
+    /// One transaction: when it flushes, the rollups held since the last
+    /// flush (additive upsert), budget ledger and second-stage marks, and
+    /// `rollups_offset` moved to `next_offset` (else left); alerts (ON CONFLICT (id) DO
     /// NOTHING), revocation actions for the new alerts whose action is
     /// throttle/block, outbox rows (one per new alert), the engine checkpoint
     /// if given, and the offset row moved from `start_offset` to
@@ -339,6 +358,14 @@ impl Store {
                 next_offset: batch.next_offset,
             });
         }
+        debug_assert!(
+            batch.flush
+                || (batch.rollups.is_empty()
+                    && batch.budgets.is_empty()
+                    && batch.addresses.is_empty()
+                    && batch.sources.is_empty()),
+            "rollups in a commit that does not flush them"
+        );
         // Encode before taking any lock.
         let alert_columns = AlertColumns::new(batch.alerts)?;
 
@@ -523,13 +550,15 @@ async fn advance_offset(
     // once the first commits, re-checks `next_offset = $3` against the new
     // row: it updates nothing and falls through to the fence.
     let moved = sqlx::query(
-        "UPDATE consumer_offsets SET next_offset = $4, updated_at = now()
+        "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(),
+             rollups_offset = CASE WHEN $5 THEN $4 ELSE coalesce(rollups_offset, $3) END
          WHERE topic = $1 AND partition = $2 AND next_offset = $3",
     )
     .bind(batch.topic)
     .bind(batch.partition)
     .bind(batch.start_offset)
     .bind(batch.next_offset)
+    .bind(batch.flush)
     .execute(&mut **tx)
     .await
     .map_err(query_error("move the partition's offset"))?
@@ -541,12 +570,18 @@ async fn advance_offset(
     // stored offset differs. A concurrent creator's uncommitted row makes this
     // insert wait, then do nothing once that row commits.
     let created = sqlx::query(
-        "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+        "INSERT INTO consumer_offsets (topic, partition, next_offset, rollups_offset)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (topic, partition) DO NOTHING",
     )
     .bind(batch.topic)
     .bind(batch.partition)
     .bind(batch.next_offset)
+    .bind(if batch.flush {
+        batch.next_offset
+    } else {
+        batch.start_offset
+    })
     .execute(&mut **tx)
     .await
     .map_err(query_error("create the partition's offset"))?

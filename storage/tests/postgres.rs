@@ -212,6 +212,7 @@ fn batch<'a>(
         start_offset,
         next_offset,
         rollups,
+        flush: true,
         alerts,
         checkpoint,
         budgets: &[],
@@ -326,6 +327,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         store.load_partition("gateway-logs", 3).await.unwrap(),
         PartitionStart {
             next_offset: Some(10),
+            rollups_offset: Some(10),
             checkpoint: Some((10, b"state@10".to_vec())),
             entries: vec![],
         }
@@ -406,6 +408,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         store.load_partition("gateway-logs", 3).await.unwrap(),
         PartitionStart {
             next_offset: Some(20),
+            rollups_offset: Some(20),
             checkpoint: Some((10, b"state@10".to_vec())),
             entries: vec![],
         },
@@ -515,6 +518,7 @@ async fn batches_add_up_and_a_replayed_batch_is_fenced() {
         store.load_partition("gateway-logs", 3).await.unwrap(),
         PartitionStart {
             next_offset: Some(21),
+            rollups_offset: Some(21),
             checkpoint: Some((21, b"state@21".to_vec())),
             entries: vec![],
         },
@@ -689,6 +693,57 @@ async fn a_committer_waiting_on_the_offset_row_is_fenced_once_it_moves() {
         })
     )));
     assert_eq!(count(&store, "rollup_minute").await, 1);
+}
+
+/// Rollups held across batches: `rollups_offset` moves only with a commit
+/// that flushes them, a first commit that does not flush starts it at the
+/// batch's start, and rows from before migration 7 (NULL) read as the
+/// next offset.
+#[tokio::test]
+async fn the_rollups_offset_moves_only_with_a_flush() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let held = |start, next| BatchCommit {
+        flush: false,
+        ..batch(start, next, &[], &[], None)
+    };
+    let at = |s: PartitionStart| (s.next_offset, s.rollups_offset);
+    store.commit_batch(&held(5, 10)).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(10), Some(5)));
+    store.commit_batch(&held(10, 20)).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(
+        at(start),
+        (Some(20), Some(5)),
+        "held: the rollups stay at 5"
+    );
+    let rollups = [rollup("acct_1", "kh_1", DAY0, 3, 30)];
+    store
+        .commit_batch(&batch(20, 30, &rollups, &[], None))
+        .await
+        .unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(30), Some(30)), "a flush brings them up");
+    // A fenced commit moves neither.
+    assert!(matches!(
+        store.commit_batch(&held(20, 40)).await,
+        Err(StorageError::Fenced { stored: 30, .. })
+    ));
+    store.commit_batch(&held(30, 40)).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(40), Some(30)));
+    // A row from before the column: its rollups went with every batch.
+    sqlx::query("UPDATE consumer_offsets SET rollups_offset = NULL")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(40), Some(40)));
+    store.commit_batch(&held(40, 50)).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(50), Some(40)));
+    assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 3);
 }
 
 #[tokio::test]

@@ -554,6 +554,10 @@ pub struct RunSettings {
     pub batch_max_ms: u64,
     /// `pipeline.max_record_bytes`.
     pub max_record_bytes: usize,
+    /// `pipeline.checkpoint_interval_secs`.
+    pub checkpoint_interval_secs: u64,
+    /// `pipeline.rollup_flush_secs` (None: keywatch's default).
+    pub rollup_flush_secs: Option<u64>,
 }
 
 impl Default for RunSettings {
@@ -563,6 +567,8 @@ impl Default for RunSettings {
             batch_max_records: 5000,
             batch_max_ms: 200,
             max_record_bytes: TEST_MAX_RECORD_BYTES,
+            checkpoint_interval_secs: 2,
+            rollup_flush_secs: None,
         }
     }
 }
@@ -594,8 +600,8 @@ dead_letter_topic = "{topic}-dlq"
 [pipeline]
 batch_max_records = {}
 batch_max_ms = {}
-checkpoint_interval_secs = 2
-parquet_dir = "{}"
+checkpoint_interval_secs = {}
+{}parquet_dir = "{}"
 max_record_bytes = {}
 
 [postgres]
@@ -606,6 +612,11 @@ max_connections = 4
         broker.addr,
         settings.batch_max_records,
         settings.batch_max_ms,
+        settings.checkpoint_interval_secs,
+        settings
+            .rollup_flush_secs
+            .map(|s| format!("rollup_flush_secs = {s}\n"))
+            .unwrap_or_default(),
         dir.join("lake").display(),
         settings.max_record_bytes,
         db.url,

@@ -32,6 +32,10 @@ pub(super) struct Closed {
     pub(super) frames: Option<(Frames, u64)>,
     /// The lake's rows (None: no lake, or no record counted).
     pub(super) lake: Option<RecordBatch>,
+    /// Whether the batch flushes the rollups: `rollups`, `budgets`,
+    /// `addresses` and `sources` then hold everything since the last flush
+    /// (else they are empty and held by the worker).
+    pub(super) flush: bool,
     pub(super) rollups: Rollups,
     pub(super) budgets: Vec<BudgetRow>,
     pub(super) addresses: Vec<AddressRow>,
@@ -134,6 +138,7 @@ impl Committer<'_> {
             start_offset: c.range.start,
             next_offset: c.range.next,
             rollups: c.rollups.rows(),
+            flush: c.flush,
             alerts: &c.alerts,
             checkpoint: c.checkpoint.as_ref(),
             budgets: &c.budgets,

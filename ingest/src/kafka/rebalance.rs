@@ -151,8 +151,23 @@ impl Shared {
                 .ok()
                 .map(|r| (at, r))
         });
+        // A checkpoint is stored only with the rollups flushed up to it; one
+        // past them (which no keywatch writes) could not rebuild the
+        // rollups in between, so the state is rebuilt from offset 0.
+        let checkpoint = checkpoint.filter(|(at, _)| {
+            let behind = s.rollups_offset.is_none_or(|r| *at <= r);
+            if !behind {
+                let e = format!(
+                    "it is past the stored rollups (rollups_offset {:?})",
+                    s.rollups_offset
+                );
+                Part { topic, partition }.checkpoint_unreadable(*at, &e);
+            }
+            behind
+        });
         Start {
             next_offset: s.next_offset,
+            rollups_offset: s.rollups_offset,
             checkpoint,
         }
     }

@@ -60,6 +60,8 @@ pub(super) enum Work {
 pub(super) struct Start {
     /// The first offset not yet committed (None: never committed).
     pub(super) next_offset: Option<i64>,
+    /// The first offset whose rollups are not stored (None: never committed).
+    pub(super) rollups_offset: Option<i64>,
     /// The checkpoint's offset and state (None: none stored, or it did not
     /// decode).
     pub(super) checkpoint: Option<(i64, Restored)>,
@@ -95,6 +97,13 @@ pub(super) struct PartitionWorker<'s> {
     work: Work,
     /// The offset stored in Postgres: re-read records below it change no data.
     committed: Option<i64>,
+    /// How far the stored rollups go: re-read records from here on are
+    /// added to the rollups held for the next flush.
+    rollups_at: Option<i64>,
+    /// When the rollups were last flushed (handed over with a batch).
+    last_flush: Instant,
+    /// When the queue last gave a record (or an error).
+    last_read: Instant,
     /// Next offset expected (lower ones are re-deliveries).
     next_expected: Option<i64>,
     last_checkpoint: Instant,
@@ -196,6 +205,9 @@ impl<'s> PartitionWorker<'s> {
             partition,
             stop,
             committed: start.next_offset,
+            rollups_at: start.rollups_offset,
+            last_flush: Instant::now(),
+            last_read: Instant::now(),
             next_expected,
             last_checkpoint: Instant::now(),
             first: None,
@@ -267,7 +279,11 @@ impl<'s> PartitionWorker<'s> {
                 self.commit(true);
                 return;
             }
-            match queue.poll(max_wait) {
+            let polled = queue.poll(max_wait);
+            if polled.is_some() {
+                self.last_read = Instant::now();
+            }
+            match polled {
                 Some(Ok(m)) => {
                     // The record's time is held to the message's (see EventTimeConfig).
                     let reference = m
@@ -296,7 +312,16 @@ impl<'s> PartitionWorker<'s> {
                     return;
                 }
             } else if self.first.is_none() && !self.in_flight() {
-                self.heartbeat();
+                if self.last_read.elapsed() >= QUIET && self.holds_rollups() {
+                    // Nothing to read for a while: what is held is written
+                    // now, so a quiet partition's rollups are not left behind.
+                    self.flush_quiet();
+                    if self.fenced {
+                        return;
+                    }
+                } else {
+                    self.heartbeat();
+                }
             }
         }
     }
@@ -332,12 +357,20 @@ impl<'s> PartitionWorker<'s> {
                 .fetch_add(1, Ordering::Relaxed);
             if payload.len() <= self.max_record() {
                 let origin = (self.topic.as_str(), self.partition);
+                // Past the stored rollups, its rollups are rebuilt too.
+                let unflushed = self.rollups_at.is_some_and(|r| offset >= r);
                 match &mut self.work {
-                    Work::Gateway(g) => {
-                        g.rebuild(origin, offset, payload, reference_ms, &mut self.scratch)
-                    }
+                    Work::Gateway(g) => g.rebuild(
+                        origin,
+                        offset,
+                        payload,
+                        reference_ms,
+                        unflushed,
+                        &mut self.scratch,
+                    ),
                     Work::Subjects(s) => {
-                        let _ = s.engine.observe_frame(payload, &mut self.scratch, None);
+                        let rollups = unflushed.then_some(&mut s.rollups);
+                        let _ = s.engine.observe_frame(payload, &mut self.scratch, rollups);
                     }
                 }
                 self.scratch.clear();
@@ -511,6 +544,33 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
+    /// Whether rollups counted since the last flush are held: the committed
+    /// offset is past the stored rollups, and the engine has re-read up to
+    /// it (while it rebuilds, a flush could not cover the records before).
+    fn holds_rollups(&self) -> bool {
+        match (self.committed, self.rollups_at) {
+            (Some(c), Some(r)) => r < c && self.next_expected.is_some_and(|n| n >= c),
+            _ => false,
+        }
+    }
+
+    /// Writes the rollups held, with an empty batch at the committed offset
+    /// (no records, no checkpoint: the offset row is fenced as for any batch).
+    fn flush_quiet(&mut self) {
+        self.settle_checkpoint();
+        let Some(c) = self.committed else {
+            return;
+        };
+        let range = CommitRange { start: c, next: c };
+        let closed = self.close(range, None, true);
+        let link = self.link.as_mut().expect("flush_quiet runs inside run");
+        if link.batches.send(closed).is_err() {
+            self.fenced = true;
+            return;
+        }
+        link.in_flight = true;
+    }
+
     /// Whether a batch was handed to the committer and has not landed.
     fn in_flight(&self) -> bool {
         self.link.as_ref().is_some_and(|l| l.in_flight)
@@ -550,7 +610,13 @@ impl<'s> PartitionWorker<'s> {
             // re-reads the batch instead.
             return;
         }
-        let closed = self.close(range, place);
+        let flush = final_commit
+            || self.committed.is_none()
+            || place.is_some()
+            || self.last_flush.elapsed()
+                >= Duration::from_secs(self.shared.pipeline.rollup_flush_secs)
+            || self.work.held_rows() >= MAX_HELD_ROWS;
+        let closed = self.close(range, place, flush);
         let link = self.link.as_mut().expect("commit runs inside run");
         if link.batches.send(closed).is_err() {
             // The committer is gone (it panicked): nothing more can land.
@@ -563,8 +629,14 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
-    /// Takes the open batch out of the worker, owned, and opens the next.
-    fn close(&mut self, range: CommitRange, place: Option<CheckpointPlace>) -> Box<Closed> {
+    /// Takes the open batch out of the worker, owned, and opens the next;
+    /// with `flush`, the rollups held since the last flush go with it.
+    fn close(
+        &mut self,
+        range: CommitRange,
+        place: Option<CheckpointPlace>,
+        flush: bool,
+    ) -> Box<Closed> {
         let offsets = self.first.map(|first| (first, self.last));
         let checkpoint = (place == Some(CheckpointPlace::InBatch)).then(|| self.work.checkpoint());
         let behind = (place == Some(CheckpointPlace::Behind)).then(|| self.work.checkpoint());
@@ -578,28 +650,37 @@ impl<'s> PartitionWorker<'s> {
             budgets: Vec::new(),
             addresses: Vec::new(),
             sources: Vec::new(),
+            flush,
             alerts: std::mem::take(&mut self.alerts),
             checkpoint,
             behind,
         };
         match &mut self.work {
             Work::Gateway(g) => {
-                if g.frames.is_some() {
+                // A batch that read nothing (a last or a quiet flush's) has
+                // no projections to send.
+                if g.frames.is_some() && self.first.is_some() {
                     let entries = g.frames.as_ref().map_or(0, FrameWriter::entries);
                     c.frames = Some((g.finish_frames(&self.topic, self.partition, false), entries));
                     g.last_frame = Instant::now();
                     g.idle_sent = false;
                 }
                 c.lake = (!g.lake.is_empty()).then(|| g.lake.finish());
-                c.budgets = g.budget_rows();
-                let next = g.spare_rollups.take().unwrap_or_default();
-                c.rollups = std::mem::replace(&mut g.rollups, next);
+                if flush {
+                    c.budgets = g.budget_rows();
+                    let next = g.spare_rollups.take().unwrap_or_default();
+                    c.rollups = std::mem::replace(&mut g.rollups, next);
+                }
             }
-            Work::Subjects(s) => {
+            Work::Subjects(s) if flush => {
                 c.addresses = s.address_rows();
                 c.sources = s.source_rows();
                 s.rollups.clear();
             }
+            Work::Subjects(_) => {}
+        }
+        if flush {
+            self.last_flush = Instant::now();
         }
         self.first = None;
         self.forced_end = None;
@@ -637,9 +718,12 @@ impl<'s> PartitionWorker<'s> {
             self.store_checkpoint_behind(at, cp);
         }
         self.committed = Some(at);
-        if let Work::Gateway(g) = &mut self.work {
-            c.rollups.clear();
-            g.spare_rollups = Some(c.rollups);
+        if c.flush {
+            self.rollups_at = Some(at);
+            if let Work::Gateway(g) = &mut self.work {
+                c.rollups.clear();
+                g.spare_rollups = Some(c.rollups);
+            }
         }
     }
 
@@ -695,7 +779,23 @@ impl<'s> PartitionWorker<'s> {
 /// A message's records that could not be counted: bytes, array element, error.
 type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
 
+/// How long a partition has had nothing to read before the rollups it
+/// holds are written anyway.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Rollup rows a partition holds at most between flushes: past this many,
+/// the next batch flushes whatever `pipeline.rollup_flush_secs` says.
+const MAX_HELD_ROWS: usize = 100_000;
+
 impl Work {
+    /// How many rollup rows are held for the next flush.
+    fn held_rows(&self) -> usize {
+        match self {
+            Work::Gateway(g) => g.rollups.rows().len(),
+            Work::Subjects(s) => s.rollups.len(),
+        }
+    }
+
     /// A checkpoint of the engine (stage one: what changed since the last;
     /// stage two: its whole state).
     fn checkpoint(&mut self) -> Checkpoint {
@@ -732,19 +832,24 @@ impl GatewayWork {
     }
 
     /// Re-reads a committed message to rebuild the engine: no effects (its
-    /// alerts go to `scratch` and are dropped).
+    /// alerts go to `scratch` and are dropped), but its rollups are held
+    /// again when they were not flushed (`unflushed`).
     fn rebuild(
         &mut self,
         origin: (&str, i32),
         offset: i64,
         payload: &[u8],
         reference_ms: i64,
+        unflushed: bool,
         scratch: &mut Vec<Alert>,
     ) {
         split_records(payload, |piece| {
             if let Piece::Record(bytes, element) = piece {
                 if let Ok((ev, _)) = self.read(origin, bytes, offset, element, reference_ms) {
-                    self.engine.observe(&ev, scratch);
+                    let outcome = self.engine.observe(&ev, scratch);
+                    if let (true, Outcome::Counted { cost_micros }) = (unflushed, outcome) {
+                        self.rollups.add(&ev, cost_micros);
+                    }
                     scratch.clear();
                 }
             }
