@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use detectors::{Engine, EngineConfig, EngineState, EntryKind, Event};
+use detectors::{Checkpoint, Engine, EngineConfig, EngineState, EntryKind, Event};
 use storage::{BatchCommit, CheckpointWrite, Store};
 
 mod common;
@@ -92,10 +92,25 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
     let full = engine.checkpoint();
     let encode_full = took.elapsed();
     assert!(full.full);
+    let hashes = |cp: &Checkpoint| -> usize {
+        cp.changed
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dedup)
+            .map(|e| e.state.len() / 8)
+            .sum()
+    };
     assert_eq!(
-        full.changed.len() as u32,
+        full.changed
+            .iter()
+            .filter(|e| e.kind != EntryKind::Dedup)
+            .count() as u32,
         users * 3,
         "an account and two keys each"
+    );
+    assert_eq!(
+        hashes(&full),
+        engine.tracked().dedup_entries,
+        "the duplicate window, in chunks"
     );
     rt.block_on(store.commit_batch(&batch(0, offset, &full)))
         .unwrap();
@@ -133,7 +148,13 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
             .fold((0u32, 0u32), |(u, k), e| match e.kind {
                 EntryKind::User => (u + 1, k),
                 EntryKind::Key => (u, k + 1),
+                EntryKind::Dedup => (u, k),
             });
+    assert_eq!(
+        hashes(&delta),
+        changed as usize,
+        "only the new records' hashes"
+    );
     // What changed is written, and only that: each account seen and its key
     // (and what was seen in the minute of the last checkpoint).
     assert!(touched_users >= changed && touched_users <= changed + overlap_users);
@@ -175,6 +196,11 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
     let (at, core) = start.checkpoint.unwrap();
     assert_eq!(at, offset + changed as i64);
     let rows = start.entries.len();
+    let chunks = start
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dedup)
+        .count();
     let (state, since) = EngineState::from_checkpoint(&core, start.entries).unwrap();
     let restored = Engine::restore(&cfg, state).unwrap();
     let restore = took.elapsed();
@@ -184,7 +210,10 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
         engine.state(),
         "the restored state is the one that ran"
     );
-    assert_eq!(rows, engine.state().users.len() + engine.state().keys.len());
+    assert_eq!(
+        rows - chunks,
+        engine.state().users.len() + engine.state().keys.len()
+    );
 
     let table_bytes: i64 = rt.block_on(async {
         sqlx::query_scalar("SELECT pg_total_relation_size('engine_checkpoint_entries')")

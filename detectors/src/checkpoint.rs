@@ -1,5 +1,6 @@
-//! What an engine checkpoint writes: the engine's core (its clock and
-//! duplicate window) and, per account and per key, an entry of its own, so
+//! What an engine checkpoint writes: the engine's core (its clock) and,
+//! per account, per key and per chunk of the duplicate window, an entry of
+//! its own, so
 //! that a checkpoint writes only what changed since the previous one and a
 //! partition of a million accounts checkpoints as easily as one of a
 //! thousand (issue 16; `storage` keeps the entries as rows).
@@ -11,6 +12,9 @@ pub enum EntryKind {
     User,
     /// A key ([`crate::engine::KeyState`]).
     Key,
+    /// A chunk of the duplicate window (`crate::dedup`): packed hashes,
+    /// id `GENERATION.N`.
+    Dedup,
 }
 
 impl EntryKind {
@@ -19,6 +23,7 @@ impl EntryKind {
         match self {
             EntryKind::User => "user",
             EntryKind::Key => "key",
+            EntryKind::Dedup => "dedup",
         }
     }
 
@@ -27,6 +32,7 @@ impl EntryKind {
         match s {
             "user" => Some(EntryKind::User),
             "key" => Some(EntryKind::Key),
+            "dedup" => Some(EntryKind::Dedup),
             _ => None,
         }
     }

@@ -17,7 +17,7 @@ use crate::baseline::{
 };
 use crate::checkpoint::{Checkpoint, CheckpointError, Entry, EntryKind};
 use crate::config::{ConfigError, EngineConfig, TierConfig};
-use crate::dedup::Dedup;
+use crate::dedup::{Dedup, DedupCore};
 use crate::detect::budget::{
     percent_bar, BudgetEvent, BudgetLimits, Crossing, Ledger, PeriodClock, Posted,
     TokenQuotaCrossing,
@@ -139,6 +139,7 @@ impl EngineState {
                 source,
             })?;
         let inside = !st.users.is_empty() || !st.keys.is_empty();
+        st.dedup.restored_inline();
         for e in entries {
             let bad = |source| CheckpointError {
                 what: format!("the checkpoint entry of {} {:?}", e.kind.as_str(), &*e.id),
@@ -152,6 +153,11 @@ impl EngineState {
                 EntryKind::Key => {
                     let k: KeyState = serde_json::from_slice(&e.state).map_err(bad)?;
                     st.keys.insert(e.id, Box::new(k));
+                }
+                EntryKind::Dedup => {
+                    st.dedup
+                        .restore_chunk(&e.id, &e.state)
+                        .map_err(|m| bad(serde::de::Error::custom(m)))?;
                 }
             }
         }
@@ -277,10 +283,10 @@ struct Changes {
 /// The part of [`EngineState`] a checkpoint's core holds: all but its
 /// accounts and keys (field names as in `EngineState`, which reads it).
 #[derive(Serialize)]
-struct CoreRef<'a> {
+struct CoreRef {
     now_ms: i64,
     first_ms: i64,
-    dedup: &'a Dedup,
+    dedup: DedupCore,
     last_sweep: u32,
     last_idle_sweep: u32,
 }
@@ -446,6 +452,7 @@ impl Engine {
     /// or one restored from a checkpoint that kept its accounts inside; its
     /// first checkpoint writes every entry).
     pub fn track_changes(&mut self, since: Option<u32>) {
+        self.state.dedup.track();
         self.changes = Some(Box::new(Changes {
             since,
             ..Changes::default()
@@ -458,17 +465,19 @@ impl Engine {
     /// the next one; should this one not be stored, call
     /// [`Engine::checkpoint_lost`] so that the next is full.
     pub fn checkpoint(&mut self) -> Checkpoint {
+        // Tracked, with a checkpoint taken before: what changed since; else
+        // everything (every entry was seen at or after minute 0).
+        let full = self.changes.as_deref().is_none_or(|c| c.since.is_none());
+        let (dedup, chunks, dropped) = self.state.dedup.checkpoint(full);
         let st = &self.state;
         let core = serde_json::to_vec(&CoreRef {
             now_ms: st.now_ms,
             first_ms: st.first_ms,
-            dedup: &st.dedup,
+            dedup,
             last_sweep: st.last_sweep,
             last_idle_sweep: st.last_idle_sweep,
         })
         .expect("engine state serializes");
-        // Tracked, with a checkpoint taken before: what changed since; else
-        // everything (every entry was seen at or after minute 0).
         let c = self.changes.as_deref().filter(|c| c.since.is_some());
         let since = c.and_then(|c| c.since).unwrap_or(0);
         let swept: std::collections::HashSet<&str> = c
@@ -491,7 +500,7 @@ impl Engine {
                 changed.push(entry(EntryKind::Key, id, to_json(k)));
             }
         }
-        let forgotten = c.map_or_else(Vec::new, |c| {
+        let mut forgotten = c.map_or_else(Vec::new, |c| {
             let users = c
                 .forgotten_users
                 .iter()
@@ -502,7 +511,8 @@ impl Engine {
                 .map(|id| (EntryKind::Key, id.clone()));
             users.chain(keys).collect()
         });
-        let full = c.is_none();
+        changed.extend(chunks);
+        forgotten.extend(dropped.into_iter().map(|id| (EntryKind::Dedup, id)));
         let mark = minute_of(st.now_ms);
         if let Some(c) = self.changes.as_deref_mut() {
             *c = Changes {
@@ -2000,6 +2010,7 @@ mod tests {
         let mut core = Vec::new();
         let mut stored: HashMap<(EntryKind, Box<str>), Vec<u8>> = HashMap::new();
         let (mut got, mut fulls, mut written, mut forgotten, mut held) = (vec![], 0, 0, 0, 0);
+        let (mut dedup_written, mut dedup_forgotten) = (0, 0);
         let step = recs.len() / 23;
         for (i, chunk) in recs.chunks(step).enumerate() {
             got.extend(run(&mut e, chunk));
@@ -2020,7 +2031,10 @@ mod tests {
                 .collect();
             for en in &cp.changed {
                 let before = stored.insert((en.kind, en.id.clone()), en.state.clone());
-                if !cp.full && !seen.contains(&*en.id) {
+                if en.kind == EntryKind::Dedup {
+                    assert!(before.is_none(), "chunk {} written twice", en.id);
+                    dedup_written += en.state.len() / 8;
+                } else if !cp.full && !seen.contains(&*en.id) {
                     let before = before.unwrap_or_default();
                     assert!(
                         before == en.state || String::from_utf8_lossy(&before).contains("prompts"),
@@ -2030,6 +2044,21 @@ mod tests {
                     );
                 }
             }
+            // The duplicate window is in chunks, not in the core, and the
+            // chunks stored hold exactly the hashes of the window (those of
+            // a generation that rotated out are deleted).
+            assert!(cp.core.len() < 300, "core of {} bytes", cp.core.len());
+            dedup_forgotten += cp
+                .forgotten
+                .iter()
+                .filter(|(k, _)| *k == EntryKind::Dedup)
+                .count();
+            let chunked: usize = stored
+                .iter()
+                .filter(|((k, _), _)| *k == EntryKind::Dedup)
+                .map(|(_, s)| s.len() / 8)
+                .sum();
+            assert_eq!(chunked, e.tracked().dedup_entries, "after checkpoint {i}");
             core.clone_from(&cp.core);
             written += cp.changed.len();
             forgotten += cp.forgotten.len();
@@ -2056,6 +2085,59 @@ mod tests {
         assert_eq!(fulls, 1, "only the first checkpoint writes everything");
         assert!(forgotten > 0, "idle accounts were forgotten");
         assert!(written < held, "{written} of {held}");
+        // Each hash written once (the window's records, not the window at
+        // every checkpoint), and generations rotated out.
+        let counted = e.stats().events - e.stats().duplicates;
+        assert!(dedup_written > 0 && dedup_written as u64 <= counted);
+        assert!(dedup_forgotten > 0, "no chunk of a past generation deleted");
+    }
+
+    /// A checkpoint of 2026-12-05 (accounts as entries, the duplicate
+    /// window inside the core) restores, and the next checkpoint, a delta,
+    /// writes the whole window as chunks.
+    #[test]
+    fn a_checkpoint_with_the_duplicate_window_inside_still_restores() {
+        let recs = eventful_stream();
+        let mut e = Engine::new(&EngineConfig::default()).unwrap();
+        run(&mut e, &recs);
+        let mut old: serde_json::Value = serde_json::to_value(e.state()).unwrap();
+        old.as_object_mut().unwrap().remove("users");
+        old.as_object_mut().unwrap().remove("keys");
+        assert!(old["dedup"]["cur"].is_string(), "{old}");
+        let entries: Vec<Entry> = e
+            .checkpoint()
+            .changed
+            .into_iter()
+            .filter(|en| en.kind != EntryKind::Dedup)
+            .collect();
+        let core = serde_json::to_vec(&old).unwrap();
+        let (state, since) = EngineState::from_checkpoint(&core, entries).unwrap();
+        assert_eq!(&state, e.state());
+        let mut again = Engine::restore(&EngineConfig::default(), state).unwrap();
+        again.track_changes(since);
+        let cp = again.checkpoint();
+        assert!(!cp.full);
+        let chunked: usize = cp
+            .changed
+            .iter()
+            .filter(|en| en.kind == EntryKind::Dedup)
+            .map(|en| en.state.len() / 8)
+            .sum();
+        assert!(chunked > 0);
+        assert_eq!(chunked, e.tracked().dedup_entries);
+        // A chunk that does not read is named.
+        let bad = |id: &str, state: &[u8]| {
+            let en = Entry {
+                kind: EntryKind::Dedup,
+                id: id.into(),
+                state: state.to_vec(),
+            };
+            EngineState::from_checkpoint(&cp.core, [en])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("x", &[0; 8]).contains("not GENERATION.N"));
+        assert!(bad("5.1", &[0; 7]).contains("not a whole number of 8-byte hashes"));
     }
 
     #[test]

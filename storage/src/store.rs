@@ -52,6 +52,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rollups offset",
         include_str!("../migrations/0007_rollups_offset.sql"),
     ),
+    (
+        8,
+        "dedup chunks",
+        include_str!("../migrations/0008_dedup_chunks.sql"),
+    ),
 ];
 
 /// The compiled-in migrations as a sqlx migration source.

@@ -781,7 +781,7 @@ type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
 
 /// How long a partition has had nothing to read before the rollups it
 /// holds are written anyway.
-const QUIET: Duration = Duration::from_secs(1);
+const QUIET: Duration = Duration::from_millis(250);
 
 /// Rollup rows a partition holds at most between flushes: past this many,
 /// the next batch flushes whatever `pipeline.rollup_flush_secs` says.
