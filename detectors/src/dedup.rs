@@ -266,7 +266,7 @@ impl Dedup {
             .split_once('.')
             .and_then(|(g, n)| Some((g.parse::<i64>().ok()?, n.parse::<u64>().ok()?)))
             .ok_or_else(|| format!("duplicate window chunk id {id:?}: not GENERATION.N"))?;
-        if state.len() % 8 != 0 {
+        if !state.len().is_multiple_of(8) {
             return Err(format!(
                 "duplicate window chunk {id}: {} bytes, not a whole number of 8-byte hashes",
                 state.len()
