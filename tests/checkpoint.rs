@@ -226,7 +226,8 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
          full:  {} entries, {:.1} MB, encoded in {:.2} s, stored in {:.2} s\n\
          delta: {} accounts sent a record: {} entries ({touched_users} accounts, {touched_keys} keys; {overlap_users} accounts and {overlap_keys} keys seen in the minute of the full one), {:.2} MB, encoded in {:.3} s, stored in {:.3} s\n\
          restore: {rows} rows read in {:.2} s, decoded and built in {:.2} s total\n\
-         entries table: {:.1} MB on disk",
+         entries table: {:.1} MB on disk\n\
+         duplicate window: {} hashes, {} in the full checkpoint's chunks, {} in the delta's; core {} bytes (full), {} bytes (delta)",
         engine.state().keys.len(),
         full.changed.len(),
         full.bytes() as f64 / 1e6,
@@ -240,5 +241,10 @@ fn a_partition_checkpoints_what_changed_and_restores_exactly() {
         read.as_secs_f64(),
         restore.as_secs_f64(),
         table_bytes as f64 / 1e6,
+        engine.tracked().dedup_entries,
+        hashes(&full),
+        hashes(&delta),
+        full.core.len(),
+        delta.core.len(),
     );
 }

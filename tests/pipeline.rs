@@ -59,22 +59,39 @@ const SHORT_SESSION: &str =
 
 /// Offsets committed to Postgres, summed over the partitions of `gw`.
 fn committed(db: &Database) -> i64 {
-    db.try_query(
+    number(
+        db,
         "SELECT coalesce(sum(next_offset), 0)::text FROM consumer_offsets WHERE topic = 'gw'",
     )
-    .ok()
-    .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
-    .unwrap_or(0)
 }
 
 /// Partitions of `gw` whose committed offset is past their stored rollups.
 fn held_rollups(db: &Database) -> i64 {
-    db.try_query(
+    number(
+        db,
         "SELECT count(*)::text FROM consumer_offsets WHERE topic = 'gw' AND rollups_offset < next_offset",
     )
-    .ok()
-    .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
-    .unwrap_or(0)
+}
+
+/// The number a one-value query answers (0 before `keywatch run` migrated).
+fn number(db: &Database, sql: &str) -> i64 {
+    db.try_query(sql)
+        .ok()
+        .and_then(|r| r.first().and_then(|r| r[0].parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Waits until no partition of `gw` holds rollups it has not written
+/// (the quiet flush of a partition with nothing left to read).
+fn wait_rollups_written(db: &Database) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held_rollups(db) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a quiet partition still holds its rollups"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until at least `n` offsets are committed.
@@ -102,14 +119,7 @@ fn end_to_end_matches_the_detectors_and_dead_letters_poison() {
     wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
     // Rollups held between flushes are written once a partition has
     // nothing to read, without waiting for a stop.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while held_rollups(&db) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "rollups still held by an idle partition"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_rollups_written(&db);
     verify(&db, &exp, &dir, &broker.addr, "gw");
     stop_run(&mut run);
 }
@@ -137,14 +147,7 @@ fn held_rollups_are_written_when_a_partition_goes_quiet() {
     let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, &settings);
     let mut run = start_run(&cfg, &dir.join("run.log"));
     wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while held_rollups(&db) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "a quiet partition still holds its rollups"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_rollups_written(&db);
     verify(&db, &exp, &dir, &broker.addr, "gw");
     stop_run(&mut run);
 }

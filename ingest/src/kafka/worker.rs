@@ -563,7 +563,16 @@ impl<'s> PartitionWorker<'s> {
         };
         let range = CommitRange { start: c, next: c };
         let closed = self.close(range, None, true);
-        let link = self.link.as_mut().expect("flush_quiet runs inside run");
+        self.hand_over(closed);
+    }
+
+    /// Sends a closed batch to the committer; with the committer gone (it
+    /// panicked), nothing more can land and the worker stops.
+    fn hand_over(&mut self, closed: Box<Closed>) {
+        let link = self
+            .link
+            .as_mut()
+            .expect("batches are handed over inside run");
         if link.batches.send(closed).is_err() {
             self.fenced = true;
             return;
@@ -617,14 +626,8 @@ impl<'s> PartitionWorker<'s> {
                 >= Duration::from_secs(self.shared.pipeline.rollup_flush_secs)
             || self.work.held_rows() >= MAX_HELD_ROWS;
         let closed = self.close(range, place, flush);
-        let link = self.link.as_mut().expect("commit runs inside run");
-        if link.batches.send(closed).is_err() {
-            // The committer is gone (it panicked): nothing more can land.
-            self.fenced = true;
-            return;
-        }
-        link.in_flight = true;
-        if final_commit {
+        self.hand_over(closed);
+        if final_commit && !self.fenced {
             self.settle(true);
         }
     }
