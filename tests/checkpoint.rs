@@ -48,6 +48,7 @@ fn batch(start: i64, next: i64, cp: &detectors::Checkpoint) -> BatchCommit<'_> {
         next_offset: next,
         rollups: &[],
         flush: true,
+        rollups_from: None,
         alerts: &[],
         checkpoint: Some(cp),
         budgets: &[],

@@ -49,6 +49,7 @@ impl Writer {
             next_offset: self.next + 1,
             rollups: &[],
             flush: true,
+            rollups_from: None,
             alerts,
             checkpoint: None,
             budgets: &[],

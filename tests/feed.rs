@@ -801,6 +801,7 @@ fn an_address_block_reaches_the_feed_with_its_address_and_no_account() {
         next_offset: 1,
         rollups: &[],
         flush: true,
+        rollups_from: None,
         alerts: &alerts,
         checkpoint: None,
         budgets: &[],

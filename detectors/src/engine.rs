@@ -2103,7 +2103,12 @@ mod tests {
         let mut old: serde_json::Value = serde_json::to_value(e.state()).unwrap();
         old.as_object_mut().unwrap().remove("users");
         old.as_object_mut().unwrap().remove("keys");
+        // As 2026-12-06's checkpoints wrote it: no generation marks.
+        let d = old["dedup"].as_object_mut().unwrap();
+        d.remove("prev_since");
+        d.remove("next_chunk");
         assert!(old["dedup"]["cur"].is_string(), "{old}");
+        assert!(old["dedup"]["prev"].is_string(), "two generations: {old}");
         let entries: Vec<Entry> = e
             .checkpoint()
             .changed
@@ -2111,7 +2116,7 @@ mod tests {
             .filter(|en| en.kind != EntryKind::Dedup)
             .collect();
         let core = serde_json::to_vec(&old).unwrap();
-        let (state, since) = EngineState::from_checkpoint(&core, entries).unwrap();
+        let (state, since) = EngineState::from_checkpoint(&core, entries.clone()).unwrap();
         assert_eq!(&state, e.state());
         let mut again = Engine::restore(&EngineConfig::default(), state).unwrap();
         again.track_changes(since);
@@ -2125,6 +2130,19 @@ mod tests {
             .sum();
         assert!(chunked > 0);
         assert_eq!(chunked, e.tracked().dedup_entries);
+        // What Postgres then holds restores the same window.
+        let mut stored: HashMap<(EntryKind, Box<str>), Vec<u8>> = entries
+            .into_iter()
+            .map(|en| ((en.kind, en.id), en.state))
+            .collect();
+        for en in &cp.changed {
+            stored.insert((en.kind, en.id.clone()), en.state.clone());
+        }
+        let stored = stored
+            .into_iter()
+            .map(|((kind, id), state)| Entry { kind, id, state });
+        let (back, _) = EngineState::from_checkpoint(&cp.core, stored).unwrap();
+        assert_eq!(&back, e.state());
         // A chunk that does not read is named.
         let bad = |id: &str, state: &[u8]| {
             let en = Entry {

@@ -134,8 +134,9 @@ impl MemoryStore {
         let mut inner = self.inner.lock().expect("memory store lock");
         let key = (batch.topic.to_owned(), batch.partition);
         if fence {
-            if let Some(&(stored, _)) = inner.offsets.get(&key) {
-                if stored != batch.start_offset {
+            if let Some(&(stored, rollups)) = inner.offsets.get(&key) {
+                let expected = batch.rollups_from.filter(|_| batch.flush);
+                if stored != batch.start_offset || expected.is_some_and(|r| r != rollups) {
                     return Err(StorageError::Fenced {
                         topic: batch.topic.to_owned(),
                         partition: batch.partition,
@@ -307,6 +308,7 @@ mod tests {
             next_offset: start + 10,
             rollups,
             flush: true,
+            rollups_from: None,
             alerts,
             checkpoint: None,
             budgets: &[],

@@ -137,6 +137,11 @@ pub struct BatchCommit<'a> {
     /// (`consumer_offsets.rollups_offset`). Without it they must be empty:
     /// what was counted is held for a later commit.
     pub flush: bool,
+    /// The stored rollups offset a flushing commit expects (the one its
+    /// rollups start at); another one stored (a retry of a commit that
+    /// did land, another owner's flush) fences it. None: no offset is
+    /// stored yet, or the commit does not flush.
+    pub rollups_from: Option<i64>,
     /// The batch's alerts; ones already stored (same id) are skipped.
     pub alerts: &'a [Alert],
     /// Engine snapshot valid at `next_offset` (taken every few minutes, not
@@ -287,7 +292,10 @@ impl Store {
             .await
             .map_err(query_error("begin a snapshot"))?;
         let row = sqlx::query(
-            "SELECT o.next_offset, coalesce(o.rollups_offset, o.next_offset), c.at_offset, c.state
+            "SELECT o.next_offset,
+                 CASE WHEN o.rollups_next_offset = o.next_offset
+                     THEN o.rollups_offset ELSE o.next_offset END,
+                 c.at_offset, c.state
              FROM (SELECT $1::text AS topic, $2::int AS partition) p
              LEFT JOIN consumer_offsets o USING (topic, partition)
              LEFT JOIN engine_checkpoints c USING (topic, partition)",
@@ -463,8 +471,36 @@ impl CheckpointWrite<'_> {
     }
 }
 
-/// Entries written per statement (a statement's binds stay a few MB).
+/// Entries written per statement at most (a statement's binds stay a few MB)…
 const ENTRY_CHUNK: usize = 5_000;
+/// …and bytes of state per statement at most (one entry may hold more: a
+/// chunk of the duplicate window is 512 KiB), far below Postgres' 1 GB
+/// message limit.
+const STATEMENT_BYTES: usize = 16 << 20;
+
+/// `entries` cut into the runs one statement writes: at most
+/// [`ENTRY_CHUNK`] entries and, past its first entry, [`STATEMENT_BYTES`].
+fn statements(entries: &[Entry]) -> impl Iterator<Item = &[Entry]> {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .take(ENTRY_CHUNK)
+            .position(|e| {
+                bytes += e.state.len();
+                bytes > STATEMENT_BYTES
+            })
+            .unwrap_or(rest.len().min(ENTRY_CHUNK))
+            .max(1);
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
+    })
+}
 
 /// Writes an engine checkpoint valid at offset `at`: its core in
 /// `engine_checkpoints`; its entries in `engine_checkpoint_entries` (all
@@ -517,7 +553,7 @@ async fn write_checkpoint(
         .await
         .map_err(query_error("delete forgotten checkpoint entries"))?;
     }
-    for chunk in cp.changed.chunks(ENTRY_CHUNK) {
+    for chunk in statements(&cp.changed) {
         let kinds: Vec<&str> = chunk.iter().map(|e| e.kind.as_str()).collect();
         let ids: Vec<&str> = chunk.iter().map(|e| &*e.id).collect();
         let states: Vec<&[u8]> = chunk.iter().map(|e| e.state.as_slice()).collect();
@@ -556,14 +592,20 @@ async fn advance_offset(
     // row: it updates nothing and falls through to the fence.
     let moved = sqlx::query(
         "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(),
-             rollups_offset = CASE WHEN $5 THEN $4 ELSE coalesce(rollups_offset, $3) END
-         WHERE topic = $1 AND partition = $2 AND next_offset = $3",
+             rollups_offset = CASE WHEN $5 THEN $4
+                 WHEN rollups_next_offset = next_offset THEN rollups_offset
+                 ELSE next_offset END,
+             rollups_next_offset = $4
+         WHERE topic = $1 AND partition = $2 AND next_offset = $3
+             AND ($6::int8 IS NULL OR $6 = CASE WHEN rollups_next_offset = next_offset
+                 THEN rollups_offset ELSE next_offset END)",
     )
     .bind(batch.topic)
     .bind(batch.partition)
     .bind(batch.start_offset)
     .bind(batch.next_offset)
     .bind(batch.flush)
+    .bind(batch.rollups_from.filter(|_| batch.flush))
     .execute(&mut **tx)
     .await
     .map_err(query_error("move the partition's offset"))?
@@ -575,8 +617,9 @@ async fn advance_offset(
     // stored offset differs. A concurrent creator's uncommitted row makes this
     // insert wait, then do nothing once that row commits.
     let created = sqlx::query(
-        "INSERT INTO consumer_offsets (topic, partition, next_offset, rollups_offset)
-         VALUES ($1, $2, $3, $4)
+        "INSERT INTO consumer_offsets (topic, partition, next_offset, rollups_offset,
+             rollups_next_offset)
+         VALUES ($1, $2, $3, $4, $3)
          ON CONFLICT (topic, partition) DO NOTHING",
     )
     .bind(batch.topic)
@@ -921,5 +964,35 @@ impl<'a> AlertColumns<'a> {
             "insert alerts, revocation actions and outbox rows",
         ))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(sizes: &[usize]) -> Vec<Entry> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Entry {
+                kind: EntryKind::Dedup,
+                id: format!("0.{i}").into(),
+                state: vec![0; n],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn statements_hold_a_bounded_number_of_entries_and_bytes() {
+        let runs = |sizes: &[usize]| {
+            let e = entries(sizes);
+            statements(&e).map(<[Entry]>::len).collect::<Vec<_>>()
+        };
+        assert_eq!(runs(&[1; 6_000]), vec![5_000, 1_000]);
+        let mb = 1 << 20;
+        assert_eq!(runs(&[10 * mb, 10 * mb, 5 * mb]), vec![1, 2]);
+        assert_eq!(runs(&[20 * mb, 1]), vec![1, 1], "a larger entry goes alone");
+        assert!(runs(&[]).is_empty());
     }
 }

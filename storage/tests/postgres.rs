@@ -213,6 +213,7 @@ fn batch<'a>(
         next_offset,
         rollups,
         flush: true,
+        rollups_from: None,
         alerts,
         checkpoint,
         budgets: &[],
@@ -707,6 +708,10 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
         flush: false,
         ..batch(start, next, &[], &[], None)
     };
+    let flush = |start, next, from, rollups| BatchCommit {
+        rollups_from: Some(from),
+        ..batch(start, next, rollups, &[], None)
+    };
     let at = |s: PartitionStart| (s.next_offset, s.rollups_offset);
     store.commit_batch(&held(5, 10)).await.unwrap();
     let start = store.load_partition("gateway-logs", 3).await.unwrap();
@@ -719,12 +724,32 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
         "held: the rollups stay at 5"
     );
     let rollups = [rollup("acct_1", "kh_1", DAY0, 3, 30)];
+    assert!(
+        matches!(
+            store.commit_batch(&flush(20, 30, 7, &rollups)).await,
+            Err(StorageError::Fenced { .. })
+        ),
+        "a flush expecting other stored rollups is fenced"
+    );
     store
-        .commit_batch(&batch(20, 30, &rollups, &[], None))
+        .commit_batch(&flush(20, 30, 5, &rollups))
         .await
         .unwrap();
     let start = store.load_partition("gateway-logs", 3).await.unwrap();
     assert_eq!(at(start), (Some(30), Some(30)), "a flush brings them up");
+    // A flush that moves no offset (a quiet partition's) is fenced on the
+    // rollups: repeated (a retry after a commit that did land, or a late
+    // owner), it adds nothing.
+    store
+        .commit_batch(&flush(30, 30, 30, &rollups))
+        .await
+        .unwrap();
+    store.commit_batch(&held(30, 30)).await.unwrap();
+    let late = [rollup("acct_1", "kh_1", DAY0, 100, 1)];
+    assert!(matches!(
+        store.commit_batch(&flush(30, 30, 20, &late)).await,
+        Err(StorageError::Fenced { .. })
+    ));
     // A fenced commit moves neither.
     assert!(matches!(
         store.commit_batch(&held(20, 40)).await,
@@ -733,8 +758,8 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
     store.commit_batch(&held(30, 40)).await.unwrap();
     let start = store.load_partition("gateway-logs", 3).await.unwrap();
     assert_eq!(at(start), (Some(40), Some(30)));
-    // A row from before the column: its rollups went with every batch.
-    sqlx::query("UPDATE consumer_offsets SET rollups_offset = NULL")
+    // A row from before the columns: its rollups went with every batch.
+    sqlx::query("UPDATE consumer_offsets SET rollups_offset = NULL, rollups_next_offset = NULL")
         .execute(store.pool())
         .await
         .unwrap();
@@ -743,7 +768,18 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
     store.commit_batch(&held(40, 50)).await.unwrap();
     let start = store.load_partition("gateway-logs", 3).await.unwrap();
     assert_eq!(at(start), (Some(50), Some(40)));
-    assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 3);
+    // A keywatch from before the columns commits 50..60 (rollups and all),
+    // leaving them as they were: the rollups then go up to its offset.
+    sqlx::query("UPDATE consumer_offsets SET next_offset = 60")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(60), Some(60)));
+    store.commit_batch(&held(60, 70)).await.unwrap();
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(at(start), (Some(70), Some(60)));
+    assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 6);
 }
 
 #[tokio::test]

@@ -36,6 +36,9 @@ pub(super) struct Closed {
     /// `addresses` and `sources` then hold everything since the last flush
     /// (else they are empty and held by the worker).
     pub(super) flush: bool,
+    /// Where the stored rollups end, as the worker knows it (a flush is
+    /// fenced on it).
+    pub(super) rollups_from: Option<i64>,
     pub(super) rollups: Rollups,
     pub(super) budgets: Vec<BudgetRow>,
     pub(super) addresses: Vec<AddressRow>,
@@ -139,6 +142,7 @@ impl Committer<'_> {
             next_offset: c.range.next,
             rollups: c.rollups.rows(),
             flush: c.flush,
+            rollups_from: c.rollups_from,
             alerts: &c.alerts,
             checkpoint: c.checkpoint.as_ref(),
             budgets: &c.budgets,

@@ -654,6 +654,7 @@ impl<'s> PartitionWorker<'s> {
             addresses: Vec::new(),
             sources: Vec::new(),
             flush,
+            rollups_from: self.rollups_at,
             alerts: std::mem::take(&mut self.alerts),
             checkpoint,
             behind,
