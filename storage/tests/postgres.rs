@@ -696,6 +696,16 @@ async fn a_committer_waiting_on_the_offset_row_is_fenced_once_it_moves() {
     assert_eq!(count(&store, "rollup_minute").await, 1);
 }
 
+/// The next offset and rollups offset of `gateway-logs` partition 3.
+async fn offsets(store: &Store) -> (Option<i64>, Option<i64>) {
+    let s = store.load_partition("gateway-logs", 3).await.unwrap();
+    (s.next_offset, s.rollups_offset)
+}
+
+async fn execute(store: &Store, sql: &str) {
+    sqlx::query(sql).execute(store.pool()).await.unwrap();
+}
+
 /// Rollups held across batches: `rollups_offset` moves only with a commit
 /// that flushes them, a first commit that does not flush starts it at the
 /// batch's start, and rows from before migration 7 (NULL) read as the
@@ -712,14 +722,11 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
         rollups_from: Some(from),
         ..batch(start, next, rollups, &[], None)
     };
-    let at = |s: PartitionStart| (s.next_offset, s.rollups_offset);
     store.commit_batch(&held(5, 10)).await.unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(10), Some(5)));
+    assert_eq!(offsets(store).await, (Some(10), Some(5)));
     store.commit_batch(&held(10, 20)).await.unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
     assert_eq!(
-        at(start),
+        offsets(store).await,
         (Some(20), Some(5)),
         "held: the rollups stay at 5"
     );
@@ -735,8 +742,11 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
         .commit_batch(&flush(20, 30, 5, &rollups))
         .await
         .unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(30), Some(30)), "a flush brings them up");
+    assert_eq!(
+        offsets(store).await,
+        (Some(30), Some(30)),
+        "a flush brings them up"
+    );
     // A flush that moves no offset (a quiet partition's) is fenced on the
     // rollups: repeated (a retry after a commit that did land, or a late
     // owner), it adds nothing.
@@ -756,29 +766,22 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
         Err(StorageError::Fenced { stored: 30, .. })
     ));
     store.commit_batch(&held(30, 40)).await.unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(40), Some(30)));
+    assert_eq!(offsets(store).await, (Some(40), Some(30)));
     // A row from before the columns: its rollups went with every batch.
-    sqlx::query("UPDATE consumer_offsets SET rollups_offset = NULL, rollups_next_offset = NULL")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(40), Some(40)));
+    execute(
+        store,
+        "UPDATE consumer_offsets SET rollups_offset = NULL, rollups_next_offset = NULL",
+    )
+    .await;
+    assert_eq!(offsets(store).await, (Some(40), Some(40)));
     store.commit_batch(&held(40, 50)).await.unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(50), Some(40)));
+    assert_eq!(offsets(store).await, (Some(50), Some(40)));
     // A keywatch from before the columns commits 50..60 (rollups and all),
     // leaving them as they were: the rollups then go up to its offset.
-    sqlx::query("UPDATE consumer_offsets SET next_offset = 60")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(60), Some(60)));
+    execute(store, "UPDATE consumer_offsets SET next_offset = 60").await;
+    assert_eq!(offsets(store).await, (Some(60), Some(60)));
     store.commit_batch(&held(60, 70)).await.unwrap();
-    let start = store.load_partition("gateway-logs", 3).await.unwrap();
-    assert_eq!(at(start), (Some(70), Some(60)));
+    assert_eq!(offsets(store).await, (Some(70), Some(60)));
     assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 6);
 }
 
