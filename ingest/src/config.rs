@@ -217,8 +217,9 @@ pub struct PipelineConfig {
     /// and second-stage marks are held in memory across batches and
     /// written with the batch that closes this many seconds after the last
     /// write (0: with every batch), and always with a checkpoint (so at
-    /// least every `checkpoint_interval_secs`) and on a partition's first
-    /// and last commit; alerts, actions and the offset
+    /// least every `checkpoint_interval_secs`), on a partition's first
+    /// and last commit, and when a partition holds `batch_max_records`
+    /// rows; alerts, actions and the offset
     /// still commit with every batch. An account active every few seconds
     /// then costs one row update a flush instead of one a record. After a
     /// crash the records since the last flush are re-read and their

@@ -624,7 +624,7 @@ impl<'s> PartitionWorker<'s> {
             || place.is_some()
             || self.last_flush.elapsed()
                 >= Duration::from_secs(self.shared.pipeline.rollup_flush_secs)
-            || self.work.held_rows() >= MAX_HELD_ROWS;
+            || self.work.held_rows() >= self.shared.pipeline.batch_max_records.max(MIN_HELD_ROWS);
         let closed = self.close(range, place, flush);
         self.hand_over(closed);
         if final_commit && !self.fenced {
@@ -787,9 +787,14 @@ type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
 /// holds are written anyway.
 const QUIET: Duration = Duration::from_millis(250);
 
-/// Rollup rows a partition holds at most between flushes: past this many,
-/// the next batch flushes whatever `pipeline.rollup_flush_secs` says.
-const MAX_HELD_ROWS: usize = 100_000;
+/// Rollup rows a partition holds between flushes: past a batch's worth
+/// (`pipeline.batch_max_records`, and at least this many), the next batch
+/// flushes whatever `pipeline.rollup_flush_secs` says. A flush's
+/// transaction is then no larger than a batch written with its rollups,
+/// so a partition catching up on a backlog (full batches) flushes every
+/// batch or so instead of stalling behind one large flush, and holding
+/// pays where batches are small and accounts recur across them.
+const MIN_HELD_ROWS: usize = 1_000;
 
 impl Work {
     /// How many rollup rows are held for the next flush.
