@@ -138,9 +138,60 @@ pub(crate) fn checkpoint_place(
     }
 }
 
+/// Rollup rows a partition holds at most before a flush, whatever the
+/// time since the last: a batch's worth (`batch_max_records`), and at
+/// least this many. A flush's transaction is then no larger than a batch
+/// written with its rollups, so a partition catching up on a backlog (full
+/// batches) flushes every batch or so instead of stalling behind one large
+/// flush, and holding pays where batches are small and accounts recur
+/// across them.
+pub(crate) const MIN_HELD_ROWS: usize = 1_000;
+
+/// Whether a commit flushes the rollups held since the last flush: the
+/// last commit and a partition's first do, as does one that carries a
+/// checkpoint (so a checkpoint is never past the stored rollups), one
+/// `interval` after the last flush, and one holding a batch's worth of
+/// rows (`held` of `batch_max_records`, see [`MIN_HELD_ROWS`]).
+pub(crate) fn flushes(
+    final_commit: bool,
+    first_commit: bool,
+    checkpoint: Option<CheckpointPlace>,
+    since_last: Duration,
+    interval: Duration,
+    held: usize,
+    batch_max_records: usize,
+) -> bool {
+    final_commit
+        || first_commit
+        || checkpoint.is_some()
+        || since_last >= interval
+        || held >= batch_max_records.max(MIN_HELD_ROWS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rollups_are_flushed_with_checkpoints_first_and_last_commits_on_time_and_when_many() {
+        let (soon, every) = (Duration::from_secs(1), Duration::from_secs(10));
+        let f = |last, first, place, since, held| {
+            flushes(last, first, place, since, every, held, 20_000)
+        };
+        assert!(!f(false, false, None, soon, 10));
+        assert!(f(true, false, None, soon, 10));
+        assert!(f(false, true, None, soon, 10));
+        assert!(f(false, false, Some(CheckpointPlace::Behind), soon, 10));
+        assert!(f(false, false, Some(CheckpointPlace::InBatch), soon, 10));
+        assert!(f(false, false, None, every, 10));
+        assert!(!f(false, false, None, soon, 19_999));
+        assert!(f(false, false, None, soon, 20_000));
+        // Small batches still hold a thousand rows before they must flush.
+        assert!(!flushes(false, false, None, soon, every, 999, 200));
+        assert!(flushes(false, false, None, soon, every, 1_000, 200));
+        // rollup_flush_secs = 0: every commit flushes.
+        assert!(flushes(false, false, None, soon, Duration::ZERO, 0, 20_000));
+    }
 
     #[test]
     fn a_partition_resumes_at_its_checkpoint_else_rebuilds_or_starts_as_configured() {

@@ -619,12 +619,15 @@ impl<'s> PartitionWorker<'s> {
             // re-reads the batch instead.
             return;
         }
-        let flush = final_commit
-            || self.committed.is_none()
-            || place.is_some()
-            || self.last_flush.elapsed()
-                >= Duration::from_secs(self.shared.pipeline.rollup_flush_secs)
-            || self.work.held_rows() >= self.shared.pipeline.batch_max_records.max(MIN_HELD_ROWS);
+        let flush = decide::flushes(
+            final_commit,
+            self.committed.is_none(),
+            place,
+            self.last_flush.elapsed(),
+            Duration::from_secs(self.shared.pipeline.rollup_flush_secs),
+            self.work.held_rows(),
+            self.shared.pipeline.batch_max_records,
+        );
         let closed = self.close(range, place, flush);
         self.hand_over(closed);
         if final_commit && !self.fenced {
@@ -786,15 +789,6 @@ type Failed<'p> = Vec<(&'p [u8], Option<u32>, String)>;
 /// How long a partition has had nothing to read before the rollups it
 /// holds are written anyway.
 const QUIET: Duration = Duration::from_millis(250);
-
-/// Rollup rows a partition holds between flushes: past a batch's worth
-/// (`pipeline.batch_max_records`, and at least this many), the next batch
-/// flushes whatever `pipeline.rollup_flush_secs` says. A flush's
-/// transaction is then no larger than a batch written with its rollups,
-/// so a partition catching up on a backlog (full batches) flushes every
-/// batch or so instead of stalling behind one large flush, and holding
-/// pays where batches are small and accounts recur across them.
-const MIN_HELD_ROWS: usize = 1_000;
 
 impl Work {
     /// How many rollup rows are held for the next flush.
