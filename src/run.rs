@@ -214,6 +214,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         rebuilt = c(&metrics.caught_up),
         dead_lettered = c(&metrics.dead_lettered),
         batches = c(&metrics.batches),
+        rollup_flushes = c(&metrics.rollup_flushes),
         gaps = c(&metrics.gaps),
         stalled = c(&metrics.stalled),
         formats = %metrics.formats_seen(),

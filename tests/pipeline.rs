@@ -161,6 +161,55 @@ fn held_rollups_are_written_when_a_partition_goes_quiet() {
     wait_rollups_written(&db);
     verify(&db, &exp, &dir, &broker.addr, "gw");
     stop_run(&mut run);
+    // What was held went in transactions of its own, beside the batches.
+    let flushes = stopped_with(&dir.join("run.log"), "rollup_flushes=");
+    assert!(flushes > 0, "no rollups were written behind the batches");
+}
+
+/// With rollups written in every batch (`rollup_flush_secs = 0`) the
+/// periodic checkpoints are still stored behind the batches, alone, and
+/// everything adds up.
+#[test]
+fn rollups_with_every_batch_and_checkpoints_behind_add_up() {
+    let lines = trace(3000, 24.0, 23, 0);
+    let exp = expected(&lines, 2);
+    let dir = scratch("every-batch");
+    let broker = Broker::start(&dir.join("tansu.log"));
+    let db = Database::create("every_batch");
+    broker.create_topic("gw", 2);
+    broker.create_topic("gw-dlq", 1);
+    broker.produce("gw", 2, &lines);
+    let settings = RunSettings {
+        batch_max_records: 200,
+        checkpoint_interval_secs: 1,
+        rollup_flush_secs: Some(0),
+        ..RunSettings::default()
+    };
+    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
+    let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, &settings);
+    let mut run = start_run(&cfg, &dir.join("run.log"));
+    let total: i64 = exp.ends.values().sum();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen = std::collections::BTreeSet::new();
+    while committed(&db) < total {
+        assert!(Instant::now() < deadline, "not every offset committed");
+        if let Ok(rows) = db.try_query(
+            "SELECT at_offset::text FROM engine_checkpoints WHERE topic = 'gw' AND partition = 1",
+        ) {
+            seen.extend(rows.into_iter().map(|r| r[0].clone()));
+        }
+        assert_eq!(held_rollups(&db), 0, "a batch held its rollups");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        seen.len() >= 2,
+        "no checkpoint after the first while the partition was read: {seen:?}"
+    );
+    wait_committed(&db, "gw", &exp.ends, Duration::from_secs(300));
+    verify(&db, &exp, &dir, &broker.addr, "gw");
+    stop_run(&mut run);
+    let flushes = stopped_with(&dir.join("run.log"), "rollup_flushes=");
+    assert_eq!(flushes, 0, "rollups went with the batches");
 }
 
 #[test]
@@ -195,6 +244,10 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     wait_committed(&db, "gw", &exp.ends, Duration::from_secs(600));
     stop_run(&mut run);
     verify(&db, &exp, &dir, &broker.addr, "gw");
+    // Every restart found a checkpoint it could use: none was stored past
+    // the rollups written (else it is refused and the state rebuilt from 0).
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("checkpoint unreadable"), "{text}");
 }
 
 #[test]
@@ -226,16 +279,22 @@ fn two_consumers_in_one_group_split_and_hand_over_partitions() {
 
 /// The record count a `keywatch run` reported when it stopped.
 fn records_read(log: &Path) -> u64 {
+    stopped_with(log, "stopped after ")
+}
+
+/// A number from the line a `keywatch run` logged when it last stopped:
+/// the one after `label` (`"stopped after "`, `"rollup_flushes="`).
+fn stopped_with(log: &Path, label: &str) -> u64 {
     let text = std::fs::read_to_string(log).unwrap();
     let line = text
         .lines()
         .rev()
         .find(|l| l.contains("stopped after"))
         .expect("a stop line");
-    line.split("stopped after ")
+    line.split(label)
         .nth(1)
-        .unwrap()
-        .split(' ')
+        .unwrap_or_else(|| panic!("no {label:?} in {line}"))
+        .split(|c: char| !c.is_ascii_digit())
         .next()
         .unwrap()
         .parse()

@@ -215,15 +215,15 @@ pub struct PipelineConfig {
     pub checkpoint_write_mb_per_sec: u64,
     /// The rollups (`rollup_minute`, `address_minute`), budget ledger rows
     /// and second-stage marks are held in memory across batches and
-    /// written with the batch that closes this many seconds after the last
-    /// write (0: with every batch), and always with a checkpoint (so at
-    /// least every `checkpoint_interval_secs`), on a partition's first
-    /// and last commit, and when a partition holds `batch_max_records`
-    /// rows; alerts, actions and the offset
-    /// still commit with every batch. An account active every few seconds
-    /// then costs one row update a flush instead of one a record. After a
-    /// crash the records since the last flush are re-read and their
-    /// rollups rebuilt (`consumer_offsets.rollups_offset`).
+    /// written this many seconds after the last write, in a transaction of
+    /// their own beside the batches (0: in every batch's transaction), and
+    /// always with a checkpoint (so at least every
+    /// `checkpoint_interval_secs`), in a partition's first and last
+    /// commit, and when a partition holds `batch_max_records` rows; alerts,
+    /// actions and the offset still commit with every batch. An account
+    /// active every few seconds then costs one row update a flush instead
+    /// of one a record. After a crash the records since the last flush are
+    /// re-read and their rollups rebuilt (`consumer_offsets.rollups_offset`).
     pub rollup_flush_secs: u64,
     /// Directory of the Parquet lake (`dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet`); unset: no Parquet.
     pub parquet_dir: Option<PathBuf>,

@@ -46,6 +46,8 @@ pub struct PipelineMetrics {
     pub alerts: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Rollup flushes written behind the batches.
+    pub rollup_flushes: AtomicU64,
     /// Bytes of engine checkpoints committed (core and entries written).
     pub checkpoint_bytes: AtomicU64,
     /// Checkpoint entries (accounts and keys) written.
@@ -216,6 +218,7 @@ impl PipelineMetrics {
         }
         out.extend([
             one("keywatch_batches_total", "Batches committed.", Kind::Counter, c(&self.batches)),
+            one("keywatch_rollup_flushes_total", "Held rollups written in a transaction of their own, beside the batches (those written with a partition's first and last batch are not counted).", Kind::Counter, c(&self.rollup_flushes)),
             one("keywatch_commit_retries_total", "Commit or dead-letter attempts that failed and were retried.", Kind::Counter, c(&self.retries)),
             one("keywatch_partitions_stalled_total", "Partitions stopped by a commit the database refused for its content (logged; an operator acts).", Kind::Counter, c(&self.stalled)),
             one("keywatch_offset_gaps_total", "Offset gaps a partition's worker saw (compaction or transaction markers; otherwise a bug).", Kind::Counter, c(&self.gaps)),

@@ -34,6 +34,21 @@ pub enum StorageError {
         /// The offset found in `consumer_offsets` (-1 if the row vanished meanwhile).
         stored: i64,
     },
+    /// A rollup flush expected the stored rollups to end where its rows
+    /// start, and they do not (its earlier attempt landed, or another
+    /// consumer flushed), or the batches it covers are not committed:
+    /// nothing of it was stored.
+    #[error("{topic}[{partition}]: the rollups flush starts at offset {expected} but the stored rollups end at {stored}")]
+    RollupsFenced {
+        /// The Kafka topic.
+        topic: String,
+        /// The Kafka partition.
+        partition: i32,
+        /// Where the flush's rows start.
+        expected: i64,
+        /// Where the stored rollups end (-1 if the row is missing).
+        stored: i64,
+    },
     /// The batch's offsets go backwards (`next_offset < start_offset`): a caller bug.
     #[error("{topic}[{partition}]: batch offsets go backwards ({start_offset} to {next_offset})")]
     OffsetsBackwards {
@@ -120,6 +135,7 @@ impl StorageError {
             }
             StorageError::Migrate(_)
             | StorageError::Fenced { .. }
+            | StorageError::RollupsFenced { .. }
             | StorageError::OffsetsBackwards { .. }
             | StorageError::Corrupt { .. }
             | StorageError::Encode { .. } => false,

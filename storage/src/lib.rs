@@ -24,9 +24,14 @@
 //!   actually inserted get a revocation action (throttle and block) and an
 //!   outbox row. Replaying a batch, even one whose offsets were never
 //!   committed, never stores, queues or enforces an alert twice.
-//! - **Rollups are counted once.** They are additive upserts, so they are
-//!   exactly-once because the offsets are: a replayed batch is fenced, or its
-//!   earlier attempt never committed.
+//! - **Rollups are counted once.** They are additive upserts, held by the
+//!   consumer across batches and written either with a batch
+//!   ([`BatchCommit::flush`]) or on their own after the batches they cover
+//!   ([`Store::flush_rollups`]); either way `consumer_offsets.rollups_offset`
+//!   moves in the same transaction, fenced on its stored value, so a retry
+//!   or another consumer's flush of the same records is refused, and a
+//!   consumer that takes a partition over re-counts exactly the records from
+//!   `rollups_offset` on.
 //! - **Lake files are named by offset range.** [`parquet::write_batch`] writes
 //!   `dt=YYYY-MM-DD/<topic>-<partition>-<first>-<last>.parquet` atomically
 //!   (temporary file, fsync, rename), so replaying a range replaces its file.
@@ -60,8 +65,8 @@ pub use error::StorageError;
 pub use memory::{Backend, MemoryStore};
 pub use parquet::{existing_batch_end, write_batch, LakeRows, RowOrigin};
 pub use store::{
-    AddressRow, BatchCommit, BudgetRow, CheckpointWrite, PartitionStart, RollupRow, SourceRow,
-    Store,
+    AddressRow, BatchCommit, BudgetRow, CheckpointWrite, PartitionStart, RollupFlush, RollupRow,
+    SourceRow, Store,
 };
 
 #[cfg(test)]

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use detectors::{Action, Alert, Checkpoint, Entry, EntryKind};
 
-use crate::{BatchCommit, CheckpointWrite, PartitionStart, StorageError, Store};
+use crate::{
+    BatchCommit, CheckpointWrite, PartitionStart, RollupFlush, RollupRow, StorageError, Store,
+};
 
 /// One partition's checkpoint entries: state by kind and id.
 type EntryStates = HashMap<(EntryKind, Box<str>), Vec<u8>>;
@@ -90,6 +92,20 @@ impl Inner {
         }
         self.checkpoints.insert(key, (at, cp.core.clone()));
     }
+
+    /// Rollups added to the live view's minutes and spend.
+    fn add_rollups(&mut self, rows: &[RollupRow]) {
+        for r in rows {
+            let m = self.per_minute.entry(r.minute_ms).or_default();
+            m.requests += r.requests;
+            m.cost_micros += r.cost_micros;
+            *self.spend.entry(r.user_id.clone()).or_default() += r.cost_micros;
+        }
+        // A live view needs the last day of minutes, not the whole history.
+        while self.per_minute.len() > 24 * 60 {
+            self.per_minute.pop_first();
+        }
+    }
 }
 
 impl MemoryStore {
@@ -157,12 +173,7 @@ impl MemoryStore {
         if let Some(cp) = batch.checkpoint {
             inner.write_checkpoint(key, batch.next_offset, cp);
         }
-        for r in batch.rollups {
-            let m = inner.per_minute.entry(r.minute_ms).or_default();
-            m.requests += r.requests;
-            m.cost_micros += r.cost_micros;
-            *inner.spend.entry(r.user_id.clone()).or_default() += r.cost_micros;
-        }
+        inner.add_rollups(batch.rollups);
         for a in batch.alerts {
             if !inner.alert_ids.insert(a.id.clone()) {
                 continue;
@@ -176,11 +187,29 @@ impl MemoryStore {
             }
             inner.alerts.push(a.clone());
         }
-        // A live view needs the last day of minutes, not the whole history.
-        while inner.per_minute.len() > 24 * 60 {
-            inner.per_minute.pop_first();
-        }
         inner.batches += 1;
+        Ok(())
+    }
+
+    /// Writes held rollups on their own with [`Store::flush_rollups`]'s
+    /// rules (`fence`: the stored rollups must end at `from`, and the
+    /// offset be at `to` or past it).
+    pub fn flush_rollups(&self, f: &RollupFlush<'_>, fence: bool) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let key = (f.topic.to_owned(), f.partition);
+        let stored = inner.offsets.get(&key).copied();
+        if fence && !stored.is_some_and(|(next, rollups)| rollups == f.from && next >= f.to) {
+            return Err(StorageError::RollupsFenced {
+                topic: f.topic.to_owned(),
+                partition: f.partition,
+                expected: f.from,
+                stored: stored.map_or(-1, |s| s.1),
+            });
+        }
+        if let Some(o) = inner.offsets.get_mut(&key) {
+            o.1 = f.to;
+        }
+        inner.add_rollups(f.rollups);
         Ok(())
     }
 
@@ -282,6 +311,18 @@ impl Backend {
         }
     }
 
+    /// Writes held rollups on their own ([`Store::flush_rollups`]), then
+    /// to the memory mirror.
+    pub async fn flush_rollups(&self, f: &RollupFlush<'_>) -> Result<(), StorageError> {
+        if let Some(p) = &self.postgres {
+            p.flush_rollups(f).await?;
+        }
+        if let Some(m) = &self.memory {
+            m.flush_rollups(f, self.postgres.is_none())?;
+        }
+        Ok(())
+    }
+
     /// Commits a batch (to Postgres, then to the memory mirror).
     pub async fn commit_batch(&self, batch: &BatchCommit<'_>) -> Result<(), StorageError> {
         if let Some(p) = &self.postgres {
@@ -355,5 +396,38 @@ mod tests {
         );
         assert_eq!(s.top_spenders, vec![("u".to_string(), 14)]);
         assert_eq!(m.load_partition("t", 0).next_offset, Some(20));
+    }
+
+    #[test]
+    fn a_flush_behind_is_fenced_on_the_rollups_offset_as_in_postgres() {
+        let m = MemoryStore::default();
+        let rollups = [RollupRow {
+            user_id: "u".into(),
+            minute_ms: 60_000,
+            requests: 2,
+            ..RollupRow::default()
+        }];
+        let held = BatchCommit {
+            flush: false,
+            ..batch(0, &[], &[])
+        };
+        m.commit_batch(&held, true).unwrap();
+        let f = |from, to| RollupFlush {
+            topic: "t",
+            partition: 0,
+            from,
+            to,
+            rollups: &rollups,
+            budgets: &[],
+            addresses: &[],
+            sources: &[],
+        };
+        let fenced = |r| matches!(r, Err(StorageError::RollupsFenced { .. }));
+        assert!(fenced(m.flush_rollups(&f(0, 11), true)), "past the offset");
+        assert!(fenced(m.flush_rollups(&f(5, 10), true)), "other rollups");
+        m.flush_rollups(&f(0, 10), true).unwrap();
+        assert!(fenced(m.flush_rollups(&f(0, 10), true)), "twice");
+        assert_eq!(m.load_partition("t", 0).rollups_offset, Some(10));
+        assert_eq!(m.snapshot(0, 0, 10, 10).per_minute[0].1.requests, 2);
     }
 }

@@ -155,6 +155,32 @@ pub struct BatchCommit<'a> {
     pub sources: &'a [SourceRow],
 }
 
+/// The rows a partition held since its last flush, written on their own
+/// by [`Store::flush_rollups`] after the batches they cover committed,
+/// so that no batch waits for them.
+#[derive(Clone, Copy, Debug)]
+pub struct RollupFlush<'a> {
+    /// The Kafka topic.
+    pub topic: &'a str,
+    /// The Kafka partition.
+    pub partition: i32,
+    /// Where the stored rollups end now, and these rows start
+    /// (`consumer_offsets.rollups_offset`): any other value fences it.
+    pub from: i64,
+    /// Where the stored rollups end once these are written; at most the
+    /// stored `next_offset` (the batches must have committed).
+    pub to: i64,
+    /// Traffic per user, key and minute counted from `from` to `to`
+    /// (added to what is stored).
+    pub rollups: &'a [RollupRow],
+    /// The budget ledger of the users counted (absolute values).
+    pub budgets: &'a [BudgetRow],
+    /// Traffic per address and minute (the second stage's; added).
+    pub addresses: &'a [AddressRow],
+    /// Where the second stage stands in each source (absolute values).
+    pub sources: &'a [SourceRow],
+}
+
 /// A checkpoint stored on its own, after the batch that ends at its offset
 /// committed ([`Store::store_checkpoint`]).
 #[derive(Clone, Copy, Debug)]
@@ -388,18 +414,17 @@ impl Store {
             let _ = tx.rollback().await;
             return Err(e);
         }
-        if !batch.rollups.is_empty() {
-            upsert_rollups(&mut tx, batch.rollups).await?;
-        }
-        if !batch.budgets.is_empty() {
-            upsert_budgets(&mut tx, batch.budgets).await?;
-        }
-        if !batch.addresses.is_empty() {
-            upsert_addresses(&mut tx, batch.addresses).await?;
-        }
-        if !batch.sources.is_empty() {
-            upsert_sources(&mut tx, batch).await?;
-        }
+        let held = RollupFlush {
+            topic: batch.topic,
+            partition: batch.partition,
+            from: batch.rollups_from.unwrap_or(batch.start_offset),
+            to: batch.next_offset,
+            rollups: batch.rollups,
+            budgets: batch.budgets,
+            addresses: batch.addresses,
+            sources: batch.sources,
+        };
+        write_held(&mut tx, &held).await?;
         if let Some(cp) = batch.checkpoint {
             write_checkpoint(
                 &mut tx,
@@ -417,6 +442,63 @@ impl Store {
             alert_columns.insert(&mut tx).await?;
         }
         tx.commit().await.map_err(query_error("commit"))
+    }
+
+    /// Writes the rows a partition held since its last flush in a
+    /// transaction of their own and moves `rollups_offset` from `from` to
+    /// `to`, beside the batches (which never touch these tables when they
+    /// do not flush). The offset row is locked last, for the moment of the
+    /// commit only, so the partition's batches do not queue behind the
+    /// rows. Fenced ([`StorageError::RollupsFenced`], nothing stored) when
+    /// the stored rollups do not end at `from` (a retry of a flush that
+    /// landed, another consumer's flush) or the stored `next_offset` is
+    /// below `to`.
+    pub async fn flush_rollups(&self, f: &RollupFlush<'_>) -> Result<(), StorageError> {
+        if f.to < f.from {
+            return Err(StorageError::OffsetsBackwards {
+                topic: f.topic.to_owned(),
+                partition: f.partition,
+                start_offset: f.from,
+                next_offset: f.to,
+            });
+        }
+        let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
+        write_held(&mut tx, f).await?;
+        let moved = sqlx::query(
+            "UPDATE consumer_offsets SET rollups_offset = $4, rollups_next_offset = next_offset
+             WHERE topic = $1 AND partition = $2 AND next_offset >= $4
+                 AND $3 = CASE WHEN rollups_next_offset = next_offset
+                     THEN rollups_offset ELSE next_offset END",
+        )
+        .bind(f.topic)
+        .bind(f.partition)
+        .bind(f.from)
+        .bind(f.to)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error("move the partition's rollups offset"))?
+        .rows_affected();
+        if moved == 1 {
+            return tx.commit().await.map_err(query_error("commit"));
+        }
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT CASE WHEN rollups_next_offset = next_offset
+                 THEN rollups_offset ELSE next_offset END
+             FROM consumer_offsets WHERE topic = $1 AND partition = $2",
+        )
+        .bind(f.topic)
+        .bind(f.partition)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_error("read the partition's rollups offset"))?
+        .flatten();
+        let _ = tx.rollback().await;
+        Err(StorageError::RollupsFenced {
+            topic: f.topic.to_owned(),
+            partition: f.partition,
+            expected: f.from,
+            stored: stored.unwrap_or(-1),
+        })
     }
 
     /// Stores a checkpoint valid at offset `at` in a transaction of its own,
@@ -653,6 +735,27 @@ async fn advance_offset(
     })
 }
 
+/// Writes held rows (rollups, budget ledger, address traffic, source
+/// marks), one statement per table that has any.
+async fn write_held(
+    tx: &mut Transaction<'_, Postgres>,
+    f: &RollupFlush<'_>,
+) -> Result<(), StorageError> {
+    if !f.rollups.is_empty() {
+        upsert_rollups(tx, f.rollups).await?;
+    }
+    if !f.budgets.is_empty() {
+        upsert_budgets(tx, f.budgets).await?;
+    }
+    if !f.addresses.is_empty() {
+        upsert_addresses(tx, f.addresses).await?;
+    }
+    if !f.sources.is_empty() {
+        upsert_sources(tx, f.topic, f.partition, f.sources).await?;
+    }
+    Ok(())
+}
+
 /// Adds the batch's address rows to `address_minute` in one statement.
 async fn upsert_addresses(
     tx: &mut Transaction<'_, Postgres>,
@@ -693,9 +796,10 @@ async fn upsert_addresses(
 /// Writes where the second-stage partition stands in each source.
 async fn upsert_sources(
     tx: &mut Transaction<'_, Postgres>,
-    batch: &BatchCommit<'_>,
+    topic: &str,
+    partition: i32,
+    rows: &[SourceRow],
 ) -> Result<(), StorageError> {
-    let rows = batch.sources;
     let topics: Vec<&str> = rows.iter().map(|r| r.source_topic.as_str()).collect();
     let parts: Vec<i32> = rows.iter().map(|r| r.source_partition).collect();
     let offsets: Vec<Option<i64>> = rows.iter().map(|r| r.mark.map(|m| m.0)).collect();
@@ -716,8 +820,8 @@ async fn upsert_sources(
              idle = excluded.idle,
              updated_at = now()",
     )
-    .bind(batch.topic)
-    .bind(batch.partition)
+    .bind(topic)
+    .bind(partition)
     .bind(topics)
     .bind(parts)
     .bind(offsets)

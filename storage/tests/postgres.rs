@@ -9,7 +9,7 @@ use std::sync::Arc;
 use detectors::time::PeriodKind;
 use detectors::{Action, Alert, AlertKind, BudgetInfo, Checkpoint, Entry, EntryKind, Severity};
 use sqlx::{Connection, PgConnection};
-use storage::{BatchCommit, PartitionStart, RollupRow, StorageError, Store};
+use storage::{BatchCommit, PartitionStart, RollupFlush, RollupRow, StorageError, Store};
 
 const MINUTE: i64 = 60_000;
 /// 2026-11-23T00:00:00Z
@@ -783,6 +783,88 @@ async fn the_rollups_offset_moves_only_with_a_flush() {
     store.commit_batch(&held(60, 70)).await.unwrap();
     assert_eq!(offsets(store).await, (Some(70), Some(60)));
     assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 6);
+}
+
+#[tokio::test]
+async fn rollups_flushed_behind_are_fenced_and_do_not_hold_up_the_batches() {
+    let db = TestDb::new().await;
+    let store = &db.store;
+    let held = |start, next| BatchCommit {
+        flush: false,
+        ..batch(start, next, &[], &[], None)
+    };
+    let rollups = [rollup("acct_1", "kh_1", DAY0, 3, 30)];
+    let behind = |from, to| RollupFlush {
+        topic: "gateway-logs",
+        partition: 3,
+        from,
+        to,
+        rollups: &rollups,
+        budgets: &[],
+        addresses: &[],
+        sources: &[],
+    };
+    store.commit_batch(&held(0, 10)).await.unwrap();
+    let fenced = |r: Result<(), StorageError>, at: i64| matches!(r, Err(StorageError::RollupsFenced { stored, .. }) if stored == at);
+    assert!(
+        fenced(store.flush_rollups(&behind(0, 20)).await, 0),
+        "past the committed offset"
+    );
+    assert!(
+        fenced(store.flush_rollups(&behind(3, 10)).await, 0),
+        "from other stored rollups"
+    );
+    assert_eq!(count(store, "rollup_minute").await, 0);
+    store.flush_rollups(&behind(0, 10)).await.unwrap();
+    assert_eq!(offsets(store).await, (Some(10), Some(10)));
+    assert!(
+        fenced(store.flush_rollups(&behind(0, 10)).await, 10),
+        "a retry of a flush that landed adds nothing"
+    );
+    assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 3);
+
+    // A flush waiting on its rows (here: another transaction holds the
+    // rollup row) does not hold the partition's offset row: batches
+    // commit meanwhile, and the flush lands after them.
+    store.commit_batch(&held(10, 20)).await.unwrap();
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE rollup_minute SET requests = requests WHERE user_id = 'acct_1'")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let flushing = {
+        let store = store.clone();
+        let rollups = rollups.clone();
+        tokio::spawn(async move {
+            let f = RollupFlush {
+                topic: "gateway-logs",
+                partition: 3,
+                from: 10,
+                to: 20,
+                rollups: &rollups,
+                budgets: &[],
+                addresses: &[],
+                sources: &[],
+            };
+            store.flush_rollups(&f).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!flushing.is_finished(), "the flush waits on the held row");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.commit_batch(&held(20, 30)),
+    )
+    .await
+    .expect("a batch commits while a flush is under way")
+    .unwrap();
+    blocker.rollback().await.unwrap();
+    flushing.await.unwrap().unwrap();
+    assert_eq!(offsets(store).await, (Some(30), Some(20)));
+    assert_eq!(rollup_row(store, "acct_1", "kh_1", DAY0).await.0, 6);
+    // The next owner starts its rollups at 20.
+    let start = store.load_partition("gateway-logs", 3).await.unwrap();
+    assert_eq!(start.rollups_offset, Some(20));
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! A partition's committer: writes the batch its worker closed (dead
 //! letters and projections acknowledged, the Parquet file, one Postgres
 //! transaction) on a thread of its own while the worker reads and counts
-//! the next batch.
+//! the next batch; and, on a second thread, the rollups the worker held
+//! across batches (with the checkpoint that goes with them), beside the
+//! batches, so that no batch's alerts wait for them.
 //!
 //! At most one batch is in flight per partition: the worker waits for the
 //! batch before to land before it hands over the next, so memory stays
@@ -32,23 +34,77 @@ pub(super) struct Closed {
     pub(super) frames: Option<(Frames, u64)>,
     /// The lake's rows (None: no lake, or no record counted).
     pub(super) lake: Option<RecordBatch>,
-    /// Whether the batch flushes the rollups: `rollups`, `budgets`,
-    /// `addresses` and `sources` then hold everything since the last flush
-    /// (else they are empty and held by the worker).
-    pub(super) flush: bool,
+    /// Whether the batch flushes the rollups, and where: `rows` then hold
+    /// everything since the last flush, written in the batch's transaction
+    /// (`InBatch`) or, once it has landed, handed to the flusher
+    /// (`Behind`); else they are empty and held by the worker.
+    pub(super) flush: Option<Place>,
     /// Where the stored rollups end, as the worker knows it (a flush is
     /// fenced on it).
     pub(super) rollups_from: Option<i64>,
-    pub(super) rollups: Rollups,
-    pub(super) budgets: Vec<BudgetRow>,
-    pub(super) addresses: Vec<AddressRow>,
-    pub(super) sources: Vec<SourceRow>,
+    pub(super) rows: HeldRows,
     pub(super) alerts: Vec<Alert>,
     /// A checkpoint written in the batch's own transaction.
     pub(super) checkpoint: Option<Checkpoint>,
     /// A checkpoint valid at the batch's end, to be stored behind it once
     /// it has committed.
     pub(super) behind: Option<Checkpoint>,
+}
+
+/// What a partition holds between flushes: stage one's rollups and budget
+/// ledger rows, stage two's address traffic and source marks.
+#[derive(Default)]
+pub(super) struct HeldRows {
+    pub(super) rollups: Rollups,
+    pub(super) budgets: Vec<BudgetRow>,
+    pub(super) addresses: Vec<AddressRow>,
+    pub(super) sources: Vec<SourceRow>,
+}
+
+impl HeldRows {
+    /// Whether there is nothing to write.
+    pub(super) fn is_empty(&self) -> bool {
+        self.rollups.rows().is_empty()
+            && self.budgets.is_empty()
+            && self.addresses.is_empty()
+            && self.sources.is_empty()
+    }
+}
+
+/// Rows held since the last flush, on their way to Postgres behind the
+/// batches that counted them (all committed), and the checkpoint valid
+/// where they end, written after them.
+pub(super) struct Held {
+    /// Where the stored rollups end now (the fence).
+    pub(super) from: i64,
+    /// Where they end once these are written: a committed batch's end.
+    pub(super) to: i64,
+    pub(super) rows: HeldRows,
+    /// The engine's checkpoint at `to`, and the stored one it was taken
+    /// against.
+    pub(super) checkpoint: Option<(Checkpoint, Option<i64>)>,
+}
+
+/// What became of a checkpoint written behind.
+pub(super) enum Stored {
+    /// Written: its bytes and entries.
+    Yes(u64, u64),
+    /// Not written, because another one was stored meanwhile.
+    Superseded,
+    /// Not written: why.
+    Failed(String),
+    /// Not written, because the partition is being let go (its last
+    /// commit stores one in its batch).
+    Skipped,
+}
+
+/// What became of held rows.
+pub(super) enum HeldLanding {
+    /// Written (handed back for reuse), and their checkpoint's fate.
+    Written(Box<Held>, Option<Stored>),
+    /// Not written, and the partition reads no further (as
+    /// [`Landing::Abandoned`]).
+    Abandoned,
 }
 
 /// What became of a closed batch.
@@ -89,6 +145,80 @@ impl Committer<'_> {
                 return;
             }
         }
+    }
+
+    /// Writes every set of held rows the worker sends, answering each, until
+    /// the worker hangs up.
+    pub(super) fn serve_held(
+        &self,
+        held: std::sync::mpsc::Receiver<Box<Held>>,
+        landings: std::sync::mpsc::Sender<HeldLanding>,
+    ) {
+        for h in held {
+            if landings.send(self.write_held(h)).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Writes held rows in their own transaction (retried as a batch is),
+    /// then the checkpoint that goes with them, once; a checkpoint not
+    /// stored only makes the next one full.
+    fn write_held(&self, h: Box<Held>) -> HeldLanding {
+        let flush = RollupFlush {
+            topic: &self.topic,
+            partition: self.partition,
+            from: h.from,
+            to: h.to,
+            rollups: h.rows.rollups.rows(),
+            budgets: &h.rows.budgets,
+            addresses: &h.rows.addresses,
+            sources: &h.rows.sources,
+        };
+        // A checkpoint alone (the rollups went with its batch) has no rows
+        // to write: the stored rollups are already past it.
+        let nothing = h.from == h.to && h.rows.is_empty();
+        if !nothing {
+            let write = || async {
+                match self.shared.store.flush_rollups(&flush).await {
+                    // A retry after a commit whose reply was lost: written.
+                    Err(StorageError::RollupsFenced { stored, .. }) if stored == flush.to => Ok(()),
+                    r => r,
+                }
+            };
+            if !self.retried(h.from, write) {
+                return HeldLanding::Abandoned;
+            }
+            self.shared
+                .metrics
+                .rollup_flushes
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let Some((cp, previous)) = &h.checkpoint else {
+            return HeldLanding::Written(h, None);
+        };
+        if self.stop.load(Ordering::Acquire) {
+            // A paced checkpoint would hold the last commit up.
+            return HeldLanding::Written(h, Some(Stored::Skipped));
+        }
+        let w = CheckpointWrite {
+            topic: &self.topic,
+            partition: self.partition,
+            at: h.to,
+            previous: *previous,
+            checkpoint: cp,
+            bytes_per_sec: Some(self.shared.pipeline.checkpoint_write_mb_per_sec * 1_000_000),
+        };
+        let stored = match self
+            .shared
+            .rt
+            .block_on(self.shared.store.store_checkpoint(&w))
+        {
+            Ok(true) => Stored::Yes(cp.bytes() as u64, cp.changed.len() as u64),
+            Ok(false) => Stored::Superseded,
+            Err(e) => Stored::Failed(e.detail()),
+        };
+        HeldLanding::Written(h, Some(stored))
     }
 
     /// Writes the batch: dead letters and projections (acknowledged), the
@@ -135,31 +265,51 @@ impl Committer<'_> {
     /// The batch's Postgres transaction; false when it was fenced, stalled,
     /// or a stop came while it kept failing.
     fn commit(&self, c: &Closed) -> bool {
+        let in_batch = c.flush == Some(Place::InBatch);
+        let empty = HeldRows::default();
+        let rows = if in_batch { &c.rows } else { &empty };
         let batch = BatchCommit {
             topic: &self.topic,
             partition: self.partition,
             start_offset: c.range.start,
             next_offset: c.range.next,
-            rollups: c.rollups.rows(),
-            flush: c.flush,
+            rollups: rows.rollups.rows(),
+            flush: in_batch,
             rollups_from: c.rollups_from,
             alerts: &c.alerts,
             checkpoint: c.checkpoint.as_ref(),
-            budgets: &c.budgets,
-            addresses: &c.addresses,
-            sources: &c.sources,
+            budgets: &rows.budgets,
+            addresses: &rows.addresses,
+            sources: &rows.sources,
         };
+        let write = || async {
+            match self.shared.store.commit_batch(&batch).await {
+                // A retry after a commit whose reply was lost (a Postgres
+                // restart at the wrong moment): the stored offset is this
+                // batch's end, so what it holds is stored, exactly once.
+                Err(StorageError::Fenced { stored, .. }) if stored == batch.next_offset => Ok(()),
+                r => r,
+            }
+        };
+        self.retried(c.range.start, write)
+    }
+
+    /// Runs a Postgres write (starting at offset `ours`) until it succeeds:
+    /// false when it was fenced, stalled, or a stop came while it kept
+    /// failing.
+    fn retried<'f, F>(&self, ours: i64, write: impl Fn() -> F) -> bool
+    where
+        F: std::future::Future<Output = Result<(), StorageError>> + 'f,
+    {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self
-                .shared
-                .rt
-                .block_on(self.shared.store.commit_batch(&batch))
-            {
+            match self.shared.rt.block_on(write()) {
                 Ok(()) => return true,
-                Err(StorageError::Fenced { stored, .. }) => {
-                    self.part()
-                        .fenced(&self.shared.metrics, stored, c.range.start);
+                Err(
+                    StorageError::Fenced { stored, .. }
+                    | StorageError::RollupsFenced { stored, .. },
+                ) => {
+                    self.part().fenced(&self.shared.metrics, stored, ours);
                     return false;
                 }
                 Err(e) if e.is_transient() => {
@@ -169,10 +319,9 @@ impl Committer<'_> {
                     }
                 }
                 Err(e) => {
-                    // Retrying the same batch would fail the same way, and skipping
+                    // Retrying the same write would fail the same way, and skipping
                     // it would lose data: the partition stops advancing, loudly.
-                    self.part()
-                        .stalled(&self.shared.metrics, c.range.start, &e.detail());
+                    self.part().stalled(&self.shared.metrics, ours, &e.detail());
                     return false;
                 }
             }

@@ -60,8 +60,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use storage::{
-    AddressRow, Backend, BatchCommit, BudgetRow, CheckpointWrite, LakeRows, RowOrigin, SourceRow,
-    StorageError,
+    AddressRow, Backend, BatchCommit, BudgetRow, CheckpointWrite, LakeRows, RollupFlush, RowOrigin,
+    SourceRow, StorageError,
 };
 
 use crate::batch::Rollups;
@@ -76,8 +76,8 @@ mod rebalance;
 mod redact;
 mod worker;
 
-use committer::{Closed, Committer, Landing};
-use decide::{CheckpointPlace, CommitRange, Seek};
+use committer::{Closed, Committer, Held, HeldLanding, HeldRows, Landing, Stored};
+use decide::{CommitRange, Place, Seek};
 use rebalance::*;
 use redact::OVERSIZE_KEPT;
 pub use redact::{fuzz_redact, redact};

@@ -2,7 +2,10 @@
 //! through its stage's engine, holds one batch, and hands it, closed, to
 //! its committer ([`super::committer`]: dead letters and projections
 //! acknowledged, the Parquet file, one Postgres transaction), reading on
-//! while it is written; the next batch waits for that one to land.
+//! while it is written; the next batch waits for that one to land. The
+//! rollups it counts are held across batches and, every few seconds,
+//! handed to its flusher, which writes them (and then the checkpoint that
+//! goes with them) beside the batches; one such write at a time.
 //!
 //! The bookkeeping (where the partition resumes, what a batch covers, the
 //! fence, retries) is the same for both stages; what a record *is* differs
@@ -76,16 +79,19 @@ pub(super) enum Restored {
     Subjects(Box<SubjectState>),
 }
 
-/// A checkpoint stored on the runtime: whether it was stored, its bytes
-/// and entries.
-type CheckpointTask = tokio::task::JoinHandle<Result<(bool, u64, u64), StorageError>>;
-
-/// The worker's line to its committer.
+/// The worker's lines to its committer and its flusher.
 struct Link {
     batches: std::sync::mpsc::SyncSender<Box<Closed>>,
     landings: std::sync::mpsc::Receiver<Landing>,
     /// A batch was handed over and has not landed yet.
     in_flight: bool,
+    held: std::sync::mpsc::SyncSender<Box<Held>>,
+    held_landings: std::sync::mpsc::Receiver<HeldLanding>,
+    /// Held rows (or a checkpoint alone) were handed to the flusher and
+    /// are not written yet.
+    writing: bool,
+    /// What is being written holds rows (not only a checkpoint).
+    writing_rows: bool,
 }
 
 /// The state of one partition's worker.
@@ -130,9 +136,6 @@ pub(super) struct PartitionWorker<'s> {
     rewinds: u32,
     /// Offset of the last checkpoint this worker wrote.
     checkpoint_at: Option<i64>,
-    /// A checkpoint being stored behind the batches: its offset and task
-    /// (stored, bytes, entries).
-    pending_checkpoint: Option<(i64, CheckpointTask)>,
 }
 
 impl<'s> PartitionWorker<'s> {
@@ -198,6 +201,10 @@ impl<'s> PartitionWorker<'s> {
                 Work::Subjects(Box::new(work))
             }
         };
+        // Periodic flushes and checkpoints start at this partition's phase.
+        let last_flush = staggered(&topic, partition, shared.pipeline.rollup_flush_secs);
+        let last_checkpoint =
+            staggered(&topic, partition, shared.pipeline.checkpoint_interval_secs);
         PartitionWorker {
             shared,
             work,
@@ -206,10 +213,10 @@ impl<'s> PartitionWorker<'s> {
             stop,
             committed: start.next_offset,
             rollups_at: start.rollups_offset,
-            last_flush: Instant::now(),
+            last_flush,
             last_read: Instant::now(),
             next_expected,
-            last_checkpoint: Instant::now(),
+            last_checkpoint,
             first: None,
             last: 0,
             counted: 0,
@@ -224,7 +231,6 @@ impl<'s> PartitionWorker<'s> {
             resume_verified: false,
             rewinds: 0,
             checkpoint_at,
-            pending_checkpoint: None,
         }
     }
 
@@ -238,28 +244,40 @@ impl<'s> PartitionWorker<'s> {
         // only after the one before landed.
         let (batches, inbox) = std::sync::mpsc::sync_channel(1);
         let (outbox, landings) = std::sync::mpsc::channel();
-        let committer = Committer {
+        let (held, held_inbox) = std::sync::mpsc::sync_channel(1);
+        let (held_outbox, held_landings) = std::sync::mpsc::channel();
+        let committer = || Committer {
             shared: self.shared,
             topic: self.topic.clone(),
             partition: self.partition,
             stop: Arc::clone(&self.stop),
         };
+        let (committer, flusher) = (committer(), committer());
         let read = std::thread::scope(|s| {
             std::thread::Builder::new()
                 .name(format!("kw-{}-{}-c", self.topic, self.partition))
                 .spawn_scoped(s, move || committer.serve(inbox, outbox))
                 .expect("spawning a partition's committer");
+            std::thread::Builder::new()
+                .name(format!("kw-{}-{}-f", self.topic, self.partition))
+                .spawn_scoped(s, move || flusher.serve_held(held_inbox, held_outbox))
+                .expect("spawning a partition's flusher");
             self.link = Some(Link {
                 batches,
                 landings,
                 in_flight: false,
+                held,
+                held_landings,
+                writing: false,
+                writing_rows: false,
             });
             // A panic on the read path must still hang up: the scope waits
             // for the committer, whose loop ends only when the worker does.
             let read =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.consume(queue)));
-            // Hanging up ends the committer's loop (nothing is in flight
-            // after a normal return; after a panic, what is lands or not).
+            // Hanging up ends the committer's and the flusher's loops
+            // (nothing is in flight after a normal return; after a panic,
+            // what is lands or not).
             self.link = None;
             read
         });
@@ -297,6 +315,7 @@ impl<'s> PartitionWorker<'s> {
                 None => {}
             }
             self.settle(false);
+            self.settle_held(false);
             if self.fenced {
                 return;
             }
@@ -312,7 +331,7 @@ impl<'s> PartitionWorker<'s> {
                     return;
                 }
             } else if self.first.is_none() && !self.in_flight() {
-                if self.last_read.elapsed() >= QUIET && self.holds_rollups() {
+                if self.last_read.elapsed() >= QUIET && self.holds_rollups() && !self.writing() {
                     // Nothing to read for a while: what is held is written
                     // now, so a quiet partition's rollups are not left behind.
                     self.flush_quiet();
@@ -554,16 +573,71 @@ impl<'s> PartitionWorker<'s> {
         }
     }
 
-    /// Writes the rollups held, with an empty batch at the committed offset
-    /// (no records, no checkpoint: the offset row is fenced as for any batch).
+    /// Hands the rollups held, up to the committed offset, to the flusher.
     fn flush_quiet(&mut self) {
-        self.settle_checkpoint();
         let Some(c) = self.committed else {
             return;
         };
-        let range = CommitRange { start: c, next: c };
-        let closed = self.close(range, None, true);
-        self.hand_over(closed);
+        let rows = self.take_held();
+        self.write_behind(c, rows, None);
+    }
+
+    /// Everything held since the last flush, taken out of the worker.
+    fn take_held(&mut self) -> HeldRows {
+        // The first (a partition's first commit) sets the partition's phase.
+        self.last_flush = match self.committed {
+            None => staggered(
+                &self.topic,
+                self.partition,
+                self.shared.pipeline.rollup_flush_secs,
+            ),
+            Some(_) => Instant::now(),
+        };
+        let mut rows = HeldRows::default();
+        match &mut self.work {
+            Work::Gateway(g) => {
+                rows.budgets = g.budget_rows();
+                let next = g.spare_rollups.take().unwrap_or_default();
+                rows.rollups = std::mem::replace(&mut g.rollups, next);
+            }
+            Work::Subjects(s) => {
+                rows.addresses = s.address_rows();
+                rows.sources = s.source_rows();
+                s.rollups.clear();
+            }
+        }
+        rows
+    }
+
+    /// Hands held rows ending at `to` (every batch up to there has
+    /// committed) to the flusher, with the checkpoint valid there; with the
+    /// flusher gone, the worker stops.
+    fn write_behind(&mut self, to: i64, rows: HeldRows, checkpoint: Option<Checkpoint>) {
+        let Some(from) = self.rollups_at else {
+            unreachable!("a partition flushes behind only after its first commit");
+        };
+        if checkpoint.is_some() {
+            self.last_checkpoint = Instant::now();
+        }
+        let held = Held {
+            from,
+            to,
+            checkpoint: checkpoint.map(|cp| (cp, self.checkpoint_at)),
+            rows,
+        };
+        let with_rows = held.from != held.to || !held.rows.is_empty();
+        let link = self.link.as_mut().expect("rows are handed over inside run");
+        if link.held.send(Box::new(held)).is_err() {
+            self.fenced = true;
+            return;
+        }
+        link.writing = true;
+        link.writing_rows = with_rows;
+    }
+
+    /// Whether held rows were handed to the flusher and are not written yet.
+    fn writing(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.writing)
     }
 
     /// Sends a closed batch to the committer; with the committer gone (it
@@ -594,12 +668,21 @@ impl<'s> PartitionWorker<'s> {
         if self.fenced {
             return;
         }
-        // A checkpoint stored behind: its outcome first.
-        self.settle_checkpoint();
+        // Rows written behind: their outcome first. The last commit waits
+        // for them (it flushes what is held after them), and so does one
+        // that flushes in its batch (rollups with every batch) while rows
+        // are written: two flushes from one stored rollups offset would
+        // fence each other.
+        let every_batch = self.shared.pipeline.rollup_flush_secs == 0;
+        let rows_going = self.link.as_ref().is_some_and(|l| l.writing_rows);
+        self.settle_held(final_commit || (every_batch && rows_going));
+        if self.fenced {
+            return;
+        }
         let place = decide::checkpoint_place(
             final_commit,
             self.committed.is_none(),
-            self.pending_checkpoint.is_some(),
+            self.writing(),
             self.last_checkpoint.elapsed(),
             Duration::from_secs(self.shared.pipeline.checkpoint_interval_secs),
         );
@@ -619,9 +702,10 @@ impl<'s> PartitionWorker<'s> {
             // re-reads the batch instead.
             return;
         }
-        let flush = decide::flushes(
+        let flush = decide::flush_place(
             final_commit,
             self.committed.is_none(),
+            self.writing(),
             place,
             self.last_flush.elapsed(),
             Duration::from_secs(self.shared.pipeline.rollup_flush_secs),
@@ -636,26 +720,41 @@ impl<'s> PartitionWorker<'s> {
     }
 
     /// Takes the open batch out of the worker, owned, and opens the next;
-    /// with `flush`, the rollups held since the last flush go with it.
+    /// with `flush`, the rollups held since the last flush go with it (to
+    /// be written in its transaction, or behind it once it has landed).
     fn close(
         &mut self,
         range: CommitRange,
-        place: Option<CheckpointPlace>,
-        flush: bool,
+        place: Option<Place>,
+        flush: Option<Place>,
     ) -> Box<Closed> {
+        debug_assert!(
+            place.is_none() || flush.is_some(),
+            "a checkpoint goes with a flush"
+        );
+        debug_assert!(
+            place != Some(Place::InBatch) || flush == Some(Place::InBatch),
+            "a checkpoint in the batch goes with a flush in the batch"
+        );
+        debug_assert!(
+            flush != Some(Place::InBatch) || !self.link.as_ref().is_some_and(|l| l.writing_rows),
+            "a flush in the batch while rows are written behind"
+        );
         let offsets = self.first.map(|first| (first, self.last));
-        let checkpoint = (place == Some(CheckpointPlace::InBatch)).then(|| self.work.checkpoint());
-        let behind = (place == Some(CheckpointPlace::Behind)).then(|| self.work.checkpoint());
+        let checkpoint = (place == Some(Place::InBatch)).then(|| self.work.checkpoint());
+        let behind = (place == Some(Place::Behind)).then(|| self.work.checkpoint());
+        let rows = if flush.is_some() {
+            self.take_held()
+        } else {
+            HeldRows::default()
+        };
         let mut c = Closed {
             range,
             offsets,
             dead: std::mem::take(&mut self.dead),
             frames: None,
             lake: None,
-            rollups: Rollups::default(),
-            budgets: Vec::new(),
-            addresses: Vec::new(),
-            sources: Vec::new(),
+            rows,
             flush,
             rollups_from: self.rollups_at,
             alerts: std::mem::take(&mut self.alerts),
@@ -673,21 +772,8 @@ impl<'s> PartitionWorker<'s> {
                     g.idle_sent = false;
                 }
                 c.lake = (!g.lake.is_empty()).then(|| g.lake.finish());
-                if flush {
-                    c.budgets = g.budget_rows();
-                    let next = g.spare_rollups.take().unwrap_or_default();
-                    c.rollups = std::mem::replace(&mut g.rollups, next);
-                }
-            }
-            Work::Subjects(s) if flush => {
-                c.addresses = s.address_rows();
-                c.sources = s.source_rows();
-                s.rollups.clear();
             }
             Work::Subjects(_) => {}
-        }
-        if flush {
-            self.last_flush = Instant::now();
         }
         self.first = None;
         self.forced_end = None;
@@ -718,59 +804,83 @@ impl<'s> PartitionWorker<'s> {
         };
         let at = c.range.next;
         if let Some(cp) = &c.checkpoint {
-            self.last_checkpoint = Instant::now();
+            self.last_checkpoint = match self.committed {
+                None => staggered(
+                    &self.topic,
+                    self.partition,
+                    self.shared.pipeline.checkpoint_interval_secs,
+                ),
+                Some(_) => Instant::now(),
+            };
             self.checkpoint_stored(at, cp.bytes() as u64, cp.changed.len() as u64);
         }
-        if let Some(cp) = c.behind.take() {
-            self.store_checkpoint_behind(at, cp);
-        }
         self.committed = Some(at);
-        if c.flush {
-            self.rollups_at = Some(at);
-            if let Work::Gateway(g) = &mut self.work {
-                c.rollups.clear();
-                g.spare_rollups = Some(c.rollups);
+        let rows = std::mem::take(&mut c.rows);
+        match c.flush {
+            Some(Place::InBatch) => {
+                self.rollups_at = Some(at);
+                self.spare(rows.rollups);
+                // Rollups with every batch (`rollup_flush_secs = 0`), and a
+                // periodic checkpoint: stored behind all the same.
+                if let Some(cp) = c.behind.take() {
+                    self.write_behind(at, HeldRows::default(), Some(cp));
+                }
+            }
+            Some(Place::Behind) => self.write_behind(at, rows, c.behind.take()),
+            None => {}
+        }
+    }
+
+    /// Takes in what became of rows written behind: waits for it (`wait`)
+    /// or only looks. Written, the stored rollups end where they do; not
+    /// written (fenced, stalled, a stop while it kept failing), the worker
+    /// stops and the next owner counts them again from `rollups_offset`.
+    fn settle_held(&mut self, wait: bool) {
+        let Some(link) = self.link.as_mut().filter(|l| l.writing) else {
+            return;
+        };
+        let landing = if wait {
+            link.held_landings.recv().ok()
+        } else {
+            match link.held_landings.try_recv() {
+                Ok(landing) => Some(landing),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        link.writing = false;
+        link.writing_rows = false;
+        let Some(HeldLanding::Written(h, stored)) = landing else {
+            self.fenced = true;
+            return;
+        };
+        let Held { to, rows, .. } = *h;
+        // A checkpoint alone (rollups with every batch) may land after
+        // batches that moved the stored rollups further.
+        self.rollups_at = self.rollups_at.max(Some(to));
+        self.spare(rows.rollups);
+        match stored {
+            None => {}
+            Some(Stored::Yes(bytes, entries)) => self.checkpoint_stored(to, bytes, entries),
+            Some(lost) => {
+                match lost {
+                    Stored::Superseded => self.part().checkpoint_superseded(to),
+                    Stored::Failed(e) => self.part().checkpoint_failed(to, &e),
+                    Stored::Skipped | Stored::Yes(..) => {}
+                }
+                // The next checkpoint is full.
+                if let Work::Gateway(g) = &mut self.work {
+                    g.engine.checkpoint_lost();
+                }
             }
         }
     }
 
-    /// Stores `cp`, the engine's checkpoint at `at` (the batch ending there
-    /// has committed), on the runtime while the worker reads on: on top of
-    /// this worker's last one (`checkpoint_at`), else not at all.
-    fn store_checkpoint_behind(&mut self, at: i64, cp: Checkpoint) {
-        let store = self.shared.store.clone();
-        let (topic, partition, previous) = (self.topic.clone(), self.partition, self.checkpoint_at);
-        let pace = Some(self.shared.pipeline.checkpoint_write_mb_per_sec * 1_000_000);
-        let task = self.shared.rt.spawn(async move {
-            let w = CheckpointWrite {
-                topic: &topic,
-                partition,
-                at,
-                previous,
-                checkpoint: &cp,
-                bytes_per_sec: pace,
-            };
-            let stored = store.store_checkpoint(&w).await?;
-            Ok((stored, cp.bytes() as u64, cp.changed.len() as u64))
-        });
-        self.pending_checkpoint = Some((at, task));
-        self.last_checkpoint = Instant::now();
-    }
-
-    /// Takes in the outcome of a checkpoint stored behind, if it is done.
-    /// One that was not stored makes the next checkpoint full.
-    fn settle_checkpoint(&mut self) {
-        let Some((at, task)) = self.pending_checkpoint.take_if(|(_, t)| t.is_finished()) else {
-            return;
-        };
-        match self.shared.rt.block_on(task) {
-            Ok(Ok((true, bytes, entries))) => return self.checkpoint_stored(at, bytes, entries),
-            Ok(Ok((false, ..))) => self.part().checkpoint_superseded(at),
-            Ok(Err(e)) => self.part().checkpoint_failed(at, &e.detail()),
-            Err(e) => self.part().checkpoint_failed(at, &e.to_string()),
-        }
+    /// Keeps written rollups, emptied, for reuse.
+    fn spare(&mut self, mut rollups: Rollups) {
         if let Work::Gateway(g) = &mut self.work {
-            g.engine.checkpoint_lost();
+            rollups.clear();
+            g.spare_rollups = Some(rollups);
         }
     }
 
@@ -781,6 +891,17 @@ impl<'s> PartitionWorker<'s> {
         m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
         self.checkpoint_at = Some(at);
     }
+}
+
+/// Now, moved back by `partition`'s share of `interval_secs`
+/// ([`decide::phase`]): the start of its periodic flushes and checkpoints
+/// (set when it is assigned and at its first commit), so that partitions
+/// assigned together write at different moments instead of all at once.
+fn staggered(topic: &str, partition: i32, interval_secs: u64) -> Instant {
+    let back = Duration::from_secs(interval_secs).mul_f64(decide::phase(topic, partition));
+    Instant::now()
+        .checked_sub(back)
+        .unwrap_or_else(Instant::now)
 }
 
 /// A message's records that could not be counted: bytes, array element, error.
