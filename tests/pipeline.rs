@@ -124,6 +124,25 @@ fn end_to_end_matches_the_detectors_and_dead_letters_poison() {
     stop_run(&mut run);
 }
 
+/// `keywatch run` with `settings` over `lines` on two partitions of `gw`,
+/// on a broker and a database of its own (both named `name`).
+fn run_with(
+    name: &str,
+    lines: &[String],
+    settings: &RunSettings,
+) -> (Broker, Database, std::path::PathBuf, Running) {
+    let dir = scratch(name);
+    let broker = Broker::start(&dir.join("tansu.log"));
+    let db = Database::create(name);
+    broker.create_topic("gw", 2);
+    broker.create_topic("gw-dlq", 1);
+    broker.produce("gw", 2, lines);
+    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
+    let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, settings);
+    let run = start_run(&cfg, &dir.join("run.log"));
+    (broker, db, dir, run)
+}
+
 /// Rollups held across batches (no timed flush, no checkpoint within the
 /// run) are written once the partitions have nothing left to read, while
 /// the service keeps running, and add up exactly.
@@ -131,21 +150,13 @@ fn end_to_end_matches_the_detectors_and_dead_letters_poison() {
 fn held_rollups_are_written_when_a_partition_goes_quiet() {
     let lines = trace(300, 6.0, 22, 0);
     let exp = expected(&lines, 2);
-    let dir = scratch("quiet");
-    let broker = Broker::start(&dir.join("tansu.log"));
-    let db = Database::create("quiet");
-    broker.create_topic("gw", 2);
-    broker.create_topic("gw-dlq", 1);
-    broker.produce("gw", 2, &lines);
     let settings = RunSettings {
         batch_max_records: 200,
         checkpoint_interval_secs: 3600,
         rollup_flush_secs: Some(3600),
         ..RunSettings::default()
     };
-    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
-    let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, &settings);
-    let mut run = start_run(&cfg, &dir.join("run.log"));
+    let (broker, db, dir, mut run) = run_with("quiet", &lines, &settings);
     // Batches after the first hold their rollups (seen while they commit).
     let total: i64 = exp.ends.values().sum();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -173,21 +184,13 @@ fn held_rollups_are_written_when_a_partition_goes_quiet() {
 fn rollups_with_every_batch_and_checkpoints_behind_add_up() {
     let lines = trace(3000, 24.0, 23, 0);
     let exp = expected(&lines, 2);
-    let dir = scratch("every-batch");
-    let broker = Broker::start(&dir.join("tansu.log"));
-    let db = Database::create("every_batch");
-    broker.create_topic("gw", 2);
-    broker.create_topic("gw-dlq", 1);
-    broker.produce("gw", 2, &lines);
     let settings = RunSettings {
         batch_max_records: 200,
         checkpoint_interval_secs: 1,
         rollup_flush_secs: Some(0),
         ..RunSettings::default()
     };
-    let extra = format!("[privacy]\nhash_key = \"{HASH_KEY}\"\n");
-    let cfg = run_config_with(&dir, &broker, "gw", &db, &extra, &settings);
-    let mut run = start_run(&cfg, &dir.join("run.log"));
+    let (broker, db, dir, mut run) = run_with("every_batch", &lines, &settings);
     let total: i64 = exp.ends.values().sum();
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut seen = std::collections::BTreeSet::new();

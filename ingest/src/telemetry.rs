@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Counters of a running pipeline (one place, so a metric and a log line agree).
 #[derive(Debug, Default)]
@@ -378,6 +378,21 @@ impl Part<'_> {
             failed,
             total,
             "dead letters not acknowledged; the partition waits"
+        );
+    }
+
+    /// A checkpoint of the engine was taken at `at` (on the worker's
+    /// thread, which reads nothing meanwhile): how long that took and what
+    /// it holds.
+    pub(crate) fn checkpoint_taken(self, at: i64, took: Duration, entries: usize, bytes: usize) {
+        debug!(
+            topic = self.topic,
+            partition = self.partition,
+            checkpoint_offset = at,
+            took_ms = took.as_millis() as u64,
+            entries,
+            bytes,
+            "checkpoint taken"
         );
     }
 

@@ -741,8 +741,8 @@ impl<'s> PartitionWorker<'s> {
             "a flush in the batch while rows are written behind"
         );
         let offsets = self.first.map(|first| (first, self.last));
-        let checkpoint = (place == Some(Place::InBatch)).then(|| self.work.checkpoint());
-        let behind = (place == Some(Place::Behind)).then(|| self.work.checkpoint());
+        let checkpoint = (place == Some(Place::InBatch)).then(|| self.checkpoint(range.next));
+        let behind = (place == Some(Place::Behind)).then(|| self.checkpoint(range.next));
         let rows = if flush.is_some() {
             self.take_held()
         } else {
@@ -874,6 +874,16 @@ impl<'s> PartitionWorker<'s> {
                 }
             }
         }
+    }
+
+    /// The engine's checkpoint at `at`, timed.
+    fn checkpoint(&mut self, at: i64) -> Checkpoint {
+        let started = Instant::now();
+        let cp = self.work.checkpoint();
+        let bytes = cp.bytes();
+        self.part()
+            .checkpoint_taken(at, started.elapsed(), cp.changed.len(), bytes);
+        cp
     }
 
     /// Keeps written rollups, emptied, for reuse.
