@@ -788,14 +788,8 @@ impl<'s> PartitionWorker<'s> {
         let Some(link) = self.link.as_mut().filter(|l| l.in_flight) else {
             return;
         };
-        let landing = if wait {
-            link.landings.recv().ok()
-        } else {
-            match link.landings.try_recv() {
-                Ok(landing) => Some(landing),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
-            }
+        let Some(landing) = receive(&link.landings, wait) else {
+            return;
         };
         link.in_flight = false;
         let Some(Landing::Committed(mut c)) = landing else {
@@ -839,14 +833,8 @@ impl<'s> PartitionWorker<'s> {
         let Some(link) = self.link.as_mut().filter(|l| l.writing) else {
             return;
         };
-        let landing = if wait {
-            link.held_landings.recv().ok()
-        } else {
-            match link.held_landings.try_recv() {
-                Ok(landing) => Some(landing),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
-            }
+        let Some(landing) = receive(&link.held_landings, wait) else {
+            return;
         };
         link.writing = false;
         link.writing_rows = false;
@@ -900,6 +888,20 @@ impl<'s> PartitionWorker<'s> {
         m.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
         m.checkpoint_entries.fetch_add(entries, Ordering::Relaxed);
         self.checkpoint_at = Some(at);
+    }
+}
+
+/// What a committer or the flusher answered: waited for (`wait`) or only
+/// looked at. `None`: nothing yet; `Some(None)`: it hung up (it panicked),
+/// which the worker takes as a write that did not land.
+fn receive<T>(answers: &std::sync::mpsc::Receiver<T>, wait: bool) -> Option<Option<T>> {
+    if wait {
+        return Some(answers.recv().ok());
+    }
+    match answers.try_recv() {
+        Ok(answer) => Some(Some(answer)),
+        Err(std::sync::mpsc::TryRecvError::Empty) => None,
+        Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(None),
     }
 }
 
