@@ -84,6 +84,18 @@ impl MigrationSource<'static> for EmbeddedMigrations {
     }
 }
 
+/// Where a partition's stored rollups end, as SQL over its
+/// `consumer_offsets` row: `rollups_offset`, unless a keywatch from before
+/// that column (which writes a batch's rollups with the batch) has moved
+/// `next_offset` since the last commit that kept it
+/// (`rollups_next_offset`): then `next_offset`. Every statement that reads
+/// or fences on the stored rollups uses this one rule.
+macro_rules! stored_rollups {
+    () => {
+        "(CASE WHEN rollups_next_offset = next_offset THEN rollups_offset ELSE next_offset END)"
+    };
+}
+
 /// keywatch's Postgres database: a connection pool and the statements that
 /// move data in and out of it. Cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
@@ -317,15 +329,14 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_error("begin a snapshot"))?;
-        let row = sqlx::query(
-            "SELECT o.next_offset,
-                 CASE WHEN o.rollups_next_offset = o.next_offset
-                     THEN o.rollups_offset ELSE o.next_offset END,
-                 c.at_offset, c.state
+        let row = sqlx::query(concat!(
+            "SELECT o.next_offset, ",
+            stored_rollups!(),
+            ", c.at_offset, c.state
              FROM (SELECT $1::text AS topic, $2::int AS partition) p
              LEFT JOIN consumer_offsets o USING (topic, partition)
              LEFT JOIN engine_checkpoints c USING (topic, partition)",
-        )
+        ))
         .bind(topic)
         .bind(partition)
         .fetch_one(&mut *tx)
@@ -464,12 +475,11 @@ impl Store {
         }
         let mut tx = self.pool.begin().await.map_err(query_error("begin"))?;
         write_held(&mut tx, f).await?;
-        let moved = sqlx::query(
+        let moved = sqlx::query(concat!(
             "UPDATE consumer_offsets SET rollups_offset = $4, rollups_next_offset = next_offset
-             WHERE topic = $1 AND partition = $2 AND next_offset >= $4
-                 AND $3 = CASE WHEN rollups_next_offset = next_offset
-                     THEN rollups_offset ELSE next_offset END",
-        )
+             WHERE topic = $1 AND partition = $2 AND next_offset >= $4 AND $3 = ",
+            stored_rollups!(),
+        ))
         .bind(f.topic)
         .bind(f.partition)
         .bind(f.from)
@@ -481,11 +491,11 @@ impl Store {
         if moved == 1 {
             return tx.commit().await.map_err(query_error("commit"));
         }
-        let stored: Option<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN rollups_next_offset = next_offset
-                 THEN rollups_offset ELSE next_offset END
-             FROM consumer_offsets WHERE topic = $1 AND partition = $2",
-        )
+        let stored: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT ",
+            stored_rollups!(),
+            " FROM consumer_offsets WHERE topic = $1 AND partition = $2",
+        ))
         .bind(f.topic)
         .bind(f.partition)
         .fetch_optional(&mut *tx)
@@ -672,16 +682,17 @@ async fn advance_offset(
     // Under READ COMMITTED a second committer blocks on the row lock here and,
     // once the first commits, re-checks `next_offset = $3` against the new
     // row: it updates nothing and falls through to the fence.
-    let moved = sqlx::query(
+    let moved = sqlx::query(concat!(
         "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(),
-             rollups_offset = CASE WHEN $5 THEN $4
-                 WHEN rollups_next_offset = next_offset THEN rollups_offset
-                 ELSE next_offset END,
+             rollups_offset = CASE WHEN $5 THEN $4 ELSE ",
+        stored_rollups!(),
+        " END,
              rollups_next_offset = $4
          WHERE topic = $1 AND partition = $2 AND next_offset = $3
-             AND ($6::int8 IS NULL OR $6 = CASE WHEN rollups_next_offset = next_offset
-                 THEN rollups_offset ELSE next_offset END)",
-    )
+             AND ($6::int8 IS NULL OR $6 = ",
+        stored_rollups!(),
+        ")",
+    ))
     .bind(batch.topic)
     .bind(batch.partition)
     .bind(batch.start_offset)

@@ -179,14 +179,8 @@ impl Committer<'_> {
         // to write: the stored rollups are already past it.
         let nothing = h.from == h.to && h.rows.is_empty();
         if !nothing {
-            let write = || async {
-                match self.shared.store.flush_rollups(&flush).await {
-                    // A retry after a commit whose reply was lost: written.
-                    Err(StorageError::RollupsFenced { stored, .. }) if stored == flush.to => Ok(()),
-                    r => r,
-                }
-            };
-            if !self.retried(h.from, write) {
+            let write = || self.shared.store.flush_rollups(&flush);
+            if !self.retried(h.from, h.to, write) {
                 return HeldLanding::Abandoned;
             }
             self.shared
@@ -282,29 +276,27 @@ impl Committer<'_> {
             addresses: &rows.addresses,
             sources: &rows.sources,
         };
-        let write = || async {
-            match self.shared.store.commit_batch(&batch).await {
-                // A retry after a commit whose reply was lost (a Postgres
-                // restart at the wrong moment): the stored offset is this
-                // batch's end, so what it holds is stored, exactly once.
-                Err(StorageError::Fenced { stored, .. }) if stored == batch.next_offset => Ok(()),
-                r => r,
-            }
-        };
-        self.retried(c.range.start, write)
+        let write = || self.shared.store.commit_batch(&batch);
+        self.retried(c.range.start, c.range.next, write)
     }
 
-    /// Runs a Postgres write (starting at offset `ours`) until it succeeds:
+    /// Runs a Postgres write from offset `ours` to `end` until it succeeds:
     /// false when it was fenced, stalled, or a stop came while it kept
-    /// failing.
-    fn retried<'f, F>(&self, ours: i64, write: impl Fn() -> F) -> bool
+    /// failing. Fenced with the stored offset at `end` is success: a retry
+    /// after a commit whose reply was lost (a Postgres restart at the wrong
+    /// moment) finds what it holds stored, once.
+    fn retried<F>(&self, ours: i64, end: i64, write: impl Fn() -> F) -> bool
     where
-        F: std::future::Future<Output = Result<(), StorageError>> + 'f,
+        F: std::future::Future<Output = Result<(), StorageError>>,
     {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.shared.rt.block_on(write()) {
                 Ok(()) => return true,
+                Err(
+                    StorageError::Fenced { stored, .. }
+                    | StorageError::RollupsFenced { stored, .. },
+                ) if stored == end => return true,
                 Err(
                     StorageError::Fenced { stored, .. }
                     | StorageError::RollupsFenced { stored, .. },

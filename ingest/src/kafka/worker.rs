@@ -584,15 +584,7 @@ impl<'s> PartitionWorker<'s> {
 
     /// Everything held since the last flush, taken out of the worker.
     fn take_held(&mut self) -> HeldRows {
-        // The first (a partition's first commit) sets the partition's phase.
-        self.last_flush = match self.committed {
-            None => staggered(
-                &self.topic,
-                self.partition,
-                self.shared.pipeline.rollup_flush_secs,
-            ),
-            Some(_) => Instant::now(),
-        };
+        self.last_flush = self.restart_clock(self.shared.pipeline.rollup_flush_secs);
         let mut rows = HeldRows::default();
         match &mut self.work {
             Work::Gateway(g) => {
@@ -798,14 +790,8 @@ impl<'s> PartitionWorker<'s> {
         };
         let at = c.range.next;
         if let Some(cp) = &c.checkpoint {
-            self.last_checkpoint = match self.committed {
-                None => staggered(
-                    &self.topic,
-                    self.partition,
-                    self.shared.pipeline.checkpoint_interval_secs,
-                ),
-                Some(_) => Instant::now(),
-            };
+            self.last_checkpoint =
+                self.restart_clock(self.shared.pipeline.checkpoint_interval_secs);
             self.checkpoint_stored(at, cp.bytes() as u64, cp.changed.len() as u64);
         }
         self.committed = Some(at);
@@ -847,20 +833,29 @@ impl<'s> PartitionWorker<'s> {
         // batches that moved the stored rollups further.
         self.rollups_at = self.rollups_at.max(Some(to));
         self.spare(rows.rollups);
+        // A checkpoint not stored makes the next one full.
         match stored {
             None => {}
             Some(Stored::Yes(bytes, entries)) => self.checkpoint_stored(to, bytes, entries),
-            Some(lost) => {
-                match lost {
-                    Stored::Superseded => self.part().checkpoint_superseded(to),
-                    Stored::Failed(e) => self.part().checkpoint_failed(to, &e),
-                    Stored::Skipped | Stored::Yes(..) => {}
-                }
-                // The next checkpoint is full.
-                if let Work::Gateway(g) = &mut self.work {
-                    g.engine.checkpoint_lost();
-                }
+            Some(Stored::Superseded) => {
+                self.part().checkpoint_superseded(to);
+                self.work.checkpoint_lost();
             }
+            Some(Stored::Failed(e)) => {
+                self.part().checkpoint_failed(to, &e);
+                self.work.checkpoint_lost();
+            }
+            Some(Stored::Skipped) => self.work.checkpoint_lost(),
+        }
+    }
+
+    /// When a periodic flush or checkpoint (every `interval_secs`) was
+    /// last done, as of one done now: now, or on a partition's first
+    /// commit its phase ([`staggered`]), which the later ones keep.
+    fn restart_clock(&self, interval_secs: u64) -> Instant {
+        match self.committed {
+            None => staggered(&self.topic, self.partition, interval_secs),
+            Some(_) => Instant::now(),
         }
     }
 
@@ -929,6 +924,14 @@ impl Work {
         match self {
             Work::Gateway(g) => g.rollups.rows().len(),
             Work::Subjects(s) => s.rollups.len(),
+        }
+    }
+
+    /// The last checkpoint taken was not stored: stage one's next writes
+    /// every account (stage two's are always whole).
+    fn checkpoint_lost(&mut self) {
+        if let Work::Gateway(g) = self {
+            g.engine.checkpoint_lost();
         }
     }
 
